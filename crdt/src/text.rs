@@ -1,0 +1,1 @@
+//! Collaborative text documents backed by yrs (placeholder until the text module lands).
