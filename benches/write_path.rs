@@ -1,1 +1,98 @@
-fn main() {}
+//! Micro-benchmarks of the record write path: the CRDT operation alone, and the operation plus a
+//! durable group commit through the real engine and sled store in a temporary directory.
+//!
+//! Run with `cargo bench --bench write_path`. Results and method are in BENCHMARKS.md.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use concord::engine::{self, EngineSettings};
+use concord::metrics::Metrics;
+use crdt::clock::Timestamp;
+use crdt::identity::OriginId;
+use crdt::key::RecordKey;
+use crdt::record::{Operation, Record};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+
+fn small_object(index: u64) -> serde_json::Map<String, serde_json::Value> {
+    match json!({"name": format!("customer {index}"), "city": "Zürich", "orders": index, "vip": index % 2 == 0}) {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!(),
+    }
+}
+
+fn record_operations(criterion: &mut Criterion) {
+    let key = RecordKey::new("customers", "c1").expect("valid key");
+    let origin = OriginId([1; 16]);
+    let mut group = criterion.benchmark_group("record");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("create small record", |bencher| {
+        let mut index = 0;
+        bencher.iter_batched(
+            Record::new,
+            |mut record| {
+                index += 1;
+                let timestamp = Timestamp { wall_ms: index, logical: 0 };
+                record.write(&key, &origin, timestamp, &Operation::Replace(small_object(index))).expect("write")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("patch one field of a record", |bencher| {
+        let mut record = Record::new();
+        record.write(&key, &origin, Timestamp::default(), &Operation::Replace(small_object(0))).expect("write");
+        let mut index = 0;
+        bencher.iter(|| {
+            index += 1;
+            let patch = match json!({"orders": index}) {
+                serde_json::Value::Object(map) => map,
+                _ => unreachable!(),
+            };
+            record
+                .write(&key, &origin, Timestamp { wall_ms: index, logical: 0 }, &Operation::MergePatch(patch))
+                .expect("write")
+        })
+    });
+    group.finish();
+}
+
+fn durable_writes(criterion: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let store = store::Store::open(directory.path()).expect("store");
+    let settings = EngineSettings {
+        name: Some("bench".into()),
+        cache_documents: NonZeroUsize::new(4096).expect("non-zero"),
+        text_limits: Default::default(),
+    };
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+    let mut group = criterion.benchmark_group("engine");
+    // 256 concurrent writers share group commits, as concurrent API clients do.
+    const CONCURRENT: u64 = 256;
+    group.throughput(Throughput::Elements(CONCURRENT));
+    let mut round = 0u64;
+    group.bench_function("256 concurrent durable record writes", |bencher| {
+        bencher.iter(|| {
+            round += 1;
+            runtime.block_on(async {
+                let mut writes = Vec::with_capacity(CONCURRENT as usize);
+                for writer in 0..CONCURRENT {
+                    let engine = engine.clone();
+                    let key = RecordKey::new("customers", &format!("c{}", round * CONCURRENT + writer)).expect("key");
+                    writes.push(tokio::spawn(async move {
+                        let operation = Operation::Replace(small_object(writer));
+                        engine.call(move |engine| engine.write_record(key, operation)).await
+                    }));
+                }
+                for write in writes {
+                    write.await.expect("task").expect("engine").expect("write");
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, record_operations, durable_writes);
+criterion_main!(benches);

@@ -1,1 +1,46 @@
-fn main() {}
+//! The `concord` binary: parses the command line, runs a node or a client command, and turns any
+//! error into one clear line on stderr and a non-zero exit.
+
+use clap::Parser;
+use concord::cli::{Cli, Command};
+use concord::config::{NodeConfig, Overrides};
+use concord::{client, node};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Start(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Start(arguments) => {
+                let config = NodeConfig::load(Overrides {
+                    config: arguments.config,
+                    name: arguments.name,
+                    data_dir: arguments.data_dir,
+                    listen_api: arguments.listen_api,
+                    tokens_file: arguments.tokens_file,
+                })?;
+                node::run(config).await
+            }
+            command => client::run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod envelope;
+pub mod identity;
 pub mod json;
 pub mod key;
 pub mod record;

@@ -1,1 +1,436 @@
-//! record
+//! Records: a JSON object held as an automerge document, with the four write operations
+//! (replace, merge patch, delete, increment), conflict reporting and a replicated tombstone.
+//!
+//! # Layout of a record document
+//! The record's fields live directly in the automerge root map, so concurrent creations of the
+//! same record on two nodes merge field by field.
+//!
+//! - `$cl`, the causal length, says whether the record exists: odd means live, even (or absent)
+//!   means deleted. Concurrent writes of `$cl` are all kept by automerge, and the value is their
+//!   maximum, so it merges as a max-register. Each odd value is one *life* of the record.
+//! - A user field `name` written during life `L` is stored under the root key `"L:name"`. Reads
+//!   show only the keys of the current life. Concord's own keys start with `$`, user keys with a
+//!   digit, so any field name is allowed and nothing needs escaping.
+//!
+//! # Delete and concurrent updates: delete wins
+//! A delete raises the causal length to the next even number and removes every field. An update
+//! made concurrently with the delete does not raise the causal length, so after the merge the
+//! record is deleted: the delete wins, on every replica, whatever the delivery order. A write
+//! that causally follows a delete (it has seen it) revives the record: it raises the causal length
+//! to the next odd number, a new life, and starts from an empty object. An update that was
+//! concurrent with the delete and arrives after the revival wrote keys of the old life, so it
+//! stays invisible: nothing from before the delete comes back. The first write of a life that
+//! changes anything also removes such leftover keys, so they do not accumulate.
+//!
+//! # Counters
+//! `increment` uses automerge's counter type, so concurrent increments add up. Automerge resolves
+//! two concurrent *creations* of a counter as a conflict in which one counter, and its
+//! increments, loses. To avoid that, a counter field is created by a deterministic genesis change:
+//! its actor is derived from the record key, the stored key (which holds the life) and an epoch,
+//! and its time is zero, so every node that creates the counter produces the very same change
+//! (same hash), and automerge keeps one copy. The epoch is the first whose genesis change is not
+//! already in the document's history, so a counter field removed and re-created within one life
+//! gets a fresh genesis that concurrent re-creators agree on too. An integer written over a
+//! counter becomes an increment by the difference.
+
+use std::borrow::Cow;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ROOT, ReadDoc, ScalarValue};
+use serde_json::{Map, Value};
+
+use crate::clock::Timestamp;
+use crate::identity::OriginId;
+use crate::json::{self, Conflict, JsonError};
+use crate::key::RecordKey;
+
+const CAUSAL_LENGTH: &str = "$cl";
+
+/// The longest field name accepted for `increment`, in bytes.
+pub const FIELD_BYTES_MAX: usize = 1024;
+
+/// A local write to a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    /// The whole object: fields that are not given are removed.
+    Replace(Map<String, Value>),
+    /// An RFC 7386 JSON Merge Patch: only the named fields change, and `null` deletes.
+    MergePatch(Map<String, Value>),
+    /// A tombstone that replicates.
+    Delete,
+    /// Adds `by` to a counter field, creating it at zero first when it is absent.
+    Increment { field: String, by: i64 },
+}
+
+/// Why a local write was refused. The document is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum OperationError {
+    #[error("field {0:?} holds a value that is not a number, so it cannot be incremented")]
+    NotACounter(String),
+    #[error("field name is empty or longer than {FIELD_BYTES_MAX} bytes")]
+    FieldName,
+    #[error("counter field was re-created more than {COUNTER_EPOCHS_MAX} times")]
+    CounterEpochs,
+    #[error(transparent)]
+    Json(#[from] JsonError),
+    #[error("document error: {0}")]
+    Document(#[from] AutomergeError),
+}
+
+/// Why stored or received bytes could not become (part of) a record. The document is unchanged
+/// when applying changes fails.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record document does not decode: {0}")]
+    Decode(AutomergeError),
+    #[error(transparent)]
+    Json(#[from] JsonError),
+}
+
+/// What a read of a record returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordView {
+    /// The object, or `None` when the record is deleted (or was never written).
+    pub value: Option<Map<String, Value>>,
+    /// Fields with concurrent values that no later write has superseded.
+    pub conflicts: Vec<Conflict>,
+    /// Identifies the document's heads: equal versions mean equal documents.
+    pub version: String,
+}
+
+/// One record document.
+#[derive(Debug, Clone)]
+pub struct Record {
+    document: Automerge,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Record::new()
+    }
+}
+
+impl Record {
+    /// An empty record document: no history, deleted in the sense of never written.
+    pub fn new() -> Record {
+        Record { document: Automerge::new() }
+    }
+
+    /// Rebuilds a record from a saved document followed by incremental change bytes.
+    pub fn load(saved: &[u8], increments: &[&[u8]]) -> Result<Record, RecordError> {
+        decode(|| {
+            let mut document = Automerge::load(saved)?;
+            for increment in increments {
+                document.load_incremental(increment)?;
+            }
+            Ok(Record { document })
+        })
+    }
+
+    /// The whole document, compacted.
+    pub fn save(&self) -> Vec<u8> {
+        self.document.save()
+    }
+
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        let mut heads = self.document.get_heads();
+        heads.sort();
+        heads
+    }
+
+    /// The heads as text: sorted change hashes in hex, joined by `.`.
+    pub fn version(&self) -> String {
+        version_of(&self.heads())
+    }
+
+    /// Applies change bytes (from an envelope or the disk). Returns whether the document changed;
+    /// applying the same bytes twice changes nothing. On error the document is unchanged.
+    ///
+    /// Changes whose dependencies have not arrived yet (gossip delivers out of order) are kept,
+    /// invisible, until they do; they do not count as a change, and `save` includes them.
+    pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
+        let before = self.document.get_heads();
+        let mut candidate = self.document.clone();
+        decode(|| candidate.load_incremental(bytes))?;
+        let changed = candidate.get_heads() != before;
+        // Keep the candidate even when the heads did not move: automerge queues changes that
+        // arrive before their dependencies, and dropping the candidate would lose them for good
+        // (the same bytes are not delivered again), so replicas would never converge.
+        self.document = candidate;
+        Ok(changed)
+    }
+
+    /// True when the record exists (its causal length is odd).
+    pub fn is_live(&self) -> bool {
+        causal_length(&self.document) % 2 == 1
+    }
+
+    /// Applies a local write made by `origin` at `timestamp`. Returns the change bytes to put in
+    /// an envelope, or `None` when the write changes nothing.
+    pub fn write(
+        &mut self,
+        key: &RecordKey,
+        origin: &OriginId,
+        timestamp: Timestamp,
+        operation: &Operation,
+    ) -> Result<Option<Vec<u8>>, OperationError> {
+        validate(operation)?;
+        let heads_before = self.document.get_heads();
+        let mut candidate = self.document.clone();
+        candidate.set_actor(origin.actor());
+        let options = || CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
+        match operation {
+            Operation::Delete => {
+                if causal_length(&candidate) % 2 == 1 {
+                    transact(&mut candidate, options(), |transaction| {
+                        bump_causal_length(transaction)?;
+                        remove_fields(transaction, None)
+                    })?;
+                }
+            }
+            Operation::Replace(fields) => transact(&mut candidate, options(), |transaction| {
+                let life = enter_life(transaction)?;
+                let prefix = life_prefix(life);
+                json::update_map_filtered(
+                    transaction,
+                    &ROOT,
+                    fields,
+                    |field| Cow::Owned(format!("{prefix}{field}")),
+                    |stored| stored.strip_prefix(prefix.as_str()).map(Cow::Borrowed),
+                )?;
+                tidy(transaction, life)
+            })?,
+            Operation::MergePatch(patch) => transact(&mut candidate, options(), |transaction| {
+                let life = enter_life(transaction)?;
+                for (field, value) in patch {
+                    json::merge_patch_slot(transaction, &ROOT, stored_key(life, field).into(), value)?;
+                }
+                tidy(transaction, life)
+            })?,
+            Operation::Increment { by: 0, .. } => {}
+            Operation::Increment { field, by } => increment(&mut candidate, key, field, *by, options)?,
+        }
+        if candidate.get_heads() == heads_before {
+            return Ok(None);
+        }
+        let change = candidate.save_after(&heads_before);
+        self.document = candidate;
+        Ok(Some(change))
+    }
+
+    /// Reads the record as JSON, with its conflicts and version.
+    pub fn view(&self) -> Result<RecordView, RecordError> {
+        let version = self.version();
+        if !self.is_live() {
+            return Ok(RecordView { value: None, conflicts: Vec::new(), version });
+        }
+        let prefix = life_prefix(causal_length(&self.document));
+        let mut value = Map::new();
+        let mut conflicts = Vec::new();
+        for key in self.document.keys(ROOT) {
+            let Some(field) = key.strip_prefix(prefix.as_str()) else { continue };
+            let path = format!("/{}", json::escape_pointer(field));
+            if let Some(child) = json::read_slot(&self.document, &ROOT, key.as_str().into(), &path, 0, &mut conflicts)?
+            {
+                value.insert(field.to_owned(), child);
+            }
+        }
+        Ok(RecordView { value: Some(value), conflicts, version })
+    }
+}
+
+/// Runs automerge's decoder on bytes from a peer or the disk. automerge 0.12 panics, instead of
+/// returning an error, on some malformed input whose chunk checksums are valid (one flipped byte
+/// in a saved document's change columns panics in `ChangeGraphCols::load`; the corrupted-chunk
+/// property in `tests/records.rs` finds it), so one crafted message could crash the node. The
+/// panic becomes a decode error. Nothing escapes the closure on a panic: `load` builds a fresh
+/// document and `apply_changes` a clone, and both are dropped.
+fn decode<T>(decoder: impl FnOnce() -> Result<T, AutomergeError>) -> Result<T, RecordError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decoder)) {
+        Ok(result) => result.map_err(RecordError::Decode),
+        Err(_) => Err(RecordError::Decode(AutomergeError::Fail)),
+    }
+}
+
+/// The sorted heads as text: change hashes in hex, joined by `.`.
+pub fn version_of(heads: &[ChangeHash]) -> String {
+    heads.iter().map(|hash| hash.to_string()).collect::<Vec<_>>().join(".")
+}
+
+fn validate(operation: &Operation) -> Result<(), OperationError> {
+    match operation {
+        Operation::Replace(fields) | Operation::MergePatch(fields) => {
+            fields.values().try_for_each(json::check_depth)?;
+        }
+        Operation::Increment { field, .. } if field.is_empty() || field.len() > FIELD_BYTES_MAX => {
+            return Err(OperationError::FieldName);
+        }
+        Operation::Increment { .. } | Operation::Delete => {}
+    }
+    Ok(())
+}
+
+/// Runs `body` in one transaction on `document`, committing on success and rolling back on error.
+fn transact<F>(document: &mut Automerge, options: CommitOptions, body: F) -> Result<(), OperationError>
+where
+    F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), JsonError>,
+{
+    let mut transaction = document.transaction();
+    match body(&mut transaction) {
+        Ok(()) => {
+            transaction.commit_with(options);
+            Ok(())
+        }
+        Err(error) => {
+            transaction.rollback();
+            Err(error.into())
+        }
+    }
+}
+
+/// The start of every stored key of life `life`.
+fn life_prefix(life: u64) -> String {
+    format!("{life}:")
+}
+
+/// The stored root key for user field `field` during life `life`.
+fn stored_key(life: u64, field: &str) -> String {
+    format!("{life}:{field}")
+}
+
+/// Whether a root key holds a user field (of any life) rather than one of Concord's own.
+fn is_field_key(key: &str) -> bool {
+    key.starts_with(|character: char| character.is_ascii_digit())
+}
+
+fn causal_length<D: ReadDoc>(document: &D) -> u64 {
+    let Ok(values) = document.get_all(ROOT, CAUSAL_LENGTH) else { return 0 };
+    values
+        .iter()
+        .filter_map(|(value, _)| match value {
+            automerge::Value::Scalar(scalar) => match scalar.as_ref() {
+                ScalarValue::Uint(length) => Some(*length),
+                ScalarValue::Int(length) => u64::try_from(*length).ok(),
+                _ => None,
+            },
+            automerge::Value::Object(_) => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn bump_causal_length<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<(), JsonError> {
+    let next = causal_length(transaction).saturating_add(1);
+    transaction.put(ROOT, CAUSAL_LENGTH, ScalarValue::Uint(next))?;
+    Ok(())
+}
+
+/// Removes the user fields of every life except `keep`.
+fn remove_fields<T: Transactable + ReadDoc>(transaction: &mut T, keep: Option<u64>) -> Result<(), JsonError> {
+    let keep = keep.map(life_prefix);
+    let keys: Vec<String> = transaction
+        .keys(ROOT)
+        .filter(|key| is_field_key(key) && !keep.as_ref().is_some_and(|prefix| key.starts_with(prefix.as_str())))
+        .collect();
+    for key in keys {
+        transaction.delete(ROOT, key.as_str())?;
+    }
+    Ok(())
+}
+
+/// Makes the record live for this write, starting a new, empty life if it is deleted; returns
+/// the life the write belongs to.
+fn enter_life<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<u64, JsonError> {
+    if causal_length(transaction) % 2 == 0 {
+        bump_causal_length(transaction)?;
+        remove_fields(transaction, None)?;
+    }
+    Ok(causal_length(transaction))
+}
+
+/// Once a write has changed something, removes keys left over from earlier lives (updates that
+/// were concurrent with a delete). A write that changes nothing stays a no-op.
+fn tidy<T: Transactable + ReadDoc>(transaction: &mut T, life: u64) -> Result<(), JsonError> {
+    if transaction.pending_ops() > 0 {
+        remove_fields(transaction, Some(life))?;
+    }
+    Ok(())
+}
+
+fn increment<F>(
+    document: &mut Automerge,
+    key: &RecordKey,
+    field: &str,
+    by: i64,
+    options: F,
+) -> Result<(), OperationError>
+where
+    F: Fn() -> CommitOptions,
+{
+    let mut life = causal_length(document);
+    if life % 2 == 0 {
+        transact(document, options(), |transaction| {
+            life = enter_life(transaction)?;
+            Ok(())
+        })?;
+    }
+    let stored = stored_key(life, field);
+    let current = document.get(ROOT, stored.as_str())?.map(|(value, _)| value.into_owned());
+    let current = match current {
+        None => {
+            apply_counter_genesis(document, key, &stored)?;
+            0
+        }
+        Some(automerge::Value::Scalar(scalar)) => match scalar.as_ref() {
+            ScalarValue::Counter(counter) => i64::from(counter),
+            ScalarValue::Int(integer) => {
+                let integer = *integer;
+                transact(document, options(), |transaction| {
+                    transaction.put(ROOT, stored.as_str(), ScalarValue::counter(integer))?;
+                    Ok(())
+                })?;
+                integer
+            }
+            _ => return Err(OperationError::NotACounter(field.to_owned())),
+        },
+        Some(automerge::Value::Object(_)) => return Err(OperationError::NotACounter(field.to_owned())),
+    };
+    current.checked_add(by).ok_or(JsonError::CounterOverflow { current, by })?;
+    transact(document, options(), |transaction| {
+        transaction.increment(ROOT, stored.as_str(), by)?;
+        tidy(transaction, life)
+    })
+}
+
+/// How many times one counter field can be re-created. Each epoch costs a change in the
+/// document's history, so the bound also caps the work a crafted history can cause.
+pub const COUNTER_EPOCHS_MAX: u64 = 4096;
+
+/// Applies the deterministic change that creates counter `stored` at zero (see the module doc).
+/// The stored key holds the life, so re-creators after the same delete agree even when one of
+/// them never received a counter created concurrently with that delete.
+fn apply_counter_genesis(document: &mut Automerge, key: &RecordKey, stored: &str) -> Result<(), OperationError> {
+    for epoch in 0..COUNTER_EPOCHS_MAX {
+        let change = counter_genesis(key, stored, epoch)?;
+        if document.get_change_by_hash(&change.hash()).is_none() {
+            document.apply_changes([change])?;
+            return Ok(());
+        }
+    }
+    Err(OperationError::CounterEpochs)
+}
+
+fn counter_genesis(key: &RecordKey, stored: &str, epoch: u64) -> Result<automerge::Change, OperationError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"concord counter genesis\0");
+    hasher.update(&key.to_bytes());
+    hasher.update(b"\0");
+    hasher.update(stored.as_bytes());
+    hasher.update(&epoch.to_le_bytes());
+    let actor = ActorId::from(&hasher.finalize().as_bytes()[..16]);
+    let mut genesis = Automerge::new().with_actor(actor);
+    let mut transaction = genesis.transaction();
+    transaction.put(ROOT, stored, ScalarValue::counter(0))?;
+    transaction.commit_with(CommitOptions::default().with_time(0));
+    genesis.get_last_local_change().ok_or(OperationError::Document(AutomergeError::Fail))
+}

@@ -1,0 +1,504 @@
+//! The HTTP API: records, texts, the change feed, status, health and metrics, behind bearer-token
+//! auth and request-size limits. Handlers only translate between HTTP and engine jobs.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use crdt::json::{Conflict, JsonError};
+use crdt::key::RecordKey;
+use crdt::record::{Operation, OperationError, RecordView};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::config::{Role, Token};
+use crate::engine::{EngineError, EngineHandle, FEED_PAGE_MAX, FeedEvent};
+use crate::metrics::{Gauges, Metrics};
+
+/// Shared by every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Arc<Vec<Token>>,
+    /// Turns true when the node shuts down, so long-lived feeds end and shutdown can finish.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Builds the router. `body_bytes_max` bounds every request body (413 beyond it).
+pub fn router(state: AppState, body_bytes_max: usize) -> Router {
+    let records = "/v1/collections/{collection}/records";
+    let texts = "/v1/collections/{collection}/texts";
+    Router::new()
+        .route(&format!("{records}/{{id}}"), get(get_record).put(put_record).patch(patch_record).delete(delete_record))
+        .route(&format!("{records}/{{id}}/increment"), axum::routing::post(increment_record))
+        .route(records, get(list_records))
+        .route(&format!("{texts}/{{id}}"), get(get_text).put(create_text))
+        .route(&format!("{texts}/{{id}}/update"), get(get_text_update).post(post_text_update))
+        .route(&format!("{texts}/{{id}}/state-vector"), get(get_text_state_vector))
+        .route("/v1/changes", get(changes))
+        .route("/v1/status", get(status))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(body_bytes_max))
+        .with_state(state)
+}
+
+/// An error answer: a status and one clear line, sent as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+
+    fn not_found(key: &RecordKey) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, format!("{key} does not exist"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        let status = match &error {
+            EngineError::Operation(OperationError::FieldName | OperationError::Json(JsonError::TooDeep)) => {
+                StatusCode::BAD_REQUEST
+            }
+            EngineError::Operation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::Text(_) | EngineError::BadChange { .. } => StatusCode::BAD_REQUEST,
+            EngineError::WrongKind { .. } => StatusCode::CONFLICT,
+            EngineError::Stopped | EngineError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Checks the bearer token (when tokens are configured) and counts the request and its outcome.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    state.metrics.requests.inc();
+    let required = if matches!(*request.method(), Method::GET | Method::HEAD) { Role::Read } else { Role::Write };
+    let response = match check_token(&state.tokens, request.headers(), required) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    };
+    if response.status().is_client_error() {
+        state.metrics.client_errors.inc();
+    } else if response.status().is_server_error() {
+        state.metrics.server_errors.inc();
+    }
+    response
+}
+
+fn check_token(tokens: &[Token], headers: &HeaderMap, required: Role) -> ApiResult<()> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, message);
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing bearer token"))?
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("authorization header is not 'Bearer TOKEN'"))?;
+    let token = tokens
+        .iter()
+        .find(|token| constant_time_equal(token.secret.as_bytes(), presented.as_bytes()))
+        .ok_or_else(|| unauthorized("invalid bearer token"))?;
+    if token.role < required {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("token {:?} has role {:?}; this request needs {required:?}", token.name, token.role),
+        ));
+    }
+    Ok(())
+}
+
+fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
+    left.len() == right.len() && left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
+}
+
+/// A request body that must be a JSON object: 413 beyond the size limit, 400 with the parser's
+/// message when it is not JSON, 400 when it is JSON but not an object.
+struct JsonObject(Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(request, state).await?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(other) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body must be a JSON object, not {}", kind_of(&other)),
+            )),
+            Err(error) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {error}"))),
+        }
+    }
+}
+
+async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> ApiResult<Bytes> {
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn record_key(collection: &str, id: &str) -> ApiResult<RecordKey> {
+    RecordKey::new(collection, id).map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.to_string()))
+}
+
+/// A record as the API returns it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecordBody {
+    pub collection: String,
+    pub id: String,
+    pub value: Option<Map<String, Value>>,
+    pub version: String,
+    pub conflicts: Vec<Conflict>,
+}
+
+impl RecordBody {
+    fn new(key: &RecordKey, view: RecordView) -> RecordBody {
+        RecordBody {
+            collection: key.collection().to_owned(),
+            id: key.id().to_owned(),
+            value: view.value,
+            version: view.version,
+            conflicts: view.conflicts,
+        }
+    }
+}
+
+async fn get_record(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult<Json<RecordBody>> {
+    let key = record_key(&collection, &id)?;
+    let read = state.engine.call({
+        let key = key.clone();
+        move |engine| engine.read_record(key)
+    });
+    match read.await?? {
+        Some(read) => Ok(Json(RecordBody::new(&read.key, read.view))),
+        None => Err(ApiError::not_found(&key)),
+    }
+}
+
+async fn write(state: &AppState, key: RecordKey, operation: Operation) -> ApiResult<Json<RecordBody>> {
+    let started = Instant::now();
+    let is_delete = operation == Operation::Delete;
+    let outcome = state.engine.call({
+        let key = key.clone();
+        move |engine| engine.write_record(key, operation)
+    });
+    let outcome = outcome.await??;
+    state.metrics.write_latency.observe(started.elapsed());
+    if is_delete && !outcome.changed {
+        return Err(ApiError::not_found(&key));
+    }
+    Ok(Json(RecordBody::new(&key, outcome.view)))
+}
+
+async fn put_record(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    JsonObject(value): JsonObject,
+) -> ApiResult<Json<RecordBody>> {
+    write(&state, record_key(&collection, &id)?, Operation::Replace(value)).await
+}
+
+async fn patch_record(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    JsonObject(patch): JsonObject,
+) -> ApiResult<Json<RecordBody>> {
+    write(&state, record_key(&collection, &id)?, Operation::MergePatch(patch)).await
+}
+
+async fn delete_record(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult<Json<RecordBody>> {
+    write(&state, record_key(&collection, &id)?, Operation::Delete).await
+}
+
+async fn increment_record(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    JsonObject(body): JsonObject,
+) -> ApiResult<Json<RecordBody>> {
+    let field = match body.get("field") {
+        Some(Value::String(field)) => field.clone(),
+        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "body needs \"field\": a string")),
+    };
+    let by = match body.get("by") {
+        None => 1,
+        Some(value) => value
+            .as_i64()
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "\"by\" must be an integer in the i64 range"))?,
+    };
+    write(&state, record_key(&collection, &id)?, Operation::Increment { field, by }).await
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A listing page as the API returns it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListBody {
+    pub records: Vec<RecordBody>,
+    /// Pass as `after` for the next page; absent at the end.
+    pub next: Option<String>,
+}
+
+async fn list_records(
+    State(state): State<AppState>,
+    Path(collection): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Json<ListBody>> {
+    crdt::key::validate_collection(&collection)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.to_string()))?;
+    let limit = query.limit.unwrap_or(100);
+    let page = state
+        .engine
+        .call(move |engine| engine.list_records(&collection, &query.prefix, query.after.as_deref(), limit))
+        .await??;
+    let records = page.records.into_iter().map(|read| RecordBody::new(&read.key, read.view)).collect();
+    Ok(Json(ListBody { records, next: page.next }))
+}
+
+#[derive(Debug, Deserialize)]
+struct TextQuery {
+    #[serde(default = "default_text_name")]
+    name: String,
+}
+
+fn default_text_name() -> String {
+    "content".to_owned()
+}
+
+async fn create_text(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let key = record_key(&collection, &id)?;
+    let created = state.engine.call(move |engine| engine.create_text(key)).await??;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(serde_json::json!({ "collection": collection, "id": id, "created": created }))).into_response())
+}
+
+async fn get_text(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<TextQuery>,
+) -> ApiResult<Json<Value>> {
+    let key = record_key(&collection, &id)?;
+    let name = query.name.clone();
+    let text = state.engine.call({
+        let key = key.clone();
+        move |engine| engine.text_plain(key, name)
+    });
+    let text = text.await??.ok_or_else(|| ApiError::not_found(&key))?;
+    Ok(Json(serde_json::json!({ "collection": collection, "id": id, "name": query.name, "text": text })))
+}
+
+async fn post_text_update(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    request: Request,
+) -> ApiResult<Json<Value>> {
+    let key = record_key(&collection, &id)?;
+    let update = body_bytes(request, &()).await?.to_vec();
+    let changed = state.engine.call(move |engine| engine.apply_text_update(key, update)).await??;
+    Ok(Json(serde_json::json!({ "changed": changed })))
+}
+
+#[derive(Debug, Deserialize)]
+struct UpdateQuery {
+    /// A base64url state vector; without it, the whole document.
+    since: Option<String>,
+}
+
+async fn get_text_update(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<UpdateQuery>,
+) -> ApiResult<Response> {
+    let key = record_key(&collection, &id)?;
+    let state_vector = match query.since {
+        Some(text) => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.trim_end_matches('='))
+            .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("since is not base64url: {error}")))?,
+        None => vec![0],
+    };
+    let update = state.engine.call({
+        let key = key.clone();
+        move |engine| engine.text_diff(key, state_vector)
+    });
+    let update = update.await??.ok_or_else(|| ApiError::not_found(&key))?;
+    Ok(binary(update))
+}
+
+async fn get_text_state_vector(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let key = record_key(&collection, &id)?;
+    let vector = state.engine.call({
+        let key = key.clone();
+        move |engine| engine.text_state_vector(key)
+    });
+    Ok(binary(vector.await??.ok_or_else(|| ApiError::not_found(&key))?))
+}
+
+fn binary(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], bytes).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangesQuery {
+    since: Option<u64>,
+}
+
+/// The change feed: SSE by default (event id = feed sequence, so `Last-Event-ID` resumes), or
+/// NDJSON with `Accept: application/x-ndjson`. Both carry events with sequence above `since`.
+async fn changes(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ChangesQuery>,
+) -> ApiResult<Response> {
+    let last_event_id = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::parse::<u64>);
+    let since = match (query.since, last_event_id) {
+        (Some(since), _) => since,
+        (None, Some(Ok(since))) => since,
+        (None, Some(Err(_))) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "Last-Event-ID is not a feed sequence"));
+        }
+        (None, None) => 0,
+    };
+    let events = feed_stream(state, since);
+    let wants_ndjson = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/x-ndjson"));
+    if wants_ndjson {
+        let lines = events.map(|event| {
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            Ok::<_, Infallible>(Bytes::from(line))
+        });
+        let content_type = HeaderValue::from_static("application/x-ndjson");
+        return Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(lines)).into_response());
+    }
+    let events = events.map(|event| {
+        Ok::<_, Infallible>(
+            Event::default().id(event.sequence.to_string()).event("change").json_data(&event).unwrap_or_default(),
+        )
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// Feed events after `since`, then new ones as they become durable, until shutdown. Holds at most
+/// one page in memory; the HTTP body pulls, so a slow consumer slows only its own stream.
+fn feed_stream(state: AppState, since: u64) -> impl Stream<Item = FeedEvent> {
+    struct Cursor {
+        state: AppState,
+        after: u64,
+        buffer: VecDeque<FeedEvent>,
+    }
+    let cursor = Cursor { state, after: since, buffer: VecDeque::new() };
+    futures::stream::unfold(cursor, |mut cursor| async move {
+        loop {
+            if let Some(event) = cursor.buffer.pop_front() {
+                return Some((event, cursor));
+            }
+            let after = cursor.after;
+            let page = cursor.state.engine.call(move |engine| engine.feed_page(after, FEED_PAGE_MAX)).await;
+            let events = match page {
+                Ok(Ok(events)) => events,
+                Ok(Err(error)) | Err(error) => {
+                    tracing::warn!(%error, "ending a change feed");
+                    return None;
+                }
+            };
+            if let Some(last) = events.last() {
+                cursor.after = last.sequence;
+                cursor.buffer.extend(events);
+                continue;
+            }
+            let mut feed = cursor.state.engine.feed.clone();
+            let mut shutdown = cursor.state.shutdown.clone();
+            tokio::select! {
+                changed = feed.wait_for(|&latest| latest > after) => if changed.is_err() { return None },
+                _ = shutdown.wait_for(|&stopping| stopping) => return None,
+            }
+        }
+    })
+}
+
+async fn status(State(state): State<AppState>) -> ApiResult<Json<crate::engine::Status>> {
+    Ok(Json(state.engine.call(|engine| engine.status()).await?))
+}
+
+async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    state.engine.call(|_| ()).await?;
+    Ok(Json(serde_json::json!({ "ready": true })))
+}
+
+async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+    let gauges = state
+        .engine
+        .call(|engine| {
+            let status = engine.status();
+            Gauges {
+                store_bytes: engine.store().size_on_disk().unwrap_or(0),
+                records: status.record_count,
+                feed_sequence: status.feed_sequence,
+            }
+        })
+        .await?;
+    let text = state.metrics.render(&gauges);
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response())
+}

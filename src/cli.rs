@@ -1,0 +1,131 @@
+//! The command line: `concord start` runs a node; the other commands are clients of a running
+//! node's HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "concord",
+    version,
+    about = "A CRDT replication engine: records and texts that stay in agreement everywhere."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Start(StartArgs),
+    /// Replace a record with a JSON object: put COLLECTION/ID '{"name":"Ada"}'.
+    Put(WriteArgs),
+    /// Apply an RFC 7386 JSON Merge Patch to a record.
+    Patch(WriteArgs),
+    /// Read a record, with its version and conflicts.
+    Get(KeyArgs),
+    /// Delete a record (a tombstone that replicates).
+    Del(KeyArgs),
+    /// Add to a counter field: incr COLLECTION/ID FIELD [BY].
+    Incr(IncrArgs),
+    /// List the records of a collection.
+    Ls(ListArgs),
+    /// Follow the change feed.
+    Watch(WatchArgs),
+    /// Show the node's identity, counts, version vector and digest.
+    Status(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// A TOML config file; flags override its keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the node keeps its store (default ./concord-data).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The node's name (kept in the store once set).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address for the HTTP API (default 127.0.0.1:7700; port 0 picks one, written to DATA_DIR/api.addr).
+    #[arg(long)]
+    pub listen_api: Option<SocketAddr>,
+    /// A TOML file of [[tokens]] with name, secret and role (read, write or admin).
+    #[arg(long)]
+    pub tokens_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The node's API.
+    #[arg(long, env = "CONCORD_API", default_value = "http://127.0.0.1:7700", global = true)]
+    pub api: String,
+    /// A bearer token.
+    #[arg(long, env = "CONCORD_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// COLLECTION/ID
+    pub key: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// COLLECTION/ID
+    pub key: String,
+    /// A JSON object.
+    pub json: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IncrArgs {
+    /// COLLECTION/ID
+    pub key: String,
+    pub field: String,
+    #[arg(default_value_t = 1, allow_negative_numbers = true)]
+    pub by: i64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    pub collection: String,
+    /// Only ids that start with this.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Start after this id (the `next` of a previous page).
+    #[arg(long)]
+    pub after: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Start after this feed sequence.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}

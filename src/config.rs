@@ -1,0 +1,154 @@
+//! Node configuration: the TOML config file, command-line overrides, and API tokens.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:7700";
+pub const DEFAULT_DATA_DIR: &str = "concord-data";
+
+/// What a token may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+}
+
+/// A bearer token: its name (for logs and audit), the secret clients send, and its role.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    pub name: String,
+    pub secret: String,
+    pub role: Role,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Token").field("name", &self.name).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// The config file (`--config node.toml`). Every key is optional; flags override them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen_api: Option<SocketAddr>,
+    /// A TOML file holding `[[tokens]]` entries, kept apart from the config so secrets can have
+    /// their own permissions.
+    pub tokens_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tokens: Vec<Token>,
+    pub cache_documents: Option<usize>,
+    /// sled's page cache, in bytes.
+    pub store_cache_bytes: Option<u64>,
+    pub body_bytes_max: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    tokens: Vec<Token>,
+}
+
+/// The settings a node runs with, after the file and the flags are combined.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: Option<String>,
+    pub data_dir: PathBuf,
+    pub listen_api: SocketAddr,
+    pub tokens: Vec<Token>,
+    pub cache_documents: usize,
+    pub store_cache_bytes: u64,
+    pub body_bytes_max: usize,
+}
+
+/// Command-line values that override the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen_api: Option<SocketAddr>,
+    pub tokens_file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    pub fn load(overrides: Overrides) -> anyhow::Result<NodeConfig> {
+        let file = match &overrides.config {
+            Some(path) => read_toml::<ConfigFile>(path)?,
+            None => ConfigFile::default(),
+        };
+        let mut tokens = file.tokens;
+        if let Some(path) = overrides.tokens_file.as_ref().or(file.tokens_file.as_ref()) {
+            tokens.extend(read_toml::<TokensFile>(path)?.tokens);
+        }
+        for token in &tokens {
+            if token.secret.len() < 16 {
+                bail!("token {:?} has a secret shorter than 16 characters", token.name);
+            }
+        }
+        let listen_api = match overrides.listen_api.or(file.listen_api) {
+            Some(address) => address,
+            None => DEFAULT_API_ADDRESS.parse().context("default API address")?,
+        };
+        let config = NodeConfig {
+            name: overrides.name.or(file.name),
+            data_dir: overrides.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            listen_api,
+            tokens,
+            cache_documents: file.cache_documents.unwrap_or(4096).max(1),
+            store_cache_bytes: file.store_cache_bytes.unwrap_or(store::CACHE_BYTES_DEFAULT),
+            body_bytes_max: file.body_bytes_max.unwrap_or(1 << 20),
+        };
+        if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {
+            bail!(
+                "refusing to serve the API on non-loopback address {} without tokens: configure [[tokens]] or a tokens_file",
+                config.listen_api
+            );
+        }
+        Ok(config)
+    }
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_non_loopback_without_tokens_and_short_secrets() {
+        let overrides = Overrides { listen_api: Some("0.0.0.0:7700".parse().unwrap()), ..Overrides::default() };
+        let error = NodeConfig::load(overrides).unwrap_err().to_string();
+        assert!(error.contains("non-loopback"), "{error}");
+
+        let directory = tempfile::tempdir().unwrap();
+        let tokens = directory.path().join("tokens.toml");
+        std::fs::write(&tokens, "[[tokens]]\nname = \"app\"\nsecret = \"short\"\nrole = \"write\"\n").unwrap();
+        let overrides = Overrides { tokens_file: Some(tokens), ..Overrides::default() };
+        assert!(NodeConfig::load(overrides).unwrap_err().to_string().contains("shorter than 16"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("node.toml");
+        std::fs::write(&path, "name = \"hq\"\nlisten_api = \"127.0.0.1:9000\"\n[[tokens]]\nname = \"app\"\nsecret = \"0123456789abcdef\"\nrole = \"read\"\n").unwrap();
+        let overrides = Overrides { config: Some(path), name: Some("edge".into()), ..Overrides::default() };
+        let config = NodeConfig::load(overrides).unwrap();
+        assert_eq!(config.name.as_deref(), Some("edge"));
+        assert_eq!(config.listen_api.port(), 9000);
+        assert_eq!(config.tokens[0].role, Role::Read);
+    }
+}

@@ -1,0 +1,853 @@
+//! The record engine: one thread that owns the document cache and the store, runs every read and
+//! write against them, and acknowledges writes only after the group commit that made them durable.
+//!
+//! Callers hand the engine jobs (closures) through a bounded queue. The engine runs as many queued
+//! jobs as it can (up to [`BATCH_JOBS_MAX`]), commits everything they wrote in one store batch with
+//! one flush, and only then releases their replies. So many concurrent writers share one flush, and
+//! this thread is the single path that ever flushes sled (concurrent `flush_async` calls deadlock
+//! in sled 0.34.7, issue #1308). sled is synchronous, so none of this runs on the async runtime.
+//!
+//! When a commit fails the engine stops: the replies of that batch are dropped (their callers see
+//! an error, and nothing unacknowledged is claimed durable), and the node shuts down rather than
+//! keep serving from a cache that is ahead of the disk.
+
+use std::collections::{HashSet, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crdt::clock::{Clock, Timestamp};
+use crdt::envelope::{DocumentKind, Envelope};
+use crdt::identity::{NodeId, OriginId};
+use crdt::key::RecordKey;
+use crdt::record::{Operation, OperationError, Record, RecordError, RecordView};
+use crdt::text::{TextDocument, TextError, TextLimits};
+use crdt::version_vector::VersionVector;
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use store::{Store, WriteBatch};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::Metrics;
+
+/// The most jobs that share one group commit.
+pub const BATCH_JOBS_MAX: usize = 512;
+/// How many jobs may wait for the engine before callers wait for room.
+pub const QUEUE_JOBS_MAX: usize = 4096;
+/// A record with this many incremental changes is compacted when the engine is idle.
+pub const INCREMENTS_COMPACT_AT: u32 = 64;
+/// The most feed events one page returns.
+pub const FEED_PAGE_MAX: usize = 512;
+/// The most records one listing page returns, and the most keys it scans.
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+/// Why a job failed. Unless said otherwise, nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine has stopped (storage failure or shutdown)")]
+    Stopped,
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("stored document {key} is damaged: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("{key} is a {actual}, not a {expected}")]
+    WrongKind { key: RecordKey, actual: &'static str, expected: &'static str },
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error("change for {key} does not apply: {reason}")]
+    BadChange { key: RecordKey, reason: String },
+}
+
+impl From<store::ReadError> for EngineError {
+    fn from(error: store::ReadError) -> Self {
+        EngineError::Storage(error.to_string())
+    }
+}
+
+/// Who this node is, and which incarnation is running.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node: NodeId,
+    pub name: String,
+    /// Fresh for every process start: see `crdt::identity`.
+    pub origin: OriginId,
+}
+
+/// What the store keeps under a document key: the kind and the compacted document. Incremental
+/// changes live beside it in the store's increments keyspace.
+#[derive(Serialize, Deserialize)]
+struct DocumentEntry {
+    kind: DocumentKind,
+    #[serde(with = "serde_bytes")]
+    saved: Vec<u8>,
+}
+
+/// What the store keeps per feed sequence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub key: RecordKey,
+    pub kind: DocumentKind,
+    pub origin: OriginId,
+    pub sequence: u64,
+    pub timestamp: Timestamp,
+}
+
+/// The identity and counters kept in the store's metadata.
+#[derive(Serialize, Deserialize)]
+struct StoredIdentity {
+    node: NodeId,
+    name: String,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct StoredCounters {
+    feed_sequence: u64,
+    record_count: u64,
+    digest: [u8; 32],
+}
+
+enum Body {
+    Record(Record),
+    Text(TextDocument),
+}
+
+impl Body {
+    /// Whether the document counts as a live record or text for `record_count`.
+    fn is_live(&self) -> bool {
+        match self {
+            Body::Record(record) => record.is_live(),
+            Body::Text(_) => true,
+        }
+    }
+
+    /// What the status digest hashes for this document: its key, kind and state.
+    fn digest(&self, key: &RecordKey) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&key.to_bytes());
+        match self {
+            Body::Record(record) => {
+                hasher.update(b"\0record\0");
+                for head in record.heads() {
+                    hasher.update(head.as_ref());
+                }
+            }
+            Body::Text(text) => {
+                hasher.update(b"\0text\0");
+                hasher.update(&text.digest());
+            }
+        }
+        *hasher.finalize().as_bytes()
+    }
+}
+
+struct Document {
+    body: Body,
+    /// The index the next incremental change gets; also how many are stored.
+    next_increment: u32,
+    /// Whether the store holds this document (else it is new, and its first change stores it whole).
+    stored: bool,
+}
+
+/// What staging a change needs to know about a document from before the change.
+struct Before {
+    live: bool,
+    /// The document's digest term, when it was already counted in the node's digest.
+    digest: Option<[u8; 32]>,
+}
+
+impl Before {
+    fn of(document: &Document, key: &RecordKey) -> Before {
+        Before {
+            live: document.stored && document.body.is_live(),
+            digest: document.stored.then(|| document.body.digest(key)),
+        }
+    }
+}
+
+/// A record as reads return it.
+#[derive(Debug, Clone)]
+pub struct RecordRead {
+    pub key: RecordKey,
+    pub view: RecordView,
+}
+
+/// The outcome of a write that was accepted.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    /// False when the write changed nothing (no envelope, no feed event).
+    pub changed: bool,
+    pub view: RecordView,
+    /// The envelope that carries the change, when there was one.
+    pub envelope: Option<Envelope>,
+}
+
+/// One event of the change feed.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedEvent {
+    pub sequence: u64,
+    pub collection: String,
+    pub id: String,
+    pub kind: &'static str,
+    /// The record's value when the event is served (later events for the record follow), or
+    /// `null` for a deleted record or a text.
+    pub value: Option<serde_json::Value>,
+    pub deleted: bool,
+    pub version: String,
+    pub origin: String,
+    pub origin_sequence: u64,
+    pub timestamp: Timestamp,
+}
+
+/// What `GET /v1/status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub node_id: String,
+    pub name: String,
+    pub origin: String,
+    pub record_count: u64,
+    pub feed_sequence: u64,
+    pub version_vector: serde_json::Value,
+    pub digest: String,
+}
+
+/// A listing page.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub records: Vec<RecordRead>,
+    /// Pass as `after` to continue; `None` when the collection is exhausted.
+    pub next: Option<String>,
+}
+
+/// The engine's state, owned by its thread.
+pub struct Engine {
+    store: Store,
+    batch: WriteBatch,
+    cache: LruCache<RecordKey, Document>,
+    identity: Identity,
+    clock: Clock,
+    next_sequence: u64,
+    version_vector: VersionVector,
+    counters: StoredCounters,
+    counters_dirty: bool,
+    compaction: VecDeque<RecordKey>,
+    compaction_queued: HashSet<RecordKey>,
+    text_limits: TextLimits,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Engine")
+            .field("identity", &self.identity)
+            .field("cached_documents", &self.cache.len())
+            .field("feed_sequence", &self.counters.feed_sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+type Completion = Box<dyn FnOnce() + Send>;
+type Job = Box<dyn FnOnce(&mut Engine) -> Completion + Send>;
+
+/// A cheap handle that async code uses to run jobs on the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: mpsc::Sender<Job>,
+    /// The latest durable feed sequence, for change-feed subscribers.
+    pub feed: watch::Receiver<u64>,
+    pub identity: Identity,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("EngineHandle").field("identity", &self.identity).finish()
+    }
+}
+
+impl EngineHandle {
+    /// Runs `work` on the engine thread; resolves after the group commit that covers it.
+    pub async fn call<T, F>(&self, work: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Engine) -> T + Send + 'static,
+    {
+        let (reply, receiver) = oneshot::channel();
+        let job: Job = Box::new(move |engine| {
+            let result = work(engine);
+            Box::new(move || {
+                let _ = reply.send(result);
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)?;
+        receiver.await.map_err(|_| EngineError::Stopped)
+    }
+}
+
+/// Settings for [`start`].
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub name: Option<String>,
+    pub cache_documents: NonZeroUsize,
+    pub text_limits: TextLimits,
+}
+
+/// Opens the engine over `store` on its own thread. The returned join handle yields the error
+/// that stopped the engine, if any; it ends cleanly once every [`EngineHandle`] is dropped.
+pub fn start(
+    store: Store,
+    settings: EngineSettings,
+    metrics: Arc<Metrics>,
+) -> Result<(EngineHandle, std::thread::JoinHandle<Result<(), EngineError>>), EngineError> {
+    let identity = load_identity(&store, settings.name)?;
+    let version_vector = match store.meta("version_vector")? {
+        Some(bytes) => decode_meta(&bytes, "version_vector")?,
+        None => VersionVector::new(),
+    };
+    let counters: StoredCounters = match store.meta("counters")? {
+        Some(bytes) => decode_meta(&bytes, "counters")?,
+        None => StoredCounters::default(),
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_meta(
+        "identity",
+        &rmp_serde::to_vec(&StoredIdentity { node: identity.node, name: identity.name.clone() }).unwrap_or_default(),
+    );
+    store.commit(batch).map_err(|error| EngineError::Storage(error.to_string()))?;
+    let (feed_sender, feed) = watch::channel(counters.feed_sequence);
+    let engine = Engine {
+        store,
+        batch: WriteBatch::default(),
+        cache: LruCache::new(settings.cache_documents),
+        identity: identity.clone(),
+        clock: Clock::new(),
+        next_sequence: 1,
+        version_vector,
+        counters,
+        counters_dirty: false,
+        compaction: VecDeque::new(),
+        compaction_queued: HashSet::new(),
+        text_limits: settings.text_limits,
+        metrics,
+    };
+    let (jobs, receiver) = mpsc::channel(QUEUE_JOBS_MAX);
+    let thread = std::thread::Builder::new()
+        .name("concord-engine".into())
+        .spawn(move || engine.run(receiver, feed_sender))
+        .map_err(|error| EngineError::Storage(format!("could not start the engine thread: {error}")))?;
+    Ok((EngineHandle { jobs, feed, identity }, thread))
+}
+
+fn load_identity(store: &Store, name: Option<String>) -> Result<Identity, EngineError> {
+    let stored: Option<StoredIdentity> = match store.meta("identity")? {
+        Some(bytes) => Some(decode_meta(&bytes, "identity")?),
+        None => None,
+    };
+    let node = match &stored {
+        Some(stored) => stored.node,
+        None => NodeId(random_bytes()?),
+    };
+    let name = name.or(stored.map(|stored| stored.name)).unwrap_or_else(|| format!("node-{}", &node.to_string()[..8]));
+    Ok(Identity { node, name, origin: OriginId(random_bytes()?) })
+}
+
+fn random_bytes() -> Result<[u8; 16], EngineError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| EngineError::Storage(format!("no randomness for an identity: {error}")))?;
+    Ok(bytes)
+}
+
+fn decode_meta<T: for<'de> Deserialize<'de>>(bytes: &[u8], name: &str) -> Result<T, EngineError> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|error| EngineError::Corrupt { key: format!("meta {name}"), reason: error.to_string() })
+}
+
+fn physical_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+impl Engine {
+    fn run(mut self, mut receiver: mpsc::Receiver<Job>, feed: watch::Sender<u64>) -> Result<(), EngineError> {
+        loop {
+            let first = match receiver.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if !self.compaction.is_empty() => {
+                    self.compact_some();
+                    self.commit()?;
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match receiver.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            let mut completions = vec![first(&mut self)];
+            while completions.len() < BATCH_JOBS_MAX {
+                match receiver.try_recv() {
+                    Ok(job) => completions.push(job(&mut self)),
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = self.commit() {
+                tracing::error!(%error, "group commit failed; stopping the engine");
+                return Err(error);
+            }
+            for completion in completions {
+                completion();
+            }
+            feed.send_replace(self.counters.feed_sequence);
+        }
+        self.commit()
+    }
+
+    /// Writes the pending batch and flushes it: the one place the store is flushed.
+    fn commit(&mut self) -> Result<(), EngineError> {
+        if self.counters_dirty {
+            self.batch.put_meta("counters", &rmp_serde::to_vec(&self.counters).unwrap_or_default());
+            self.batch.put_meta("version_vector", &rmp_serde::to_vec(&self.version_vector).unwrap_or_default());
+            self.counters_dirty = false;
+        }
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let operations = self.batch.len();
+        self.store.commit(std::mem::take(&mut self.batch)).map_err(|error| EngineError::Storage(error.to_string()))?;
+        self.metrics.observe_commit(started.elapsed(), operations);
+        Ok(())
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Takes the document for `key` out of the cache (loading it from the store on a miss).
+    fn take_document(&mut self, key: &RecordKey) -> Result<Option<Document>, EngineError> {
+        if let Some(document) = self.cache.pop(key) {
+            return Ok(Some(document));
+        }
+        let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
+        let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
+        let entry: DocumentEntry = rmp_serde::from_slice(&stored.value).map_err(|error| corrupt(error.to_string()))?;
+        let increments: Vec<&[u8]> = stored.increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
+        let next_increment = stored.increments.last().map_or(0, |(index, _)| index + 1);
+        let body = match entry.kind {
+            DocumentKind::Record => {
+                Body::Record(Record::load(&entry.saved, &increments).map_err(|error| corrupt(error.to_string()))?)
+            }
+            DocumentKind::Text => Body::Text(
+                TextDocument::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
+                    .map_err(|error| corrupt(error.to_string()))?,
+            ),
+        };
+        Ok(Some(Document { body, next_increment, stored: true }))
+    }
+
+    fn put_back(&mut self, key: RecordKey, document: Document) {
+        self.cache.put(key, document);
+    }
+
+    /// Applies a local record write and stages it for the group commit.
+    pub fn write_record(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+        let mut document = match self.take_document(&key)? {
+            Some(document) => document,
+            None => self.empty_document(DocumentKind::Record),
+        };
+        let outcome = self.write_record_in(&key, &mut document, &operation);
+        if document.stored {
+            self.put_back(key, document);
+        }
+        outcome
+    }
+
+    fn write_record_in(
+        &mut self,
+        key: &RecordKey,
+        document: &mut Document,
+        operation: &Operation,
+    ) -> Result<WriteOutcome, EngineError> {
+        let before = Before::of(document, key);
+        let Body::Record(record) = &mut document.body else {
+            return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
+        };
+        let timestamp = self.clock.tick(physical_ms());
+        let change = record.write(key, &self.identity.origin, timestamp, operation)?;
+        let view =
+            record.view().map_err(|error| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() })?;
+        let Some(change) = change else { return Ok(WriteOutcome { changed: false, view, envelope: None }) };
+        let envelope = self.local_envelope(key, DocumentKind::Record, timestamp, change);
+        self.stage_change(document, &envelope, before, true);
+        Ok(WriteOutcome { changed: true, view, envelope: Some(envelope) })
+    }
+
+    /// Stamps a local change as the next envelope of this node's current origin.
+    fn local_envelope(
+        &mut self,
+        key: &RecordKey,
+        kind: DocumentKind,
+        timestamp: Timestamp,
+        change: Vec<u8>,
+    ) -> Envelope {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        Envelope {
+            origin: self.identity.origin,
+            node: self.identity.node,
+            sequence,
+            timestamp,
+            key: key.clone(),
+            kind,
+            change,
+        }
+    }
+
+    /// Applies a change envelope from elsewhere (a peer, in the replication issue). Returns
+    /// whether the document changed. An envelope already held, by (origin, sequence), is a no-op;
+    /// one whose bytes do not apply is refused and nothing is stored.
+    pub fn apply_envelope(&mut self, envelope: Envelope) -> Result<bool, EngineError> {
+        if self.version_vector.contains(&envelope.origin, envelope.sequence) {
+            return Ok(false);
+        }
+        if let Err(error) = self.clock.observe(envelope.timestamp, physical_ms()) {
+            tracing::warn!(origin = %envelope.origin, %error, "not advancing the clock to a remote timestamp");
+        }
+        let key = envelope.key.clone();
+        let mut document = match self.take_document(&key)? {
+            Some(document) => document,
+            None => self.empty_document(envelope.kind),
+        };
+        let result = self.apply_envelope_in(&mut document, &envelope);
+        if document.stored {
+            self.put_back(key, document);
+        }
+        result
+    }
+
+    fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {
+        let before = Before::of(document, &envelope.key);
+        let refused = |reason: String| EngineError::BadChange { key: envelope.key.clone(), reason };
+        let changed = match (&mut document.body, envelope.kind) {
+            (Body::Record(record), DocumentKind::Record) => {
+                record.apply_changes(&envelope.change).map_err(|error| refused(error.to_string()))?
+            }
+            (Body::Text(text), DocumentKind::Text) => {
+                text.apply_update(&envelope.change, &self.text_limits).map_err(|error| refused(error.to_string()))?
+            }
+            (body, _) => {
+                let (actual, expected) = match body {
+                    Body::Record(_) => ("record", "text"),
+                    Body::Text(_) => ("text", "record"),
+                };
+                return Err(EngineError::WrongKind { key: envelope.key.clone(), actual, expected });
+            }
+        };
+        self.stage_change(document, envelope, before, changed);
+        Ok(changed)
+    }
+
+    fn empty_document(&self, kind: DocumentKind) -> Document {
+        let body = match kind {
+            DocumentKind::Record => Body::Record(Record::new()),
+            DocumentKind::Text => Body::Text(TextDocument::new(self.identity.origin.text_client_id())),
+        };
+        Document { body, next_increment: 0, stored: false }
+    }
+
+    /// Stages a change that `document` already holds: its bytes (a new document whole, else one
+    /// increment), the log entry, the version vector, the record count and the digest. When the
+    /// change became visible (one held back for missing dependencies does not), also a feed entry.
+    fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
+        self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
+        self.version_vector.insert(envelope.origin, envelope.sequence);
+        self.counters_dirty = true;
+        let key = &envelope.key;
+        let key_bytes = key.to_bytes();
+        if document.stored {
+            self.batch.put_increment(&key_bytes, document.next_increment, &envelope.change);
+            document.next_increment += 1;
+            if document.next_increment >= INCREMENTS_COMPACT_AT && self.compaction_queued.insert(key.clone()) {
+                self.compaction.push_back(key.clone());
+            }
+        } else {
+            self.batch.put_document(&key_bytes, &encode_entry(envelope.kind, save(&document.body)));
+            document.stored = true;
+        }
+        match (before.live, document.body.is_live()) {
+            (false, true) => self.counters.record_count += 1,
+            (true, false) => self.counters.record_count = self.counters.record_count.saturating_sub(1),
+            _ => {}
+        }
+        if let Some(digest) = before.digest {
+            xor_into(&mut self.counters.digest, &digest);
+        }
+        xor_into(&mut self.counters.digest, &document.body.digest(key));
+        if !visible {
+            return;
+        }
+        self.counters.feed_sequence += 1;
+        let feed_entry = FeedEntry {
+            key: key.clone(),
+            kind: envelope.kind,
+            origin: envelope.origin,
+            sequence: envelope.sequence,
+            timestamp: envelope.timestamp,
+        };
+        self.batch.put_feed(self.counters.feed_sequence, &rmp_serde::to_vec(&feed_entry).unwrap_or_default());
+        self.metrics.writes.inc();
+    }
+
+    /// Reads a record; `None` when it does not exist or is deleted.
+    pub fn read_record(&mut self, key: RecordKey) -> Result<Option<RecordRead>, EngineError> {
+        let Some(document) = self.take_document(&key)? else { return Ok(None) };
+        let result = match &document.body {
+            Body::Record(record) => record
+                .view()
+                .map_err(|error: RecordError| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() }),
+            Body::Text(_) => Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" }),
+        };
+        self.put_back(key.clone(), document);
+        self.metrics.reads.inc();
+        let view = result?;
+        Ok(view.value.is_some().then_some(RecordRead { key, view }))
+    }
+
+    /// Lists live records of `collection` whose id starts with `prefix`, after id `after`.
+    pub fn list_records(
+        &mut self,
+        collection: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, EngineError> {
+        let limit = limit.clamp(1, LIST_LIMIT_MAX);
+        let collection_prefix = RecordKey::collection_prefix(collection)
+            .map_err(|error| EngineError::Storage(format!("bad collection: {error}")))?;
+        let mut scan_prefix = collection_prefix.clone();
+        scan_prefix.extend_from_slice(prefix.as_bytes());
+        let mut cursor = after.map(|after| [collection_prefix.as_slice(), after.as_bytes()].concat());
+        let mut records = Vec::new();
+        let mut scanned = 0;
+        loop {
+            let keys = self.store.document_keys(&scan_prefix, cursor.as_deref(), limit - records.len())?;
+            if keys.is_empty() {
+                return Ok(ListPage { records, next: None });
+            }
+            for key_bytes in keys {
+                scanned += 1;
+                let key = RecordKey::from_bytes(&key_bytes).map_err(|error| EngineError::Corrupt {
+                    key: format!("{key_bytes:?}"),
+                    reason: error.to_string(),
+                })?;
+                match self.read_record(key.clone()) {
+                    Ok(Some(read)) => records.push(read),
+                    Ok(None) | Err(EngineError::WrongKind { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+                cursor = Some(key_bytes);
+                if records.len() == limit || scanned >= LIST_LIMIT_MAX {
+                    let next = records.last().map(|read| read.key.id().to_owned());
+                    let next = if scanned >= LIST_LIMIT_MAX && records.len() < limit {
+                        cursor
+                            .as_ref()
+                            .and_then(|bytes| RecordKey::from_bytes(bytes).ok())
+                            .map(|key| key.id().to_owned())
+                    } else {
+                        next
+                    };
+                    return Ok(ListPage { records, next });
+                }
+            }
+        }
+    }
+
+    /// Feed events with sequence above `after`, at most `limit` (capped at [`FEED_PAGE_MAX`]).
+    pub fn feed_page(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEvent>, EngineError> {
+        let entries = self.store.feed_range(after, limit.clamp(1, FEED_PAGE_MAX))?;
+        let mut events = Vec::with_capacity(entries.len());
+        for (sequence, bytes) in entries {
+            let entry: FeedEntry = rmp_serde::from_slice(&bytes)
+                .map_err(|error| EngineError::Corrupt { key: format!("feed {sequence}"), reason: error.to_string() })?;
+            events.push(self.feed_event(sequence, entry)?);
+        }
+        Ok(events)
+    }
+
+    fn feed_event(&mut self, sequence: u64, entry: FeedEntry) -> Result<FeedEvent, EngineError> {
+        let (value, version, kind) = match entry.kind {
+            DocumentKind::Record => {
+                let read = self.read_record(entry.key.clone())?;
+                let version = match &read {
+                    Some(read) => read.view.version.clone(),
+                    None => self.record_version(&entry.key)?,
+                };
+                (read.and_then(|read| read.view.value.map(serde_json::Value::Object)), version, "record")
+            }
+            DocumentKind::Text => (None, String::new(), "text"),
+        };
+        Ok(FeedEvent {
+            sequence,
+            collection: entry.key.collection().to_owned(),
+            id: entry.key.id().to_owned(),
+            kind,
+            deleted: kind == "record" && value.is_none(),
+            value,
+            version,
+            origin: entry.origin.to_string(),
+            origin_sequence: entry.sequence,
+            timestamp: entry.timestamp,
+        })
+    }
+
+    fn record_version(&mut self, key: &RecordKey) -> Result<String, EngineError> {
+        let Some(document) = self.take_document(key)? else { return Ok(String::new()) };
+        let version = match &document.body {
+            Body::Record(record) => record.version(),
+            Body::Text(_) => String::new(),
+        };
+        self.put_back(key.clone(), document);
+        Ok(version)
+    }
+
+    pub fn status(&self) -> Status {
+        let version_vector = self
+            .version_vector
+            .origins()
+            .map(|(origin, range)| {
+                let beyond: Vec<[u64; 2]> = range.beyond.iter().map(|(&start, &end)| [start, end]).collect();
+                (origin.to_string(), serde_json::json!({ "contiguous": range.contiguous, "beyond": beyond }))
+            })
+            .collect::<serde_json::Map<_, _>>();
+        Status {
+            node_id: self.identity.node.to_string(),
+            name: self.identity.name.clone(),
+            origin: self.identity.origin.to_string(),
+            record_count: self.counters.record_count,
+            feed_sequence: self.counters.feed_sequence,
+            version_vector: serde_json::Value::Object(version_vector),
+            digest: hex::encode(self.counters.digest),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Compacts a few queued documents: saves each whole and drops its increments.
+    fn compact_some(&mut self) {
+        for _ in 0..16 {
+            let Some(key) = self.compaction.pop_front() else { return };
+            self.compaction_queued.remove(&key);
+            let document = match self.take_document(&key) {
+                Ok(Some(document)) => document,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%key, %error, "skipping compaction of a document that does not load");
+                    continue;
+                }
+            };
+            let key_bytes = key.to_bytes();
+            let kind = match document.body {
+                Body::Record(_) => DocumentKind::Record,
+                Body::Text(_) => DocumentKind::Text,
+            };
+            self.batch.put_document(&key_bytes, &encode_entry(kind, save(&document.body)));
+            for index in 0..document.next_increment {
+                self.batch.remove_increment(&key_bytes, index);
+            }
+            self.metrics.compactions.inc();
+            self.put_back(key, Document { body: document.body, next_increment: 0, stored: true });
+        }
+    }
+}
+
+/// Text documents: create, apply a Yjs update, state vector, diff, and plain text.
+impl Engine {
+    fn take_text(&mut self, key: &RecordKey) -> Result<Option<Document>, EngineError> {
+        let Some(document) = self.take_document(key)? else { return Ok(None) };
+        if let Body::Record(_) = document.body {
+            self.put_back(key.clone(), document);
+            return Err(EngineError::WrongKind { key: key.clone(), actual: "record", expected: "text" });
+        }
+        Ok(Some(document))
+    }
+
+    /// Creates an empty text document if none exists. Returns whether it was created. An empty
+    /// Y.Doc has no state to replicate, so creation makes no envelope; the first update does.
+    pub fn create_text(&mut self, key: RecordKey) -> Result<bool, EngineError> {
+        if let Some(document) = self.take_text(&key)? {
+            self.put_back(key, document);
+            return Ok(false);
+        }
+        let document = Document { stored: true, ..self.empty_document(DocumentKind::Text) };
+        self.batch.put_document(&key.to_bytes(), &encode_entry(DocumentKind::Text, save(&document.body)));
+        xor_into(&mut self.counters.digest, &document.body.digest(&key));
+        self.counters.record_count += 1;
+        self.counters_dirty = true;
+        self.put_back(key, document);
+        Ok(true)
+    }
+
+    /// Applies a Yjs update to a text document (creating it if absent). Returns whether it changed.
+    pub fn apply_text_update(&mut self, key: RecordKey, update: Vec<u8>) -> Result<bool, EngineError> {
+        let mut document = match self.take_text(&key)? {
+            Some(document) => document,
+            None => self.empty_document(DocumentKind::Text),
+        };
+        let before = Before::of(&document, &key);
+        let Body::Text(text) = &mut document.body else { unreachable!("take_text returns texts only") };
+        let result = text.apply_update(&update, &self.text_limits);
+        if let Ok(true) = result {
+            let timestamp = self.clock.tick(physical_ms());
+            let envelope = self.local_envelope(&key, DocumentKind::Text, timestamp, update);
+            self.stage_change(&mut document, &envelope, before, true);
+        }
+        if document.stored {
+            self.put_back(key, document);
+        }
+        Ok(result?)
+    }
+
+    fn with_text<T>(
+        &mut self,
+        key: RecordKey,
+        read: impl FnOnce(&TextDocument) -> T,
+    ) -> Result<Option<T>, EngineError> {
+        let Some(document) = self.take_text(&key)? else { return Ok(None) };
+        let Body::Text(text) = &document.body else { unreachable!("take_text returns texts only") };
+        let result = read(text);
+        self.put_back(key, document);
+        Ok(Some(result))
+    }
+
+    pub fn text_state_vector(&mut self, key: RecordKey) -> Result<Option<Vec<u8>>, EngineError> {
+        self.with_text(key, TextDocument::state_vector)
+    }
+
+    pub fn text_diff(&mut self, key: RecordKey, state_vector: Vec<u8>) -> Result<Option<Vec<u8>>, EngineError> {
+        self.with_text(key, |text| text.diff(&state_vector))?.transpose().map_err(EngineError::from)
+    }
+
+    pub fn text_plain(&mut self, key: RecordKey, name: String) -> Result<Option<String>, EngineError> {
+        self.with_text(key, |text| text.text(&name))
+    }
+}
+
+fn save(body: &Body) -> Vec<u8> {
+    match body {
+        Body::Record(record) => record.save(),
+        Body::Text(text) => text.save(),
+    }
+}
+
+fn encode_entry(kind: DocumentKind, saved: Vec<u8>) -> Vec<u8> {
+    rmp_serde::to_vec(&DocumentEntry { kind, saved }).unwrap_or_default()
+}
+
+fn xor_into(target: &mut [u8; 32], other: &[u8; 32]) {
+    for (byte, other) in target.iter_mut().zip(other) {
+        *byte ^= other;
+    }
+}

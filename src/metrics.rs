@@ -1,0 +1,145 @@
+//! Prometheus metrics: a handful of counters and histograms on atomics, rendered as the text
+//! exposition format. Small on purpose: no registry, no labels beyond what operators need.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, amount: u64) {
+        self.0.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds, in seconds, of the latency histogram buckets.
+const LATENCY_BOUNDS_SECONDS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_SECONDS.len()],
+    count: AtomicU64,
+    sum_nanoseconds: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(index) = LATENCY_BOUNDS_SECONDS.iter().position(|&bound| seconds <= bound) {
+            self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanoseconds.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, output: &mut String) {
+        let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in LATENCY_BOUNDS_SECONDS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(output, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_nanoseconds.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(output, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Everything the node counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub writes: Counter,
+    pub reads: Counter,
+    pub requests: Counter,
+    pub client_errors: Counter,
+    pub server_errors: Counter,
+    pub commits: Counter,
+    pub committed_operations: Counter,
+    pub compactions: Counter,
+    pub write_latency: Histogram,
+    pub commit_latency: Histogram,
+}
+
+/// Point-in-time values read when the metrics are scraped.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub store_bytes: u64,
+    pub records: u64,
+    pub feed_sequence: u64,
+}
+
+impl Metrics {
+    pub fn observe_commit(&self, elapsed: Duration, operations: usize) {
+        self.commits.inc();
+        self.committed_operations.add(operations as u64);
+        self.commit_latency.observe(elapsed);
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut output = String::new();
+        let counters: [(&str, &str, &Counter); 8] = [
+            ("concord_writes_total", "Local writes that changed a document.", &self.writes),
+            ("concord_reads_total", "Document reads.", &self.reads),
+            ("concord_http_requests_total", "HTTP API requests.", &self.requests),
+            ("concord_http_client_errors_total", "HTTP API requests answered 4xx.", &self.client_errors),
+            ("concord_http_server_errors_total", "HTTP API requests answered 5xx.", &self.server_errors),
+            ("concord_store_commits_total", "Group commits (one flush each).", &self.commits),
+            (
+                "concord_store_committed_operations_total",
+                "Store operations written by group commits.",
+                &self.committed_operations,
+            ),
+            ("concord_compactions_total", "Documents compacted.", &self.compactions),
+        ];
+        for (name, help, counter) in counters {
+            let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());
+        }
+        let gauges: [(&str, &str, u64); 3] = [
+            ("concord_store_size_bytes", "Bytes the store occupies on disk.", gauges.store_bytes),
+            ("concord_records", "Live records and texts.", gauges.records),
+            ("concord_feed_sequence", "The latest local feed sequence.", gauges.feed_sequence),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        self.write_latency.render(
+            "concord_write_latency_seconds",
+            "From receiving a write to acknowledging it durable.",
+            &mut output,
+        );
+        self.commit_latency.render("concord_commit_latency_seconds", "One group commit, flush included.", &mut output);
+        output
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let metrics = Metrics::default();
+        metrics.writes.add(3);
+        metrics.write_latency.observe(Duration::from_micros(50));
+        metrics.write_latency.observe(Duration::from_millis(3));
+        let text = metrics.render(&Gauges { store_bytes: 10, records: 2, feed_sequence: 3 });
+        assert!(text.contains("concord_writes_total 3\n"));
+        assert!(text.contains("concord_write_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("concord_write_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("concord_write_latency_seconds_count 2\n"));
+        assert!(text.contains("concord_records 2\n"));
+    }
+}

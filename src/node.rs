@@ -1,0 +1,106 @@
+//! Running a node: open the store, start the engine, serve the API, and shut down gracefully on
+//! SIGINT or SIGTERM (or when the engine stops after a storage failure).
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use anyhow::Context;
+use crdt::text::TextLimits;
+use store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::NodeConfig;
+use crate::engine::{self, EngineSettings};
+use crate::metrics::Metrics;
+
+/// The file in the data directory that holds the API's bound address, written once the API
+/// listens, so scripts and tests that start a node on port 0 can find it.
+pub const API_ADDRESS_FILE: &str = "api.addr";
+
+pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let cache_bytes = config.store_cache_bytes;
+    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache_bytes))
+        .await
+        .context("store opening task")?
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let settings = EngineSettings {
+        name: config.name.clone(),
+        cache_documents: NonZeroUsize::new(config.cache_documents).unwrap_or(NonZeroUsize::MIN),
+        text_limits: TextLimits::default(),
+    };
+    let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
+    let identity = engine.identity.clone();
+    tracing::info!(node = %identity.node, name = %identity.name, origin = %identity.origin, "node identity");
+
+    let listener = TcpListener::bind(config.listen_api)
+        .await
+        .with_context(|| format!("binding the API to {}", config.listen_api))?;
+    let address = listener.local_addr().context("reading the API address")?;
+    if config.tokens.is_empty() {
+        tracing::warn!(%address, "no API tokens configured: serving on loopback only, without authentication");
+    }
+    write_address_file(&config, address)?;
+    tracing::info!("API listening on http://{address}");
+
+    let (stop_sender, stop) = watch::channel(false);
+    let state =
+        AppState { engine: engine.clone(), metrics, tokens: Arc::new(config.tokens.clone()), shutdown: stop.clone() };
+    let app = api::router(state, config.body_bytes_max);
+    let mut server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|&stopping| stopping).await;
+            })
+            .await
+    });
+
+    let mut engine_done = tokio::task::spawn_blocking(move || engine_thread.join());
+    let mut engine_result = None;
+    tokio::select! {
+        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+        result = &mut engine_done => engine_result = Some(result),
+    }
+    stop_sender.send_replace(true);
+    server.await.context("API server task")?.context("API server")?;
+    drop(engine);
+    let result = match engine_result {
+        Some(result) => result,
+        None => engine_done.await,
+    };
+    match result.context("engine task")? {
+        Ok(Ok(())) => {
+            tracing::info!("stopped; every acknowledged write is durable");
+            Ok(())
+        }
+        Ok(Err(error)) => Err(error).context("the engine stopped"),
+        Err(_) => anyhow::bail!("the engine thread panicked"),
+    }
+}
+
+fn write_address_file(config: &NodeConfig, address: std::net::SocketAddr) -> anyhow::Result<()> {
+    let path = config.data_dir.join(API_ADDRESS_FILE);
+    let temporary = config.data_dir.join(format!("{API_ADDRESS_FILE}.tmp"));
+    std::fs::write(&temporary, address.to_string()).with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+async fn shutdown_signal() -> &'static str {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the node");
+            let _ = interrupt.await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = interrupt => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}

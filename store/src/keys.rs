@@ -1,0 +1,184 @@
+//! Key encodings: a prefix byte per keyspace, then big-endian fields, so that sled's byte order is the
+//! order the store reads in.
+
+use std::fmt;
+
+use crate::ReadError;
+
+/// The longest document key the store accepts, in bytes.
+pub const MAX_DOCUMENT_KEY: usize = 1024;
+
+/// The name of the meta entry holding the format marker; `WriteBatch::put_meta` refuses it.
+pub(crate) const FORMAT_META: &str = "format";
+
+/// The keyspaces sharing sled's default tree, each under its own prefix byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyspace {
+    /// `d` + document key.
+    Documents,
+    /// `i` + key length (u16 BE) + document key + index (u32 BE).
+    Increments,
+    /// `l` + origin (16 bytes) + sequence (u64 BE).
+    Log,
+    /// `f` + feed sequence (u64 BE).
+    Feed,
+    /// `m` + name (UTF-8).
+    Meta,
+}
+
+impl Keyspace {
+    /// The byte every key of this keyspace starts with.
+    pub(crate) const fn prefix(self) -> u8 {
+        match self {
+            Keyspace::Documents => b'd',
+            Keyspace::Increments => b'i',
+            Keyspace::Log => b'l',
+            Keyspace::Feed => b'f',
+            Keyspace::Meta => b'm',
+        }
+    }
+}
+
+impl fmt::Display for Keyspace {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(match self {
+            Keyspace::Documents => "documents",
+            Keyspace::Increments => "increments",
+            Keyspace::Log => "log",
+            Keyspace::Feed => "feed",
+            Keyspace::Meta => "meta",
+        })
+    }
+}
+
+const LOG_KEY_LENGTH: usize = 1 + 16 + 8;
+const FEED_KEY_LENGTH: usize = 1 + 8;
+
+pub(crate) fn document(key: &[u8]) -> Vec<u8> {
+    let mut encoded = Vec::with_capacity(1 + key.len());
+    encoded.push(Keyspace::Documents.prefix());
+    encoded.extend_from_slice(key);
+    encoded
+}
+
+/// The key of a document, without the prefix byte.
+pub(crate) fn document_key(stored: &[u8]) -> Result<&[u8], ReadError> {
+    match stored.split_first() {
+        Some((&prefix, key)) if prefix == Keyspace::Documents.prefix() => Ok(key),
+        _ => Err(corrupt(Keyspace::Documents, stored)),
+    }
+}
+
+/// The prefix shared by all increments of one document; `None` if the key is longer than
+/// [`MAX_DOCUMENT_KEY`].
+pub(crate) fn increment_prefix(key: &[u8]) -> Option<Vec<u8>> {
+    if key.len() > MAX_DOCUMENT_KEY {
+        return None;
+    }
+    let length = u16::try_from(key.len()).ok()?;
+    let mut encoded = Vec::with_capacity(1 + 2 + key.len() + 4);
+    encoded.push(Keyspace::Increments.prefix());
+    encoded.extend_from_slice(&length.to_be_bytes());
+    encoded.extend_from_slice(key);
+    Some(encoded)
+}
+
+pub(crate) fn increment(key: &[u8], index: u32) -> Option<Vec<u8>> {
+    let mut encoded = increment_prefix(key)?;
+    encoded.extend_from_slice(&index.to_be_bytes());
+    Some(encoded)
+}
+
+/// The index of an increment key found under `increment_prefix(key)`, which is `prefix_length` long.
+pub(crate) fn increment_index(stored: &[u8], prefix_length: usize) -> Result<u32, ReadError> {
+    trailing(stored, prefix_length.saturating_add(4), Keyspace::Increments).map(u32::from_be_bytes)
+}
+
+pub(crate) fn log(origin: &[u8; 16], sequence: u64) -> [u8; LOG_KEY_LENGTH] {
+    let mut encoded = [0; LOG_KEY_LENGTH];
+    encoded[0] = Keyspace::Log.prefix();
+    encoded[1..17].copy_from_slice(origin);
+    encoded[17..].copy_from_slice(&sequence.to_be_bytes());
+    encoded
+}
+
+pub(crate) fn log_sequence(stored: &[u8]) -> Result<u64, ReadError> {
+    trailing(stored, LOG_KEY_LENGTH, Keyspace::Log).map(u64::from_be_bytes)
+}
+
+pub(crate) fn feed(sequence: u64) -> [u8; FEED_KEY_LENGTH] {
+    let mut encoded = [0; FEED_KEY_LENGTH];
+    encoded[0] = Keyspace::Feed.prefix();
+    encoded[1..].copy_from_slice(&sequence.to_be_bytes());
+    encoded
+}
+
+pub(crate) fn feed_sequence(stored: &[u8]) -> Result<u64, ReadError> {
+    trailing(stored, FEED_KEY_LENGTH, Keyspace::Feed).map(u64::from_be_bytes)
+}
+
+pub(crate) fn meta(name: &str) -> Vec<u8> {
+    let mut encoded = Vec::with_capacity(1 + name.len());
+    encoded.push(Keyspace::Meta.prefix());
+    encoded.extend_from_slice(name.as_bytes());
+    encoded
+}
+
+/// The last `N` bytes of a key that must be exactly `length` bytes long.
+fn trailing<const N: usize>(stored: &[u8], length: usize, keyspace: Keyspace) -> Result<[u8; N], ReadError> {
+    if stored.len() != length {
+        return Err(corrupt(keyspace, stored));
+    }
+    stored
+        .get(length.saturating_sub(N)..)
+        .and_then(|tail| <[u8; N]>::try_from(tail).ok())
+        .ok_or_else(|| corrupt(keyspace, stored))
+}
+
+fn corrupt(keyspace: Keyspace, stored: &[u8]) -> ReadError {
+    ReadError::Corrupt { keyspace, key: stored.to_vec() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn increments_of_different_documents_do_not_share_a_prefix() {
+        let a = increment(b"a", 0x6200_0000).unwrap_or_default();
+        let ab = increment_prefix(b"ab").unwrap_or_default();
+        assert!(!a.starts_with(&ab));
+        assert!(!ab.starts_with(&increment_prefix(b"a").unwrap_or_default()));
+    }
+
+    #[test]
+    fn keys_longer_than_the_limit_are_refused() {
+        assert!(increment_prefix(&[0; MAX_DOCUMENT_KEY]).is_some());
+        assert!(increment_prefix(&[0; MAX_DOCUMENT_KEY + 1]).is_none());
+    }
+
+    #[test]
+    fn short_or_long_keys_are_corrupt_not_panics() {
+        for length in 0..40 {
+            let stored = vec![b'x'; length];
+            assert_eq!(log_sequence(&stored).is_ok(), length == LOG_KEY_LENGTH);
+            assert_eq!(feed_sequence(&stored).is_ok(), length == FEED_KEY_LENGTH);
+            assert_eq!(increment_index(&stored, 5).is_ok(), length == 9);
+            assert!(increment_index(&stored, usize::MAX - 2).is_err());
+        }
+        assert!(document_key(b"").is_err());
+        assert!(document_key(b"x").is_err());
+        assert_eq!(document_key(b"d").ok(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn round_trips() {
+        let origin = [7; 16];
+        assert_eq!(log_sequence(&log(&origin, 42)).ok(), Some(42));
+        assert_eq!(feed_sequence(&feed(u64::MAX)).ok(), Some(u64::MAX));
+        let prefix = increment_prefix(b"doc").unwrap_or_default();
+        let key = increment(b"doc", 9).unwrap_or_default();
+        assert_eq!(increment_index(&key, prefix.len()).ok(), Some(9));
+        assert_eq!(document_key(&document(b"doc")).ok(), Some(&b"doc"[..]));
+    }
+}

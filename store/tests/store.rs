@@ -1,0 +1,363 @@
+//! The store's behaviour on healthy folders: round trips, batches, key encodings, pagination, and
+//! the errors for folders that are not Concord stores.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use store::{
+    FORMAT_VERSION, Keyspace, MAX_DOCUMENT_KEY, OpenError, ReadError, Store, StoredDocument, WriteBatch, WriteError,
+};
+
+const ORIGIN_A: [u8; 16] = [1; 16];
+/// Differs from `ORIGIN_A` in its last byte only, so its log keys sort right after.
+const ORIGIN_B: [u8; 16] = {
+    let mut origin = [1; 16];
+    origin[15] = 2;
+    origin
+};
+
+fn folder() -> (tempfile::TempDir, PathBuf) {
+    let temporary = tempfile::tempdir().expect("a temporary folder");
+    let directory = temporary.path().join("store");
+    (temporary, directory)
+}
+
+fn commit(store: &Store, fill: impl FnOnce(&mut WriteBatch)) {
+    let mut batch = WriteBatch::default();
+    fill(&mut batch);
+    store.commit(batch).expect("commit");
+}
+
+fn keys(listed: Vec<Vec<u8>>) -> Vec<String> {
+    listed.into_iter().map(|key| String::from_utf8(key).expect("a UTF-8 key")).collect()
+}
+
+#[test]
+fn everything_committed_is_read_back_after_reopening() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| {
+        batch.put_document(b"doc", b"compacted");
+        // Out of order and across a byte boundary: the store returns index order.
+        for index in [256, 3, 255, 0] {
+            batch.put_increment(b"doc", index, format!("change {index}").as_bytes());
+        }
+        for sequence in [1, 2, 3, 300] {
+            batch.put_log(&ORIGIN_A, sequence, format!("a{sequence}").as_bytes());
+        }
+        for sequence in 1..=5 {
+            batch.put_feed(sequence, format!("feed {sequence}").as_bytes());
+        }
+        batch.put_meta("identity", b"me");
+    });
+    commit(&store, |batch| batch.put_meta("counter", &7_u64.to_be_bytes()));
+    drop(store);
+
+    let store = Store::open(&directory).expect("reopen");
+    let document = store.document(b"doc").expect("read");
+    let increments = [0, 3, 255, 256].map(|index| (index, format!("change {index}").into_bytes())).to_vec();
+    assert_eq!(document, Some(StoredDocument { value: b"compacted".to_vec(), increments }));
+    assert_eq!(store.document(b"missing").expect("read"), None);
+
+    let log = store.log_range(&ORIGIN_A, 2, 10).expect("read");
+    assert_eq!(log, vec![(2, b"a2".to_vec()), (3, b"a3".to_vec()), (300, b"a300".to_vec())]);
+    assert_eq!(store.log_range(&ORIGIN_A, 0, 2).expect("read").len(), 2);
+    assert_eq!(store.log_range(&ORIGIN_A, 301, 10).expect("read"), vec![]);
+    assert_eq!(store.log_entry(&ORIGIN_A, 300).expect("read"), Some(b"a300".to_vec()));
+    assert_eq!(store.log_entry(&ORIGIN_A, 4).expect("read"), None);
+
+    let feed = store.feed_range(2, 2).expect("read");
+    assert_eq!(feed, vec![(3, b"feed 3".to_vec()), (4, b"feed 4".to_vec())]);
+    assert_eq!(store.feed_range(5, 10).expect("read"), vec![]);
+    assert_eq!(store.feed_range(u64::MAX, 10).expect("read"), vec![]);
+    assert_eq!(store.feed_range(0, 0).expect("read"), vec![]);
+
+    assert_eq!(store.meta("identity").expect("read"), Some(b"me".to_vec()));
+    assert_eq!(store.meta("counter").expect("read"), Some(7_u64.to_be_bytes().to_vec()));
+    assert_eq!(store.meta("absent").expect("read"), None);
+    assert!(store.size_on_disk().expect("size") > 0);
+}
+
+#[test]
+fn removals_are_committed() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| {
+        batch.put_document(b"doc", b"value");
+        batch.put_increment(b"doc", 0, b"zero");
+        batch.put_increment(b"doc", 1, b"one");
+        batch.put_log(&ORIGIN_A, 1, b"entry");
+    });
+    commit(&store, |batch| {
+        batch.remove_increment(b"doc", 0);
+        batch.remove_log(&ORIGIN_A, 1);
+    });
+    let document = store.document(b"doc").expect("read").expect("present");
+    assert_eq!(document.increments, vec![(1, b"one".to_vec())]);
+    assert_eq!(store.log_entry(&ORIGIN_A, 1).expect("read"), None);
+    commit(&store, |batch| batch.remove_document(b"doc"));
+    assert_eq!(store.document(b"doc").expect("read"), None);
+}
+
+#[test]
+fn a_batch_is_visible_whole() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    let mut batch = WriteBatch::default();
+    assert!(batch.is_empty());
+    batch.put_document(b"doc", b"v");
+    batch.put_increment(b"doc", 0, b"i");
+    batch.put_log(&ORIGIN_A, 1, b"l");
+    batch.put_feed(1, b"f");
+    batch.put_meta("m", b"m");
+    assert_eq!(batch.len(), 5);
+    store.commit(batch).expect("commit");
+    assert!(store.document(b"doc").expect("read").is_some());
+    assert!(store.log_entry(&ORIGIN_A, 1).expect("read").is_some());
+    assert_eq!(store.feed_range(0, 10).expect("read").len(), 1);
+    assert!(store.meta("m").expect("read").is_some());
+    store.commit(WriteBatch::default()).expect("an empty batch commits");
+
+    // A reader never sees a document's value from one batch with increments from another.
+    let writer = store.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (store, done) = (store.clone(), done.clone());
+        thread::spawn(move || {
+            let mut reads = 0_u64;
+            while !done.load(Ordering::Relaxed) || reads == 0 {
+                let document = store.document(b"pair").expect("read");
+                if let Some(document) = document {
+                    assert_eq!(document.increments, vec![(0, document.value.clone())]);
+                }
+                reads += 1;
+            }
+        })
+    };
+    for round in 0_u32..200 {
+        commit(&writer, |batch| {
+            batch.put_document(b"pair", &round.to_be_bytes());
+            batch.put_increment(b"pair", 0, &round.to_be_bytes());
+        });
+    }
+    done.store(true, Ordering::Relaxed);
+    reader.join().expect("the reader saw only whole batches");
+}
+
+#[test]
+fn refused_batches_write_nothing() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+
+    let mut batch = WriteBatch::default();
+    batch.put_feed(1, b"before");
+    batch.put_document(&[b'k'; MAX_DOCUMENT_KEY + 1], b"too long");
+    batch.put_meta("after", b"after");
+    let error = store.commit(batch).expect_err("a key over the limit");
+    assert!(matches!(error, WriteError::KeyTooLong { length: 1025, maximum: 1024 }));
+    assert!(error.to_string().contains("1025"), "{error}");
+
+    let mut batch = WriteBatch::default();
+    batch.put_increment(&[b'k'; MAX_DOCUMENT_KEY + 1], 0, b"too long");
+    assert!(matches!(store.commit(batch), Err(WriteError::KeyTooLong { .. })));
+
+    let mut batch = WriteBatch::default();
+    batch.put_feed(2, b"before");
+    batch.put_meta("format", b"mine");
+    assert!(matches!(store.commit(batch), Err(WriteError::ReservedMeta { .. })));
+
+    assert_eq!(store.feed_range(0, 10).expect("read"), vec![]);
+    assert_eq!(store.meta("after").expect("read"), None);
+    drop(store);
+    Store::open(&directory).expect("the format marker is intact");
+
+    let store = Store::open(&directory).expect("reopen");
+    commit(&store, |batch| batch.put_document(&[b'k'; MAX_DOCUMENT_KEY], b"at the limit"));
+    assert!(store.document(&[b'k'; MAX_DOCUMENT_KEY]).expect("read").is_some());
+    assert_eq!(store.document(&[b'k'; MAX_DOCUMENT_KEY + 1]).expect("read"), None);
+}
+
+#[test]
+fn keyspaces_and_keys_do_not_mix() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| {
+        batch.put_document(b"a", b"document a");
+        batch.put_document(b"ab", b"document ab");
+        // The index of "a"'s increment starts with the byte 'b'.
+        batch.put_increment(b"a", u32::from_be_bytes(*b"bxyz"), b"a's");
+        batch.put_increment(b"ab", 1, b"ab's");
+        batch.put_log(&ORIGIN_A, 1, b"a1");
+        batch.put_log(&ORIGIN_A, u64::MAX, b"a-max");
+        batch.put_log(&ORIGIN_B, 0, b"b0");
+        batch.put_log(&ORIGIN_B, 2, b"b2");
+        batch.put_feed(1, b"feed");
+        batch.put_meta("a", b"meta");
+    });
+    let a = store.document(b"a").expect("read").expect("present");
+    assert_eq!(a.increments, vec![(u32::from_be_bytes(*b"bxyz"), b"a's".to_vec())]);
+    let ab = store.document(b"ab").expect("read").expect("present");
+    assert_eq!(ab.increments, vec![(1, b"ab's".to_vec())]);
+
+    let log_a = store.log_range(&ORIGIN_A, 0, 10).expect("read");
+    assert_eq!(log_a, vec![(1, b"a1".to_vec()), (u64::MAX, b"a-max".to_vec())]);
+    let log_b = store.log_range(&ORIGIN_B, 0, 10).expect("read");
+    assert_eq!(log_b, vec![(0, b"b0".to_vec()), (2, b"b2".to_vec())]);
+    assert_eq!(store.log_range(&[0; 16], 0, 10).expect("read"), vec![]);
+
+    assert_eq!(keys(store.document_keys(b"", None, 10).expect("list")), ["a", "ab"]);
+    assert_eq!(store.feed_range(0, 10).expect("read").len(), 1);
+}
+
+#[test]
+fn document_keys_paginate() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| {
+        for key in ["", "a", "ab", "abc", "abd", "b", "ba"] {
+            batch.put_document(key.as_bytes(), b"v");
+        }
+    });
+    let list = |prefix: &str, after: Option<&str>, limit| {
+        keys(store.document_keys(prefix.as_bytes(), after.map(str::as_bytes), limit).expect("list"))
+    };
+    assert_eq!(list("", None, 100), ["", "a", "ab", "abc", "abd", "b", "ba"]);
+    assert_eq!(list("a", None, 100), ["a", "ab", "abc", "abd"]);
+    assert_eq!(list("ab", None, 100), ["ab", "abc", "abd"]);
+    assert_eq!(list("b", None, 100), ["b", "ba"]);
+    assert_eq!(list("c", None, 100), Vec::<String>::new());
+
+    // Page through "a" two at a time.
+    assert_eq!(list("a", None, 2), ["a", "ab"]);
+    assert_eq!(list("a", Some("ab"), 2), ["abc", "abd"]);
+    assert_eq!(list("a", Some("abd"), 2), Vec::<String>::new());
+
+    // `after` is strict, may be absent from the store, and may lie outside the prefix.
+    assert_eq!(list("a", Some("a"), 100), ["ab", "abc", "abd"]);
+    assert_eq!(list("a", Some("abca"), 100), ["abd"]);
+    assert_eq!(list("b", Some("a"), 100), ["b", "ba"]);
+    assert_eq!(list("a", Some("b"), 100), Vec::<String>::new());
+    assert_eq!(list("", Some(""), 100), ["a", "ab", "abc", "abd", "b", "ba"]);
+    assert_eq!(list("a", None, 0), Vec::<String>::new());
+}
+
+/// Writes `key` straight into sled, under the store, as if the disk had been damaged.
+fn insert_raw(directory: &Path, key: &[u8]) {
+    let db = sled::open(directory).expect("open with sled");
+    db.insert(key, b"value".as_slice()).expect("insert");
+    db.flush().expect("flush");
+}
+
+#[test]
+fn keys_of_the_wrong_length_are_corrupt() {
+    let (_temporary, directory) = folder();
+    drop(Store::open(&directory).expect("create"));
+
+    // A log key three bytes short, within the range of origin A.
+    let mut log = vec![b'l'];
+    log.extend_from_slice(&ORIGIN_A);
+    log.extend_from_slice(&[0, 0, 1, 0, 0]);
+    insert_raw(&directory, &log);
+    let store = Store::open(&directory).expect("open");
+    let error = store.log_range(&ORIGIN_A, 0, 10).expect_err("a short log key");
+    assert!(matches!(error, ReadError::Corrupt { keyspace: Keyspace::Log, .. }), "{error}");
+    assert!(error.to_string().contains("log keyspace"), "{error}");
+    drop(store);
+
+    insert_raw(&directory, &[b'f', 0, 0, 1]);
+    let store = Store::open(&directory).expect("open");
+    let error = store.feed_range(0, 10).expect_err("a short feed key");
+    assert!(matches!(error, ReadError::Corrupt { keyspace: Keyspace::Feed, .. }), "{error}");
+    drop(store);
+
+    // An increment key of document "doc" with a two-byte index.
+    insert_raw(&directory, b"ddoc");
+    insert_raw(&directory, &[b'i', 0, 3, b'd', b'o', b'c', 0, 1]);
+    let store = Store::open(&directory).expect("open");
+    let error = store.document(b"doc").expect_err("a short increment key");
+    assert!(matches!(error, ReadError::Corrupt { keyspace: Keyspace::Increments, .. }), "{error}");
+}
+
+#[test]
+fn open_creates_missing_folders() {
+    let (_temporary, directory) = folder();
+    let nested = directory.join("a").join("b");
+    let store = Store::open(&nested).expect("create");
+    assert_eq!(store.directory(), nested);
+    assert!(nested.join("db").is_file());
+}
+
+#[test]
+fn open_refuses_a_regular_file() {
+    let (_temporary, directory) = folder();
+    std::fs::write(&directory, b"not a folder").expect("write a file");
+    let error = Store::open(&directory).expect_err("a file is not a store");
+    assert!(matches!(error, OpenError::NotADirectory { .. }));
+    assert_eq!(error.to_string(), format!("{} is not a directory", directory.display()));
+}
+
+#[test]
+fn open_refuses_a_folder_of_other_files() {
+    let (_temporary, directory) = folder();
+    std::fs::create_dir(&directory).expect("create a folder");
+    std::fs::write(directory.join("notes.txt"), b"hello").expect("write a file");
+    let error = Store::open(&directory).expect_err("not a store");
+    assert!(matches!(error, OpenError::NotAStore { .. }));
+    assert!(error.to_string().contains("is not a Concord store"), "{error}");
+    assert!(!directory.join("db").exists(), "sled was let loose in the folder");
+}
+
+#[test]
+fn open_refuses_a_foreign_sled_database() {
+    let (_temporary, directory) = folder();
+    insert_raw(&directory, b"someone else's key");
+    let error = Store::open(&directory).expect_err("a foreign database");
+    assert_eq!(error.to_string(), format!("{} is not a Concord store (no format marker)", directory.display()));
+
+    // An empty sled database is refused as well: only a missing or empty folder is created.
+    let (_temporary, directory) = folder();
+    drop(sled::open(&directory).expect("create with sled"));
+    assert!(matches!(Store::open(&directory), Err(OpenError::NotAStore { .. })));
+}
+
+#[test]
+fn open_checks_the_format_marker() {
+    let (_temporary, directory) = folder();
+    drop(Store::open(&directory).expect("create"));
+    let db = sled::open(&directory).expect("open with sled");
+    let mut marker = b"concord-store".to_vec();
+    marker.extend_from_slice(&(FORMAT_VERSION + 1).to_be_bytes());
+    db.insert(b"mformat", marker).expect("insert");
+    db.flush().expect("flush");
+    drop(db);
+    let error = Store::open(&directory).expect_err("a newer format");
+    assert!(
+        matches!(error, OpenError::Version { found, supported: FORMAT_VERSION, .. } if found == FORMAT_VERSION + 1)
+    );
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "{} was written by store format {}, this build reads {FORMAT_VERSION}",
+            directory.display(),
+            FORMAT_VERSION + 1
+        )
+    );
+
+    let db = sled::open(&directory).expect("open with sled");
+    db.insert(b"mformat", b"concord".as_slice()).expect("insert");
+    db.flush().expect("flush");
+    drop(db);
+    let error = Store::open(&directory).expect_err("a garbled marker");
+    assert!(error.to_string().contains("is corrupt: the format marker is garbled"), "{error}");
+}
+
+#[test]
+fn a_store_open_elsewhere_is_refused() {
+    let (_temporary, directory) = folder();
+    let _open = Store::open(&directory).expect("create");
+    let error = Store::open(&directory).expect_err("sled locks the folder");
+    assert!(matches!(error, OpenError::Sled { .. }));
+    assert!(error.to_string().starts_with("sled could not open"), "{error}");
+}

@@ -1,0 +1,274 @@
+//! The HTTP API against a real node process: record operations, listing, texts, status, metrics,
+//! and every error class (400, 401, 403, 404, 409, 413, 422).
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Node, record_path, temporary_directory};
+
+#[tokio::test]
+async fn record_operations_round_trip() {
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+
+    let body = node
+        .put("customers", "c1", json!({"name": "Ada", "tags": ["a", "b"], "address": {"city": "Zürich"}, "score": 1.5}))
+        .await;
+    assert_eq!(body["value"], json!({"name": "Ada", "tags": ["a", "b"], "address": {"city": "Zürich"}, "score": 1.5}));
+    assert_eq!(body["conflicts"], json!([]));
+    let version = body["version"].as_str().unwrap().to_owned();
+    assert!(!version.is_empty());
+
+    let (status, read) = node.get("customers", "c1").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        read,
+        json!({"collection": "customers", "id": "c1", "value": body["value"], "version": version, "conflicts": []})
+    );
+
+    // Replacing with the same value changes nothing, so the version stays.
+    let again = node.put("customers", "c1", body["value"].clone()).await;
+    assert_eq!(again["version"], Value::String(version.clone()));
+
+    // Merge patch: only named fields change, null deletes, nested objects merge.
+    let (status, patched) = node
+        .call(
+            Method::PATCH,
+            &record_path("customers", "c1"),
+            Some(json!({"score": null, "address": {"zip": "8000"}, "vip": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        patched["value"],
+        json!({"name": "Ada", "tags": ["a", "b"], "address": {"city": "Zürich", "zip": "8000"}, "vip": true})
+    );
+
+    // Replace removes fields that are not given.
+    let replaced = node.put("customers", "c1", json!({"name": "Ada Lovelace"})).await;
+    assert_eq!(replaced["value"], json!({"name": "Ada Lovelace"}));
+
+    // Increment creates a counter and adds to it.
+    let path = format!("{}/increment", record_path("customers", "c1"));
+    let (status, _) = node.call(Method::POST, &path, Some(json!({"field": "visits", "by": 5}))).await;
+    assert_eq!(status, 200);
+    let (_, incremented) = node.call(Method::POST, &path, Some(json!({"field": "visits"}))).await;
+    assert_eq!(incremented["value"]["visits"], json!(6));
+
+    // Delete, then the record is gone; deleting again is 404; a later write revives it empty.
+    let (status, _) = node.call(Method::DELETE, &record_path("customers", "c1"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(node.get("customers", "c1").await.0, 404);
+    assert_eq!(node.call(Method::DELETE, &record_path("customers", "c1"), None).await.0, 404);
+    let revived = node.put("customers", "c1", json!({"name": "Grace"})).await;
+    assert_eq!(revived["value"], json!({"name": "Grace"}));
+
+    // Ids with spaces and unicode travel percent-encoded.
+    let (status, body) =
+        node.call(Method::PUT, "/v1/collections/customers/records/ACME%20Z%C3%BCrich", Some(json!({"n": 1}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], json!("ACME Zürich"));
+}
+
+#[tokio::test]
+async fn listing_paginates_by_prefix_and_skips_deleted_records() {
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+    for index in 0..25 {
+        node.put("orders", &format!("o-{index:03}"), json!({"n": index})).await;
+    }
+    node.put("orders", "x-1", json!({"n": -1})).await;
+    node.put("other", "o-000", json!({"n": 0})).await;
+    node.call(Method::DELETE, &record_path("orders", "o-003"), None).await;
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = "/v1/collections/orders/records?prefix=o-&limit=10".to_owned();
+        if let Some(after) = &after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let (status, page) = node.call(Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        for record in page["records"].as_array().unwrap() {
+            seen.push(record["id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..25).filter(|&index| index != 3).map(|index| format!("o-{index:03}")).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn errors_are_clear_and_typed() {
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+
+    // 400: malformed JSON names the problem; a non-object body; an invalid key; a bad increment.
+    let response = node
+        .request(Method::PUT, &record_path("c", "1"))
+        .body("{\"a\": ")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let message = response.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+    assert!(message.contains("malformed JSON") && message.contains("line 1"), "{message}");
+    let (status, body) = node.call(Method::PUT, &record_path("c", "1"), Some(json!([1, 2]))).await;
+    assert_eq!((status, body["error"].as_str().unwrap()), (400, "body must be a JSON object, not an array"));
+    let (status, body) = node.call(Method::PUT, &record_path("bad%20collection", "1"), Some(json!({}))).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) =
+        node.call(Method::POST, &format!("{}/increment", record_path("c", "1")), Some(json!({"by": 1}))).await;
+    assert_eq!(status, 400);
+    let mut deep = json!(1);
+    for _ in 0..100 {
+        deep = json!({ "d": deep });
+    }
+    let (status, body) = node.call(Method::PUT, &record_path("c", "deep"), Some(deep)).await;
+    assert_eq!(status, 400, "{body}");
+
+    // 404: a record that was never written.
+    let (status, body) = node.get("c", "missing").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("c/missing"));
+
+    // 413: a body over the limit (1 MiB by default).
+    let big = json!({ "blob": "x".repeat(2 << 20) });
+    let (status, _) = node.call(Method::PUT, &record_path("c", "big"), Some(big)).await;
+    assert_eq!(status, 413);
+
+    // 422: incrementing a string field.
+    node.put("c", "s", json!({"name": "text"})).await;
+    let (status, body) =
+        node.call(Method::POST, &format!("{}/increment", record_path("c", "s")), Some(json!({"field": "name"}))).await;
+    assert_eq!(status, 422, "{body}");
+
+    // 409: a text document read as a record.
+    let (status, _) = node.call(Method::PUT, "/v1/collections/docs/texts/t1", None).await;
+    assert_eq!(status, 201);
+    assert_eq!(node.get("docs", "t1").await.0, 409);
+
+    // The node is still healthy after all of that, and counted the errors.
+    assert_eq!(node.call(Method::GET, "/health/ready", None).await.0, 200);
+    let metrics = node.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    let client_errors =
+        metrics.lines().find_map(|line| line.strip_prefix("concord_http_client_errors_total ")).unwrap();
+    assert!(client_errors.parse::<u64>().unwrap() >= 8, "{metrics}");
+}
+
+#[tokio::test]
+async fn tokens_gate_every_request_by_role() {
+    let directory = temporary_directory();
+    let tokens = directory.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[[tokens]]\nname = \"reader\"\nsecret = \"reader-secret-0123456789\"\nrole = \"read\"\n\
+         [[tokens]]\nname = \"writer\"\nsecret = \"writer-secret-0123456789\"\nrole = \"write\"\n",
+    )
+    .unwrap();
+    let data = directory.path().join("data");
+    let mut node = Node::start_with(&data, &["--tokens-file", tokens.to_str().unwrap()]).await;
+
+    let (status, body) = node.call(Method::GET, "/v1/status", None).await;
+    assert_eq!(status, 401, "{body}");
+    node.token = Some("wrong-secret-0123456789".into());
+    assert_eq!(node.call(Method::GET, "/v1/status", None).await.0, 401);
+    node.token = Some("reader-secret-0123456789".into());
+    assert_eq!(node.call(Method::GET, "/v1/status", None).await.0, 200);
+    let (status, body) = node.call(Method::PUT, &record_path("c", "1"), Some(json!({"a": 1}))).await;
+    assert_eq!(status, 403, "{body}");
+    node.token = Some("writer-secret-0123456789".into());
+    assert_eq!(node.call(Method::PUT, &record_path("c", "1"), Some(json!({"a": 1}))).await.0, 200);
+    assert_eq!(node.get("c", "1").await.0, 200);
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_a_public_address_without_tokens() {
+    let directory = temporary_directory();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["start", "--listen-api", "0.0.0.0:0", "--data-dir"])
+        .arg(directory.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("non-loopback"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+}
+
+#[tokio::test]
+async fn texts_apply_yjs_updates_and_serve_diffs() {
+    use crdt::text::TextDocument;
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+
+    let mut author = TextDocument::new(42);
+    let update = author.insert_text("content", 0, "hello world");
+    let response = node
+        .request(Method::POST, "/v1/collections/docs/texts/readme/update")
+        .body(update.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["changed"], json!(true));
+    // The same update again changes nothing.
+    let response =
+        node.request(Method::POST, "/v1/collections/docs/texts/readme/update").body(update).send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["changed"], json!(false));
+
+    let (status, text) = node.call(Method::GET, "/v1/collections/docs/texts/readme?name=content", None).await;
+    assert_eq!((status, text["text"].clone()), (200, json!("hello world")));
+
+    // A fresh Yjs peer catches up from the node's full state.
+    let full = node
+        .request(Method::GET, "/v1/collections/docs/texts/readme/update")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut reader = TextDocument::new(7);
+    reader.apply_update(&full, &Default::default()).unwrap();
+    assert_eq!(reader.text("content"), "hello world");
+
+    // Garbage is refused with 400, and the document is untouched.
+    let response = node
+        .request(Method::POST, "/v1/collections/docs/texts/readme/update")
+        .body(vec![0xff; 64])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let (_, text) = node.call(Method::GET, "/v1/collections/docs/texts/readme?name=content", None).await;
+    assert_eq!(text["text"], json!("hello world"));
+}
+
+#[tokio::test]
+async fn status_reports_identity_counts_and_an_order_independent_digest() {
+    let first_directory = temporary_directory();
+    let second_directory = temporary_directory();
+    let first = Node::start(first_directory.path()).await;
+    let second = Node::start(second_directory.path()).await;
+    let empty = first.status().await;
+    assert_eq!(empty["record_count"], json!(0));
+    assert_eq!(empty["digest"], second.status().await["digest"]);
+
+    first.put("c", "1", json!({"a": 1})).await;
+    first.put("c", "2", json!({"b": 2})).await;
+    let status = first.status().await;
+    assert_eq!(status["record_count"], json!(2));
+    assert_eq!(status["feed_sequence"], json!(2));
+    assert_ne!(status["digest"], empty["digest"]);
+    assert_eq!(status["version_vector"][status["origin"].as_str().unwrap()]["contiguous"], json!(2));
+    for field in ["node_id", "name", "origin"] {
+        assert!(status[field].as_str().is_some_and(|value| !value.is_empty()), "{field} in {status}");
+    }
+}

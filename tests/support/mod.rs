@@ -1,0 +1,182 @@
+//! Test support: starts real `concord` node processes on loopback, each with its own sled store
+//! in a temporary directory, and talks to them over HTTP.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A node process. Killed (SIGKILL) when dropped, unless already stopped.
+pub struct Node {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub api: String,
+    pub token: Option<String>,
+    pub http: reqwest::Client,
+    extra_arguments: Vec<String>,
+}
+
+/// The temporary folder a test's nodes live in; removed when dropped.
+pub fn temporary_directory() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("concord-test-").tempdir().expect("temporary directory")
+}
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_concord")
+}
+
+impl Node {
+    /// Starts a node on an ephemeral loopback port with its data in `data_dir`.
+    pub async fn start(data_dir: &Path) -> Node {
+        Node::start_with(data_dir, &[]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, extra_arguments: &[&str]) -> Node {
+        let mut node = Node {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            api: String::new(),
+            token: None,
+            http: reqwest::Client::new(),
+            extra_arguments: extra_arguments.iter().map(|argument| argument.to_string()).collect(),
+        };
+        node.launch().await;
+        node
+    }
+
+    async fn launch(&mut self) {
+        let address_file = self.data_dir.join("api.addr");
+        let _ = std::fs::remove_file(&address_file);
+        let child = Command::new(binary())
+            .arg("start")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-api", "127.0.0.1:0"])
+            .args(&self.extra_arguments)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn concord");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(address) = std::fs::read_to_string(&address_file) {
+                self.api = format!("http://{address}");
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                panic!("node exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "node did not start listening within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        signal(&child, "TERM");
+        child.wait().expect("wait for node")
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
+    /// The node's resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api)
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, self.url(path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends a request with an optional JSON body; returns the status and the JSON answer.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request reaches the node");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("response body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn put(&self, collection: &str, id: &str, value: Value) -> Value {
+        let (status, body) = self.call(reqwest::Method::PUT, &record_path(collection, id), Some(value)).await;
+        assert_eq!(status, 200, "PUT {collection}/{id}: {body}");
+        body
+    }
+
+    pub async fn get(&self, collection: &str, id: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, &record_path(collection, id), None).await
+    }
+
+    pub async fn status(&self) -> Value {
+        let (status, body) = self.call(reqwest::Method::GET, "/v1/status", None).await;
+        assert_eq!(status, 200, "status: {body}");
+        body
+    }
+
+    /// Runs the CLI against this node; returns (exit success, stdout, stderr).
+    pub fn cli(&self, arguments: &[&str]) -> (bool, String, String) {
+        let mut command = Command::new(binary());
+        command.args(arguments).env("CONCORD_API", &self.api).env_remove("CONCORD_TOKEN");
+        if let Some(token) = &self.token {
+            command.env("CONCORD_TOKEN", token);
+        }
+        let output = command.output().expect("run concord CLI");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn record_path(collection: &str, id: &str) -> String {
+    format!("/v1/collections/{collection}/records/{id}")
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status().expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
