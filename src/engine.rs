@@ -635,6 +635,7 @@ impl Engine {
             if keys.is_empty() {
                 return Ok(ListPage { records, next: None });
             }
+            cursor = keys.last().cloned();
             for key_bytes in keys {
                 scanned += 1;
                 let key = RecordKey::from_bytes(&key_bytes).map_err(|error| EngineError::Corrupt {
@@ -646,17 +647,10 @@ impl Engine {
                     Ok(None) | Err(EngineError::WrongKind { .. }) => {}
                     Err(error) => return Err(error),
                 }
-                cursor = Some(key_bytes);
                 if records.len() == limit || scanned >= LIST_LIMIT_MAX {
-                    let next = records.last().map(|read| read.key.id().to_owned());
-                    let next = if scanned >= LIST_LIMIT_MAX && records.len() < limit {
-                        cursor
-                            .as_ref()
-                            .and_then(|bytes| RecordKey::from_bytes(bytes).ok())
-                            .map(|key| key.id().to_owned())
-                    } else {
-                        next
-                    };
+                    // The page is full, or this request scanned its share of tombstones and texts:
+                    // the caller continues after the last key examined.
+                    let next = Some(key.id().to_owned());
                     return Ok(ListPage { records, next });
                 }
             }

@@ -160,3 +160,29 @@ fn copy_directory(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_damaged_document_on_disk_is_a_clear_error_and_the_node_keeps_serving() {
+    let directory = temporary_directory();
+    let mut node = Node::start(directory.path()).await;
+    node.put("c", "good", json!({"v": 1})).await;
+    node.put("c", "damaged", json!({"v": 2})).await;
+    node.terminate();
+
+    // Overwrite one document's stored bytes with garbage, as a bad disk might.
+    let store = store::Store::open(directory.path()).unwrap();
+    let mut batch = store::WriteBatch::default();
+    batch.put_document(b"c\0damaged", b"\xc1 not a document");
+    store.commit(batch).unwrap();
+    drop(store);
+
+    node.restart().await;
+    let (status, body) = node.get("c", "damaged").await;
+    assert_eq!(status, 500, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("c/damaged") && message.contains("damaged"), "{message}");
+    let (status, body) = node.get("c", "good").await;
+    assert_eq!((status, body["value"].clone()), (200, json!({"v": 1})));
+    node.put("c", "new", json!({"v": 3})).await;
+    assert_eq!(node.call(Method::GET, "/health/ready", None).await.0, 200);
+}
