@@ -83,7 +83,9 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         let status = match &error {
-            EngineError::Operation(OperationError::FieldName | OperationError::Json(JsonError::TooDeep)) => {
+            EngineError::Operation(error)
+                if matches!(**error, OperationError::FieldName | OperationError::Json(JsonError::TooDeep)) =>
+            {
                 StatusCode::BAD_REQUEST
             }
             EngineError::Operation(_) => StatusCode::UNPROCESSABLE_ENTITY,

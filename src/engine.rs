@@ -53,11 +53,23 @@ pub enum EngineError {
     #[error("{key} is a {actual}, not a {expected}")]
     WrongKind { key: RecordKey, actual: &'static str, expected: &'static str },
     #[error(transparent)]
-    Operation(#[from] OperationError),
+    Operation(Box<OperationError>),
     #[error(transparent)]
-    Text(#[from] TextError),
+    Text(Box<TextError>),
     #[error("change for {key} does not apply: {reason}")]
     BadChange { key: RecordKey, reason: String },
+}
+
+impl From<OperationError> for EngineError {
+    fn from(error: OperationError) -> Self {
+        EngineError::Operation(Box::new(error))
+    }
+}
+
+impl From<TextError> for EngineError {
+    fn from(error: TextError) -> Self {
+        EngineError::Text(Box::new(error))
+    }
 }
 
 impl From<store::ReadError> for EngineError {
@@ -109,7 +121,8 @@ struct StoredCounters {
 }
 
 enum Body {
-    Record(Record),
+    /// Boxed: an automerge document is several KiB inline, a text much less.
+    Record(Box<Record>),
     Text(TextDocument),
 }
 
@@ -435,9 +448,9 @@ impl Engine {
         let increments: Vec<&[u8]> = stored.increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
         let next_increment = stored.increments.last().map_or(0, |(index, _)| index + 1);
         let body = match entry.kind {
-            DocumentKind::Record => {
-                Body::Record(Record::load(&entry.saved, &increments).map_err(|error| corrupt(error.to_string()))?)
-            }
+            DocumentKind::Record => Body::Record(Box::new(
+                Record::load(&entry.saved, &increments).map_err(|error| corrupt(error.to_string()))?,
+            )),
             DocumentKind::Text => Body::Text(
                 TextDocument::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
                     .map_err(|error| corrupt(error.to_string()))?,
@@ -550,7 +563,7 @@ impl Engine {
 
     fn empty_document(&self, kind: DocumentKind) -> Document {
         let body = match kind {
-            DocumentKind::Record => Body::Record(Record::new()),
+            DocumentKind::Record => Body::Record(Box::default()),
             DocumentKind::Text => Body::Text(TextDocument::new(self.identity.origin.text_client_id())),
         };
         Document { body, next_increment: 0, stored: false }

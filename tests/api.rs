@@ -1,5 +1,6 @@
 //! The HTTP API against a real node process: record operations, listing, texts, status, metrics,
 //! and every error class (400, 401, 403, 404, 409, 413, 422).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! The command-line client against a real node: every client command, both output formats, the
 //! environment fallbacks, and one clear line with a non-zero exit on error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! Durability and identity against real node processes: acknowledged writes survive kill -9,
 //! graceful shutdown on SIGTERM, and no (origin, sequence) or automerge (actor, sequence) pair is
 //! reused after a restart or a restore from an old copy of the data directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! Two real engines (each with its own sled store on disk) exchanging change envelopes by hand:
 //! the path replication will drive. Applying an envelope twice is a no-op, both sides converge to
 //! the same digest, concurrent same-field writes show as conflicts, and bad bytes are refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The change feed against a real node: SSE with event ids equal to feed sequences and
 //! `Last-Event-ID` resume, NDJSON with `Accept: application/x-ndjson`, and live delivery.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -3,6 +3,7 @@
 //!
 //! `CONCORD_MEMORY_RECORDS` changes the count (default 200,000). The test prints the RSS it
 //! measured at each quarter, so a run's figures can be copied into the notes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

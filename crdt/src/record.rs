@@ -341,7 +341,7 @@ fn remove_fields<T: Transactable + ReadDoc>(transaction: &mut T, keep: Option<u6
 /// Makes the record live for this write, starting a new, empty life if it is deleted; returns
 /// the life the write belongs to.
 fn enter_life<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<u64, JsonError> {
-    if causal_length(transaction) % 2 == 0 {
+    if causal_length(transaction).is_multiple_of(2) {
         bump_causal_length(transaction)?;
         remove_fields(transaction, None)?;
     }
@@ -368,7 +368,7 @@ where
     F: Fn() -> CommitOptions,
 {
     let mut life = causal_length(document);
-    if life % 2 == 0 {
+    if life.is_multiple_of(2) {
         transact(document, options(), |transaction| {
             life = enter_life(transaction)?;
             Ok(())

@@ -35,11 +35,11 @@ impl OriginRange {
         }
         let mut start = sequence;
         let mut end = sequence;
-        if let Some((&below_start, &below_end)) = self.beyond.range(..sequence).next_back() {
-            if below_end + 1 == sequence {
-                start = below_start;
-                self.beyond.remove(&below_start);
-            }
+        if let Some((&below_start, &below_end)) = self.beyond.range(..sequence).next_back()
+            && below_end + 1 == sequence
+        {
+            start = below_start;
+            self.beyond.remove(&below_start);
         }
         if let Some(above_end) = self.beyond.remove(&(sequence + 1)) {
             end = above_end;

@@ -1,5 +1,6 @@
 //! Test support: starts real `concord` node processes on loopback, each with its own sled store
 //! in a temporary directory, and talks to them over HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

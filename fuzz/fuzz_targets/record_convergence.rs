@@ -1,0 +1,3 @@
+//! libFuzzer target `record_convergence`: feeds raw bytes to `concord_fuzz::harness::record_convergence` (see src/harness.rs).
+#![no_main]
+libfuzzer_sys::fuzz_target!(init: concord_fuzz::init(), |data: &[u8]| concord_fuzz::harness::record_convergence(data));
