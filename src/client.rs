@@ -6,7 +6,7 @@ use futures::StreamExt;
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::cli::{ClientArgs, Command, Output};
+use crate::cli::{ClientArgs, Command, Output, WriteArgs};
 
 /// An HTTP client for one node's API.
 #[derive(Debug)]
@@ -81,22 +81,8 @@ fn parse_object(json: &str) -> anyhow::Result<Value> {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Start(_) => unreachable!("start is handled by main"),
-        Command::Put(arguments) => {
-            let (collection, id) = split_key(&arguments.key)?;
-            let client = Client::new(&arguments.client)?;
-            let body = parse_object(&arguments.json)?;
-            let record =
-                client.json(Method::PUT, &["v1", "collections", collection, "records", id], Some(body)).await?;
-            print_record(&record, arguments.client.output);
-        }
-        Command::Patch(arguments) => {
-            let (collection, id) = split_key(&arguments.key)?;
-            let client = Client::new(&arguments.client)?;
-            let body = parse_object(&arguments.json)?;
-            let record =
-                client.json(Method::PATCH, &["v1", "collections", collection, "records", id], Some(body)).await?;
-            print_record(&record, arguments.client.output);
-        }
+        Command::Put(arguments) => write_record(Method::PUT, &arguments).await?,
+        Command::Patch(arguments) => write_record(Method::PATCH, &arguments).await?,
         Command::Get(arguments) => {
             let (collection, id) = split_key(&arguments.key)?;
             let client = Client::new(&arguments.client)?;
@@ -142,6 +128,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `put` and `patch`: send a JSON object to a record and print the record that results.
+async fn write_record(method: Method, arguments: &WriteArgs) -> anyhow::Result<()> {
+    let (collection, id) = split_key(&arguments.key)?;
+    let client = Client::new(&arguments.client)?;
+    let body = parse_object(&arguments.json)?;
+    let record = client.json(method, &["v1", "collections", collection, "records", id], Some(body)).await?;
+    print_record(&record, arguments.client.output);
     Ok(())
 }
 

@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use reqwest::Method;
-use serde_json::{Value, json};
-use support::{Node, record_path, temporary_directory};
+use serde_json::json;
+use support::{Node, read_ndjson, record_path, temporary_directory};
 
 #[tokio::test]
 async fn every_acknowledged_write_survives_kill_9() {
@@ -76,29 +76,19 @@ async fn sigterm_shuts_down_cleanly_and_keeps_everything() {
     assert_eq!(after["record_count"], json!(50));
 }
 
-/// Every (origin, sequence) the node ever published, from its change feed.
+/// Every (origin, sequence, id) the node ever published, from its change feed.
 async fn published(node: &Node) -> Vec<(String, u64, String)> {
-    let response =
+    let count = node.status().await["feed_sequence"].as_u64().unwrap() as usize;
+    let mut response =
         node.request(Method::GET, "/v1/changes?since=0").header("accept", "application/x-ndjson").send().await.unwrap();
-    let status = node.status().await;
-    let last = status["feed_sequence"].as_u64().unwrap();
-    let mut events = Vec::new();
-    let mut body = response;
-    let mut pending = Vec::new();
-    while events.len() < last as usize {
-        let chunk = body.chunk().await.unwrap().expect("feed ended early");
-        pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let event: Value = serde_json::from_slice(&line).unwrap();
-            events.push((
-                event["origin"].as_str().unwrap().to_owned(),
-                event["origin_sequence"].as_u64().unwrap(),
-                event["id"].as_str().unwrap().to_owned(),
-            ));
-        }
-    }
-    events
+    read_ndjson(&mut response, count)
+        .await
+        .into_iter()
+        .map(|event| {
+            let origin = event["origin"].as_str().unwrap().to_owned();
+            (origin, event["origin_sequence"].as_u64().unwrap(), event["id"].as_str().unwrap().to_owned())
+        })
+        .collect()
 }
 
 #[tokio::test]

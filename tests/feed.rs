@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Node, record_path, temporary_directory};
+use support::{Node, read_ndjson, record_path, temporary_directory};
 
 /// Reads `count` SSE events (id and parsed data) from a streaming response.
 async fn read_sse(response: &mut reqwest::Response, count: usize) -> Vec<(u64, Value)> {
@@ -77,15 +77,7 @@ async fn ndjson_feed_with_since() {
     let mut response =
         node.request(Method::GET, "/v1/changes?since=2").header("accept", "application/x-ndjson").send().await.unwrap();
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
-    let mut pending = Vec::new();
-    let mut events = Vec::new();
-    while events.len() < 2 {
-        pending.extend_from_slice(&response.chunk().await.unwrap().unwrap());
-        while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            events.push(serde_json::from_slice::<Value>(&line).unwrap());
-        }
-    }
+    let events = read_ndjson(&mut response, 2).await;
     assert_eq!(events[0]["sequence"], json!(3));
     assert_eq!(events[1]["sequence"], json!(4));
     assert_eq!(events[1]["value"], json!({"i": 3}));

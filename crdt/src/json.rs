@@ -327,6 +327,12 @@ fn update_list<T: Transactable + ReadDoc>(transaction: &mut T, id: &ObjId, desir
     Ok(())
 }
 
+/// Where a fresh value goes: over a map key or list index, or inserted into a list.
+enum Place {
+    Put(Prop),
+    Insert(usize),
+}
+
 /// Writes `value` into `prop` as new objects and scalars, superseding whatever is there.
 pub fn put_fresh<T: Transactable>(
     transaction: &mut T,
@@ -334,20 +340,7 @@ pub fn put_fresh<T: Transactable>(
     prop: Prop,
     value: &Value,
 ) -> Result<(), JsonError> {
-    match value {
-        Value::Object(map) => {
-            let id = transaction.put_object(object, prop, ObjType::Map)?;
-            fill_map(transaction, &id, map)
-        }
-        Value::Array(items) => {
-            let id = transaction.put_object(object, prop, ObjType::List)?;
-            fill_list(transaction, &id, items)
-        }
-        scalar => {
-            transaction.put(object, prop, scalar_from_json(scalar).unwrap_or(ScalarValue::Null))?;
-            Ok(())
-        }
-    }
+    write_fresh(transaction, object, Place::Put(prop), value)
 }
 
 fn insert_fresh<T: Transactable>(
@@ -356,19 +349,35 @@ fn insert_fresh<T: Transactable>(
     index: usize,
     value: &Value,
 ) -> Result<(), JsonError> {
-    match value {
-        Value::Object(map) => {
-            let id = transaction.insert_object(list, index, ObjType::Map)?;
-            fill_map(transaction, &id, map)
-        }
-        Value::Array(items) => {
-            let id = transaction.insert_object(list, index, ObjType::List)?;
-            fill_list(transaction, &id, items)
-        }
+    write_fresh(transaction, list, Place::Insert(index), value)
+}
+
+fn write_fresh<T: Transactable>(
+    transaction: &mut T,
+    object: &ObjId,
+    place: Place,
+    value: &Value,
+) -> Result<(), JsonError> {
+    let object_type = match value {
+        Value::Object(_) => ObjType::Map,
+        Value::Array(_) => ObjType::List,
         scalar => {
-            transaction.insert(list, index, scalar_from_json(scalar).unwrap_or(ScalarValue::Null))?;
-            Ok(())
+            let scalar = scalar_from_json(scalar).unwrap_or(ScalarValue::Null);
+            match place {
+                Place::Put(prop) => transaction.put(object, prop, scalar)?,
+                Place::Insert(index) => transaction.insert(object, index, scalar)?,
+            }
+            return Ok(());
         }
+    };
+    let id = match place {
+        Place::Put(prop) => transaction.put_object(object, prop, object_type)?,
+        Place::Insert(index) => transaction.insert_object(object, index, object_type)?,
+    };
+    match value {
+        Value::Object(map) => fill_map(transaction, &id, map),
+        Value::Array(items) => fill_list(transaction, &id, items),
+        _ => Ok(()),
     }
 }
 

@@ -173,6 +173,21 @@ impl Drop for Node {
     }
 }
 
+/// Reads `count` NDJSON lines from a streaming response, parsed.
+pub async fn read_ndjson(response: &mut reqwest::Response, count: usize) -> Vec<Value> {
+    let mut pending = Vec::new();
+    let mut values = Vec::new();
+    while values.len() < count {
+        let chunk = response.chunk().await.expect("read the stream").expect("stream ended early");
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            values.push(serde_json::from_slice(&line).expect("an NDJSON line is JSON"));
+        }
+    }
+    values
+}
+
 pub fn record_path(collection: &str, id: &str) -> String {
     format!("/v1/collections/{collection}/records/{id}")
 }

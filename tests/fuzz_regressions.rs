@@ -1,0 +1,123 @@
+//! Replays the fuzzing inputs on stable, in the default `cargo test`: every file in
+//! `fuzz/corpus/<target>/` (the seed corpus) and `fuzz/regressions/<target>/` (minimised crashes)
+//! goes through the harness function of its target, the very code the libFuzzer targets run
+//! (`fuzz/src/harness.rs`, included below). The harnesses assert the properties, so a test fails
+//! when any input panics. See `fuzz/README.md`.
+
+#[path = "../fuzz/src/harness.rs"]
+mod harness;
+
+use std::fs;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+/// Regressions for bugs that are known and not fixed yet: `(target, file name, what is wrong)`.
+/// They must still panic (so they stay honest); once a fix makes one pass, this test says so and
+/// the entry is removed, turning it into an ordinary regression.
+const KNOWN_OPEN: &[(&str, &str, &str)] = &[(
+    "record_convergence",
+    "concurrent-increments-overflow",
+    "concurrent counter increments whose sum overflows i64 panic in automerge (Op::fix_counter) on read",
+)];
+
+fn files_in(folder: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(folder) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.is_file() && !path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.')))
+        .collect();
+    files.sort();
+    files
+}
+
+fn replay(target: &str, harness: fn(&[u8])) {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let corpus = files_in(&fuzz.join("corpus").join(target));
+    assert!(!corpus.is_empty(), "no seed corpus for {target}: run the seed generator (fuzz/README.md)");
+    let regressions = files_in(&fuzz.join("regressions").join(target));
+
+    let mut failures = Vec::new();
+    for path in corpus.iter().chain(&regressions) {
+        let data = match fs::read(path) {
+            Ok(data) => data,
+            Err(error) => panic!("cannot read {}: {error}", path.display()),
+        };
+        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let known_open = KNOWN_OPEN.iter().find(|(open_target, file, _)| *open_target == target && *file == name);
+        let passed = panic::catch_unwind(AssertUnwindSafe(|| harness(&data))).is_ok();
+        match (passed, known_open) {
+            (true, None) | (false, Some(_)) => {}
+            (false, None) => failures.push(format!("{} panicked (message above)", path.display())),
+            (true, Some(_)) => failures
+                .push(format!("{} passes now: remove it from KNOWN_OPEN in tests/fuzz_regressions.rs", path.display())),
+        }
+    }
+    for (open_target, file, _) in KNOWN_OPEN.iter().filter(|(open_target, _, _)| *open_target == target) {
+        if !regressions.iter().any(|path| path.file_name().is_some_and(|name| name == *file)) {
+            failures.push(format!("KNOWN_OPEN names {open_target}/{file}, which is not in fuzz/regressions"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{target}: {} of {} inputs failed:\n{}",
+        failures.len(),
+        corpus.len() + regressions.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn envelope_decode() {
+    replay("envelope_decode", harness::envelope_decode);
+}
+
+#[test]
+fn record_key() {
+    replay("record_key", harness::record_key);
+}
+
+#[test]
+fn record_changes() {
+    replay("record_changes", harness::record_changes);
+}
+
+#[test]
+fn record_convergence() {
+    replay("record_convergence", harness::record_convergence);
+}
+
+#[test]
+fn text_update() {
+    replay("text_update", harness::text_update);
+}
+
+#[test]
+fn json_operations() {
+    replay("json_operations", harness::json_operations);
+}
+
+#[test]
+fn version_vector() {
+    replay("version_vector", harness::version_vector);
+}
+
+#[test]
+fn sha256_matches_the_standard_test_vectors() {
+    let hex = |digest: [u8; 32]| digest.iter().map(|byte| format!("{byte:02x}")).collect::<String>();
+    assert_eq!(hex(harness::sha256(b"")), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    assert_eq!(hex(harness::sha256(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        hex(harness::sha256(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+}
+
+#[test]
+fn chunk_checksums_are_recomputed_as_automerge_computes_them() {
+    let (_, saved) = harness::base_record();
+    let mut damaged = saved.clone();
+    damaged[4..8].copy_from_slice(&[0; 4]);
+    harness::fix_chunk_checksums(&mut damaged);
+    assert_eq!(&damaged, saved, "the recomputed checksum differs from automerge's");
+}
