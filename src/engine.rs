@@ -235,7 +235,7 @@ pub struct ListPage {
 
 /// The engine's state, owned by its thread.
 pub struct Engine {
-    store: Store,
+    pub(crate) store: Store,
     batch: WriteBatch,
     cache: LruCache<RecordKey, Document>,
     identity: Identity,
@@ -247,7 +247,8 @@ pub struct Engine {
     compaction: VecDeque<RecordKey>,
     compaction_queued: HashSet<RecordKey>,
     text_limits: TextLimits,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) replication: crate::replication::Replication,
 }
 
 impl std::fmt::Debug for Engine {
@@ -280,6 +281,19 @@ impl std::fmt::Debug for EngineHandle {
 }
 
 impl EngineHandle {
+    /// Queues `work` for the engine thread without waiting for it to run: resolves once the
+    /// queue has room, so a producer faster than the engine is slowed to its pace.
+    pub async fn submit<F>(&self, work: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(&mut Engine) + Send + 'static,
+    {
+        let job: Job = Box::new(move |engine| {
+            work(engine);
+            Box::new(|| {})
+        });
+        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)
+    }
+
     /// Runs `work` on the engine thread; resolves after the group commit that covers it.
     pub async fn call<T, F>(&self, work: F) -> Result<T, EngineError>
     where
@@ -304,6 +318,7 @@ pub struct EngineSettings {
     pub name: Option<String>,
     pub cache_documents: NonZeroUsize,
     pub text_limits: TextLimits,
+    pub replication: crdt::replica::Settings,
 }
 
 /// Opens the engine over `store` on its own thread. The returned join handle yields the error
@@ -336,13 +351,19 @@ pub fn start(
         identity: identity.clone(),
         clock: Clock::new(),
         next_sequence: 1,
-        version_vector,
+        version_vector: version_vector.clone(),
         counters,
         counters_dirty: false,
         compaction: VecDeque::new(),
         compaction_queued: HashSet::new(),
         text_limits: settings.text_limits,
         metrics,
+        replication: crate::replication::Replication {
+            replica: crdt::replica::Replica::new(version_vector.clone(), settings.replication, Instant::now()),
+            outbound: None,
+            peers: Default::default(),
+            durable: Vec::new(),
+        },
     };
     let (jobs, receiver) = mpsc::channel(QUEUE_JOBS_MAX);
     let thread = std::thread::Builder::new()
@@ -411,6 +432,7 @@ impl Engine {
             for completion in completions {
                 completion();
             }
+            self.after_commit();
             feed.send_replace(self.counters.feed_sequence);
         }
         self.commit()
@@ -506,6 +528,8 @@ impl Engine {
     ) -> Envelope {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
+        // Durable once this batch commits; the replication core hears of it then.
+        self.replication.durable.push((None, self.identity.origin, sequence));
         Envelope {
             origin: self.identity.origin,
             node: self.identity.node,

@@ -9,3 +9,4 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod node;
+pub mod replication;

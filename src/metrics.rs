@@ -71,6 +71,14 @@ pub struct Metrics {
     pub compactions: Counter,
     pub write_latency: Histogram,
     pub commit_latency: Histogram,
+    pub peer_frames_sent: Counter,
+    pub peer_frames_received: Counter,
+    pub peer_frames_dropped: Counter,
+    pub peer_bytes_sent: Counter,
+    pub peer_bytes_received: Counter,
+    pub peer_protocol_errors: Counter,
+    /// From the origin's write (the envelope's clock) to the local apply.
+    pub replication_latency: Histogram,
 }
 
 /// Point-in-time values read when the metrics are scraped.
@@ -82,6 +90,16 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// Records how long a change took from its origin's clock to being applied here. Clock skew
+    /// between nodes shows up here too; a change stamped in the future counts as zero.
+    pub fn observe_replication_latency(&self, origin: crdt::clock::Timestamp) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0);
+        self.replication_latency.observe(Duration::from_millis(now_ms.saturating_sub(origin.wall_ms)));
+    }
+
     pub fn observe_commit(&self, elapsed: Duration, operations: usize) {
         self.commits.inc();
         self.committed_operations.add(operations as u64);
@@ -90,7 +108,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 14] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -103,6 +121,20 @@ impl Metrics {
                 &self.committed_operations,
             ),
             ("concord_compactions_total", "Documents compacted.", &self.compactions),
+            ("concord_peer_frames_sent_total", "Messages queued to peers.", &self.peer_frames_sent),
+            ("concord_peer_frames_received_total", "Messages received from peers.", &self.peer_frames_received),
+            (
+                "concord_peer_frames_dropped_total",
+                "Messages to peers dropped on a full queue (summaries repair).",
+                &self.peer_frames_dropped,
+            ),
+            ("concord_peer_bytes_sent_total", "Message bytes queued to peers.", &self.peer_bytes_sent),
+            ("concord_peer_bytes_received_total", "Message bytes received from peers.", &self.peer_bytes_received),
+            (
+                "concord_peer_protocol_errors_total",
+                "Peers disconnected for breaking the protocol.",
+                &self.peer_protocol_errors,
+            ),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());
@@ -121,6 +153,11 @@ impl Metrics {
             &mut output,
         );
         self.commit_latency.render("concord_commit_latency_seconds", "One group commit, flush included.", &mut output);
+        self.replication_latency.render(
+            "concord_replication_latency_seconds",
+            "From a change's origin clock to its apply here.",
+            &mut output,
+        );
         output
     }
 }

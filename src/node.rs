@@ -31,6 +31,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         name: config.name.clone(),
         cache_documents: NonZeroUsize::new(config.cache_documents).unwrap_or(NonZeroUsize::MIN),
         text_limits: TextLimits::default(),
+        replication: crdt::replica::Settings::default(),
     };
     let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
     let identity = engine.identity.clone();

@@ -11,5 +11,6 @@ pub mod identity;
 pub mod json;
 pub mod key;
 pub mod record;
+pub mod replica;
 pub mod text;
 pub mod version_vector;

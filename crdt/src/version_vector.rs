@@ -52,6 +52,62 @@ impl OriginRange {
         true
     }
 
+    /// Adds every sequence in `start..=end`.
+    pub fn insert_range(&mut self, start: u64, end: u64) {
+        let mut start = start.max(1);
+        let mut end = end;
+        if end < start || end <= self.contiguous {
+            return;
+        }
+        let touching: Vec<u64> = self
+            .beyond
+            .range(..=end.saturating_add(1))
+            .filter(|&(_, &range_end)| range_end.saturating_add(1) >= start)
+            .map(|(&range_start, _)| range_start)
+            .collect();
+        for range_start in touching {
+            if let Some(range_end) = self.beyond.remove(&range_start) {
+                start = start.min(range_start);
+                end = end.max(range_end);
+            }
+        }
+        if start <= self.contiguous + 1 {
+            self.contiguous = end;
+        } else {
+            self.beyond.insert(start, end);
+        }
+    }
+
+    /// The inclusive ranges of sequences held here, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let prefix = (self.contiguous > 0).then_some((1, self.contiguous));
+        prefix.into_iter().chain(self.beyond.iter().map(|(&start, &end)| (start, end)))
+    }
+
+    /// The inclusive ranges held here and not by `other`, in order.
+    pub fn missing_from(&self, other: &OriginRange) -> Vec<(u64, u64)> {
+        let mut missing = Vec::new();
+        for (start, end) in self.ranges() {
+            let mut next = start;
+            for (other_start, other_end) in other.ranges() {
+                if other_end < next || other_start > end {
+                    continue;
+                }
+                if other_start > next {
+                    missing.push((next, other_start - 1));
+                }
+                next = other_end.saturating_add(1);
+                if next > end {
+                    break;
+                }
+            }
+            if next <= end {
+                missing.push((next, end));
+            }
+        }
+        missing
+    }
+
     /// The highest sequence held, contiguous or not.
     pub fn highest(&self) -> u64 {
         self.beyond.values().next_back().copied().unwrap_or(self.contiguous).max(self.contiguous)
@@ -90,6 +146,31 @@ impl VersionVector {
         self.origins.len()
     }
 
+    /// Per origin, the inclusive ranges held here and not in `other`.
+    pub fn missing_from(&self, other: &VersionVector) -> Vec<(OriginId, Vec<(u64, u64)>)> {
+        let empty = OriginRange::default();
+        self.origins
+            .iter()
+            .map(|(origin, range)| (*origin, range.missing_from(other.origins.get(origin).unwrap_or(&empty))))
+            .filter(|(_, missing)| !missing.is_empty())
+            .collect()
+    }
+
+    /// How many sequences are held here and not in `other`.
+    pub fn count_missing_from(&self, other: &VersionVector) -> u64 {
+        self.missing_from(other).iter().flat_map(|(_, ranges)| ranges).map(|(start, end)| end - start + 1).sum()
+    }
+
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (origin, range) in &other.origins {
+            let entry = self.origins.entry(*origin).or_default();
+            for (start, end) in range.ranges() {
+                entry.insert_range(start, end);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.origins.is_empty()
     }
@@ -117,6 +198,31 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn range_inserts_match_single_inserts(ranges in proptest::collection::vec((1u64..50, 0u64..6), 0..20)) {
+            let mut by_range = OriginRange::default();
+            let mut by_sequence = OriginRange::default();
+            for &(start, length) in &ranges {
+                by_range.insert_range(start, start + length);
+                for sequence in start..=start + length { by_sequence.insert(sequence); }
+            }
+            prop_assert_eq!(by_range, by_sequence);
+        }
+
+        #[test]
+        fn missing_from_is_the_set_difference(
+            ours in proptest::collection::btree_set(1u64..40, 0..40),
+            theirs in proptest::collection::btree_set(1u64..40, 0..40),
+        ) {
+            let mut our_range = OriginRange::default();
+            for &sequence in &ours { our_range.insert(sequence); }
+            let mut their_range = OriginRange::default();
+            for &sequence in &theirs { their_range.insert(sequence); }
+            let missing: Vec<u64> = our_range.missing_from(&their_range).into_iter().flat_map(|(start, end)| start..=end).collect();
+            let expected: Vec<u64> = ours.difference(&theirs).copied().collect();
+            prop_assert_eq!(missing, expected);
+        }
+
         #[test]
         fn any_insertion_order_gives_the_same_summary(mut sequences in proptest::collection::vec(1u64..64, 0..80)) {
             let mut forward = OriginRange::default();

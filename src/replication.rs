@@ -1,0 +1,202 @@
+//! Replication inside the engine thread: the sans-IO core (`crdt::replica`) driven with the
+//! store as its change log, and its messages handed to the transport through [`Outbound`].
+//!
+//! Peer input arrives as engine jobs, so it is ordered with local writes and shares their group
+//! commit: envelopes from a peer are applied and staged with the batch, and the core hears that
+//! they are durable (and grants the peer credit) only after the batch is flushed. The engine
+//! knows peers by number and bytes only; the node maps them to transport connections.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crdt::envelope::Envelope;
+use crdt::identity::OriginId;
+use crdt::replica::{ChangeLog, Message, PeerId};
+use serde::Serialize;
+use store::Store;
+
+use crate::engine::Engine;
+
+/// Where the engine's messages for peers go: the node implements it over the transport.
+pub trait Outbound: Send {
+    /// Queues one encoded message for a peer without blocking. Returns false when the peer's
+    /// queue is full or the peer is gone: the message is dropped, and the next summary repairs
+    /// what the core believed was sent.
+    fn send(&mut self, peer: PeerId, bytes: Vec<u8>) -> bool;
+    /// Closes the connection to a peer that broke the protocol.
+    fn disconnect(&mut self, peer: PeerId, reason: &str);
+}
+
+/// What the node told the engine about a connected peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub node_id: String,
+    pub name: String,
+    pub address: String,
+}
+
+/// One peer as status reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub peer: PeerId,
+    #[serde(flatten)]
+    pub info: PeerInfo,
+    pub connected: bool,
+    /// Changes we hold that the peer lacks, as far as we know.
+    pub peer_lacks: u64,
+    /// Changes the peer holds that we lack, as far as we know.
+    pub we_lack: u64,
+}
+
+/// The change log in the store, read by the core to send peers what they lack.
+pub(crate) struct StoreLog<'a>(pub &'a Store);
+
+impl ChangeLog for StoreLog<'_> {
+    fn read(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
+        match self.0.log_range(origin.as_bytes(), from, limit) {
+            Ok(entries) => entries
+                .into_iter()
+                .filter_map(|(sequence, bytes)| match Envelope::decode(&bytes) {
+                    Ok(envelope) => Some(envelope),
+                    Err(error) => {
+                        tracing::warn!(%origin, sequence, %error, "skipping a change-log entry that does not decode");
+                        None
+                    }
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%origin, %error, "cannot read the change log");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Where messages for peers go from now on.
+    pub fn set_outbound(&mut self, outbound: Box<dyn Outbound>) {
+        self.replication.outbound = Some(outbound);
+    }
+
+    pub fn handle_peer_connected(&mut self, peer: PeerId, info: PeerInfo) {
+        tracing::info!(peer, name = %info.name, address = %info.address, "peer connected");
+        self.replication.peers.insert(peer, info);
+        self.replication.replica.handle_peer_connected(Instant::now(), peer);
+        self.flush_transmits();
+    }
+
+    pub fn handle_peer_disconnected(&mut self, peer: PeerId) {
+        self.replication.peers.remove(&peer);
+        self.replication.replica.handle_peer_disconnected(Instant::now(), peer);
+    }
+
+    /// One frame from a peer: decode, feed the core, apply what it hands over, answer.
+    pub fn handle_peer_frame(&mut self, peer: PeerId, bytes: &[u8]) {
+        self.metrics.peer_frames_received.inc();
+        self.metrics.peer_bytes_received.add(bytes.len() as u64);
+        let message = match Message::decode(bytes) {
+            Ok(message) => message,
+            Err(error) => return self.refuse_peer(peer, &format!("undecodable message: {error}")),
+        };
+        let now = Instant::now();
+        let log = StoreLog(&self.store);
+        match self.replication.replica.handle_peer_message(now, peer, message, &log) {
+            Ok(()) => {}
+            // A frame racing its connection's open or close: nothing to answer, nothing broken.
+            Err(crdt::replica::ProtocolError::UnknownPeer(_)) => {
+                tracing::debug!(peer, "dropping a message from a peer that is not connected");
+                return;
+            }
+            Err(error) => return self.refuse_peer(peer, &error.to_string()),
+        }
+        while let Some((source, envelope)) = self.replication.replica.poll_apply() {
+            let id = (envelope.origin, envelope.sequence);
+            let observed = envelope.timestamp;
+            match self.apply_envelope(envelope) {
+                Ok(true) => self.metrics.observe_replication_latency(observed),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(peer, origin = %id.0, sequence = id.1, %error, "refused a change from a peer")
+                }
+            }
+            // Consumed either way: a change that cannot apply never will, and holding the peer's
+            // credit for it would stall the link.
+            self.replication.durable.push((Some(source), id.0, id.1));
+        }
+        self.flush_transmits();
+    }
+
+    /// Periodic work: summaries (anti-entropy) to peers that are due one.
+    pub fn replication_tick(&mut self) {
+        let now = Instant::now();
+        let due = self.replication.replica.poll_timeout().is_some_and(|due| due <= now);
+        if due {
+            self.replication.replica.handle_timeout(now, &StoreLog(&self.store));
+            self.flush_transmits();
+        }
+    }
+
+    /// After a group commit: what it made durable goes to the core, which grants credit and
+    /// relays to peers that lack it.
+    pub(crate) fn after_commit(&mut self) {
+        if self.replication.durable.is_empty() {
+            return;
+        }
+        let durable = std::mem::take(&mut self.replication.durable);
+        self.replication.replica.handle_durable(Instant::now(), &durable, &StoreLog(&self.store));
+        self.flush_transmits();
+    }
+
+    pub fn peer_statuses(&self) -> Vec<PeerStatus> {
+        let lags = self.replication.replica.peer_lags();
+        self.replication
+            .peers
+            .iter()
+            .map(|(&peer, info)| {
+                let lag = lags.get(&peer).copied().unwrap_or(crdt::replica::PeerLag { peer_lacks: 0, we_lack: 0 });
+                PeerStatus {
+                    peer,
+                    info: info.clone(),
+                    connected: true,
+                    peer_lacks: lag.peer_lacks,
+                    we_lack: lag.we_lack,
+                }
+            })
+            .collect()
+    }
+
+    fn flush_transmits(&mut self) {
+        while let Some((peer, message)) = self.replication.replica.poll_transmit() {
+            let bytes = message.encode();
+            let length = bytes.len() as u64;
+            let sent = match self.replication.outbound.as_mut() {
+                Some(outbound) => outbound.send(peer, bytes),
+                None => false,
+            };
+            if sent {
+                self.metrics.peer_frames_sent.inc();
+                self.metrics.peer_bytes_sent.add(length);
+            } else {
+                self.metrics.peer_frames_dropped.inc();
+            }
+        }
+    }
+
+    fn refuse_peer(&mut self, peer: PeerId, reason: &str) {
+        tracing::warn!(peer, reason, "disconnecting a peer that broke the protocol");
+        self.metrics.peer_protocol_errors.inc();
+        self.handle_peer_disconnected(peer);
+        if let Some(outbound) = self.replication.outbound.as_mut() {
+            outbound.disconnect(peer, reason);
+        }
+    }
+}
+
+/// The engine's replication state.
+pub(crate) struct Replication {
+    pub(crate) replica: crdt::replica::Replica,
+    pub(crate) outbound: Option<Box<dyn Outbound>>,
+    pub(crate) peers: BTreeMap<PeerId, PeerInfo>,
+    /// What the current batch makes durable: `(source peer, origin, sequence)`.
+    pub(crate) durable: Vec<(Option<PeerId>, OriginId, u64)>,
+}
