@@ -35,8 +35,41 @@ pub enum Command {
     Ls(ListArgs),
     /// Follow the change feed.
     Watch(WatchArgs),
-    /// Show the node's identity, counts, version vector and digest.
+    /// Show the node's identity, counts, version vector, digest and peers.
     Status(ClientArgs),
+    /// List the node's peers with their lag in each direction.
+    Peers(ClientArgs),
+    /// Create the cluster CA or issue node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster id every node of this cluster presents.
+        #[arg(long, default_value = "concord")]
+        cluster: String,
+    },
+    /// Issue a node certificate signed by the CA in DIR: DIR/NAME.pem and DIR/NAME.key.
+    Node {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// An IP address the node is reached at (repeatable).
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// A DNS name the node is reached at (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +89,18 @@ pub struct StartArgs {
     /// A TOML file of [[tokens]] with name, secret and role (read, write or admin).
     #[arg(long)]
     pub tokens_file: Option<PathBuf>,
+    /// UDP address for QUIC connections from peers; enables replication.
+    #[arg(long)]
+    pub listen_peer: Option<SocketAddr>,
+    /// A seed peer's address (repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<SocketAddr>,
+    /// The folder with ca.pem and this node's NAME.pem and NAME.key.
+    #[arg(long = "certs")]
+    pub certs_dir: Option<PathBuf>,
+    /// The cluster id; must match the CA's.
+    #[arg(long)]
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

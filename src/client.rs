@@ -6,7 +6,7 @@ use futures::StreamExt;
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::cli::{ClientArgs, Command, Output, WriteArgs};
+use crate::cli::{CertCommand, ClientArgs, Command, Output, WriteArgs};
 
 /// An HTTP client for one node's API.
 #[derive(Debug)]
@@ -81,6 +81,27 @@ fn parse_object(json: &str) -> anyhow::Result<Value> {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Start(_) => unreachable!("start is handled by main"),
+        Command::Cert(command) => certificate(command)?,
+        Command::Peers(arguments) => {
+            let client = Client::new(&arguments)?;
+            let status = client.json(Method::GET, &["v1", "status"], None).await?;
+            match arguments.output {
+                Output::Json => println!("{}", status["peers"]),
+                Output::Table => {
+                    println!("{:<20} {:<24} {:<34} {:>12} {:>12}", "NAME", "ADDRESS", "NODE", "THEY LACK", "WE LACK");
+                    for peer in status["peers"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<20} {:<24} {:<34} {:>12} {:>12}",
+                            peer["name"].as_str().unwrap_or(""),
+                            peer["address"].as_str().unwrap_or(""),
+                            peer["node_id"].as_str().unwrap_or(""),
+                            peer["peer_lacks"],
+                            peer["we_lack"]
+                        );
+                    }
+                }
+            }
+        }
         Command::Put(arguments) => write_record(Method::PUT, &arguments).await?,
         Command::Patch(arguments) => write_record(Method::PATCH, &arguments).await?,
         Command::Get(arguments) => {
@@ -126,6 +147,26 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 Output::Json => println!("{status}"),
                 Output::Table => print_fields(&status),
             }
+        }
+    }
+    Ok(())
+}
+
+/// `cert ca` and `cert node`: files only, no node needed.
+fn certificate(command: CertCommand) -> anyhow::Result<()> {
+    match command {
+        CertCommand::Ca { dir, cluster } => {
+            let files = transport::create_cluster_ca(&dir, &cluster)?;
+            println!(
+                "created the CA of cluster {cluster:?}: {} and {}",
+                files.certificate_path.display(),
+                files.key_path.display()
+            );
+        }
+        CertCommand::Node { dir, name, ip, dns, days } => {
+            let files =
+                transport::issue_node_certificate(&dir, &name, &ip, &dns, transport::Validity::days_from_now(days))?;
+            println!("issued {name}: {} and {}", files.certificate_path.display(), files.key_path.display());
         }
     }
     Ok(())

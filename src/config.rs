@@ -45,6 +45,15 @@ pub struct ConfigFile {
     pub tokens_file: Option<PathBuf>,
     #[serde(default)]
     pub tokens: Vec<Token>,
+    /// The UDP address for QUIC peer connections; without it the node does not replicate.
+    pub listen_peer: Option<SocketAddr>,
+    /// Seed peers to dial.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// The folder with `ca.pem` and this node's `<name>.pem` and `<name>.key`.
+    pub certs_dir: Option<PathBuf>,
+    /// The cluster id; must match the CA's.
+    pub cluster: Option<String>,
     pub cache_documents: Option<usize>,
     /// sled's page cache, in bytes.
     pub store_cache_bytes: Option<u64>,
@@ -65,6 +74,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen_api: SocketAddr,
     pub tokens: Vec<Token>,
+    /// Peer replication, when `listen_peer` is set.
+    pub mesh: Option<crate::mesh::MeshConfig>,
     pub cache_documents: usize,
     pub store_cache_bytes: u64,
     pub body_bytes_max: usize,
@@ -78,6 +89,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen_api: Option<SocketAddr>,
     pub tokens_file: Option<PathBuf>,
+    pub listen_peer: Option<SocketAddr>,
+    pub peers: Vec<SocketAddr>,
+    pub certs_dir: Option<PathBuf>,
+    pub cluster: Option<String>,
 }
 
 impl NodeConfig {
@@ -99,7 +114,23 @@ impl NodeConfig {
             Some(address) => address,
             None => DEFAULT_API_ADDRESS.parse().context("default API address")?,
         };
+        let mut seeds = file.peers;
+        seeds.extend(overrides.peers);
+        let mesh = match overrides.listen_peer.or(file.listen_peer) {
+            Some(listen_peer) => Some(crate::mesh::MeshConfig {
+                listen_peer,
+                seeds,
+                certs_dir: overrides
+                    .certs_dir
+                    .or(file.certs_dir)
+                    .context("--listen-peer needs --certs DIR (or certs_dir in the config file)")?,
+                cluster: overrides.cluster.or(file.cluster),
+            }),
+            None if !seeds.is_empty() => bail!("--peer needs --listen-peer"),
+            None => None,
+        };
         let config = NodeConfig {
+            mesh,
             name: overrides.name.or(file.name),
             data_dir: overrides.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             listen_api,

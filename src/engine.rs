@@ -223,6 +223,7 @@ pub struct Status {
     pub feed_sequence: u64,
     pub version_vector: serde_json::Value,
     pub digest: String,
+    pub peers: Vec<crate::replication::PeerStatus>,
 }
 
 /// A listing page.
@@ -759,6 +760,7 @@ impl Engine {
             feed_sequence: self.counters.feed_sequence,
             version_vector: serde_json::Value::Object(version_vector),
             digest: hex::encode(self.counters.digest),
+            peers: self.peer_statuses(),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod replication;

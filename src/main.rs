@@ -8,6 +8,8 @@ use concord::{client, node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // TLS uses ring only; installing it before anything else touches rustls.
+    transport::install_crypto_provider();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Start(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
@@ -30,6 +32,10 @@ fn main() -> std::process::ExitCode {
                     data_dir: arguments.data_dir,
                     listen_api: arguments.listen_api,
                     tokens_file: arguments.tokens_file,
+                    listen_peer: arguments.listen_peer,
+                    peers: arguments.peers,
+                    certs_dir: arguments.certs_dir,
+                    cluster: arguments.cluster,
                 })?;
                 node::run(config).await
             }

@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 /// The file in the data directory that holds the API's bound address, written once the API
 /// listens, so scripts and tests that start a node on port 0 can find it.
 pub const API_ADDRESS_FILE: &str = "api.addr";
+/// Likewise for the peer (QUIC) address, when the node replicates.
+pub const PEER_ADDRESS_FILE: &str = "peer.addr";
 
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
@@ -37,6 +39,16 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let identity = engine.identity.clone();
     tracing::info!(node = %identity.node, name = %identity.name, origin = %identity.origin, "node identity");
 
+    let (stop_sender, stop) = watch::channel(false);
+    let mesh = match &config.mesh {
+        Some(mesh_config) => {
+            let mesh = crate::mesh::start(mesh_config, &engine, &identity, stop.clone()).await?;
+            write_address_file(&config.data_dir, PEER_ADDRESS_FILE, mesh.endpoint.local_address())?;
+            Some(mesh)
+        }
+        None => None,
+    };
+
     let listener = TcpListener::bind(config.listen_api)
         .await
         .with_context(|| format!("binding the API to {}", config.listen_api))?;
@@ -44,10 +56,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     if config.tokens.is_empty() {
         tracing::warn!(%address, "no API tokens configured: serving on loopback only, without authentication");
     }
-    write_address_file(&config, address)?;
+    write_address_file(&config.data_dir, API_ADDRESS_FILE, address)?;
     tracing::info!("API listening on http://{address}");
 
-    let (stop_sender, stop) = watch::channel(false);
     let state =
         AppState { engine: engine.clone(), metrics, tokens: Arc::new(config.tokens.clone()), shutdown: stop.clone() };
     let app = api::router(state, config.body_bytes_max);
@@ -67,6 +78,9 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
         result = &mut engine_done => engine_result = Some(result),
     }
     stop_sender.send_replace(true);
+    if let Some(mesh) = &mesh {
+        mesh.shutdown().await;
+    }
     server.await.context("API server task")?.context("API server")?;
     drop(engine);
     let result = match engine_result {
@@ -83,9 +97,10 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     }
 }
 
-fn write_address_file(config: &NodeConfig, address: std::net::SocketAddr) -> anyhow::Result<()> {
-    let path = config.data_dir.join(API_ADDRESS_FILE);
-    let temporary = config.data_dir.join(format!("{API_ADDRESS_FILE}.tmp"));
+/// Writes `address` to `name` in the data directory, atomically (readers never see half).
+fn write_address_file(data_dir: &std::path::Path, name: &str, address: std::net::SocketAddr) -> anyhow::Result<()> {
+    let path = data_dir.join(name);
+    let temporary = data_dir.join(format!("{name}.tmp"));
     std::fs::write(&temporary, address.to_string()).with_context(|| format!("writing {}", temporary.display()))?;
     std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
 }
