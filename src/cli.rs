@@ -21,6 +21,13 @@ pub struct Cli {
 pub enum Command {
     /// Run a node.
     Start(StartArgs),
+    /// Start a three-node cluster on loopback and show replication, conflicts and offline
+    /// catch-up; exits 0 only if every node converged.
+    Demo {
+        /// Keep the nodes' data here instead of a temporary folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Replace a record with a JSON object: put COLLECTION/ID '{"name":"Ada"}'.
     Put(WriteArgs),
     /// Apply an RFC 7386 JSON Merge Patch to a record.

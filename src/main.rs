@@ -11,7 +11,11 @@ fn main() -> std::process::ExitCode {
     // TLS uses ring only; installing it before anything else touches rustls.
     transport::install_crypto_provider();
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Start(_)) { "info" } else { "warn" };
+    let default_level = match cli.command {
+        Command::Start(_) => "info",
+        Command::Demo { .. } => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
@@ -38,6 +42,13 @@ fn main() -> std::process::ExitCode {
                     cluster: arguments.cluster,
                 })?;
                 node::run(config).await
+            }
+            Command::Demo { dir } => {
+                if concord::demo::run(dir).await? {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("the nodes did not converge"))
+                }
             }
             command => client::run(command).await,
         }

@@ -59,13 +59,11 @@ impl Outbound for TransportOutbound {
         }
     }
 
-    /// Stops sending to the peer. The transport has no call to close one connection yet, so the
-    /// connection stays open until it closes by itself; the engine already forgot the peer and
-    /// ignores its frames.
     fn disconnect(&mut self, peer: u64, reason: &str) {
-        tracing::warn!(peer, reason, "no longer sending to a peer that broke the protocol");
-        self.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&peer);
-        let _ = &self.endpoint;
+        let peer_id = self.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&peer);
+        if let Some(peer_id) = peer_id {
+            self.endpoint.disconnect(peer_id, reason);
+        }
     }
 }
 
@@ -99,22 +97,19 @@ pub async fn start(
     let peers = Arc::new(Mutex::new(HashMap::new()));
     let outbound = TransportOutbound { endpoint: endpoint.clone(), peers: peers.clone() };
     engine.submit(move |engine| engine.set_outbound(Box::new(outbound))).await.context("engine stopped")?;
-    tokio::spawn(relay_events(events, engine.clone(), peers, stop.clone()));
+    tokio::spawn(relay_events(events, engine.clone(), peers));
     tokio::spawn(tick(engine.clone(), stop));
     Ok(Mesh { endpoint })
 }
 
+/// Feeds transport events to the engine until the endpoint shuts down and closes the channel
+/// (reading to the end lets the endpoint's shutdown finish without waiting on a full queue).
 async fn relay_events(
     mut events: tokio::sync::mpsc::Receiver<PeerEvent>,
     engine: EngineHandle,
     peers: Arc<Mutex<HashMap<u64, transport::PeerId>>>,
-    mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let event = tokio::select! {
-            event = events.recv() => match event { Some(event) => event, None => return },
-            _ = stopped(&mut stop) => return,
-        };
+    while let Some(event) = events.recv().await {
         let submitted = match event {
             PeerEvent::Connected { peer_id, node_id, node_name, address, listen_address } => {
                 peers.lock().unwrap_or_else(PoisonError::into_inner).insert(peer_id.get(), peer_id);
@@ -135,6 +130,8 @@ async fn relay_events(
             }
         };
         if submitted.is_err() {
+            // The engine stopped; keep draining so the endpoint can shut down.
+            while events.recv().await.is_some() {}
             return;
         }
     }

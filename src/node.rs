@@ -21,7 +21,17 @@ pub const API_ADDRESS_FILE: &str = "api.addr";
 /// Likewise for the peer (QUIC) address, when the node replicates.
 pub const PEER_ADDRESS_FILE: &str = "peer.addr";
 
+/// Runs a node until SIGINT or SIGTERM.
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    run_until(config, async {
+        let signal = shutdown_signal().await;
+        tracing::info!(signal, "shutting down");
+    })
+    .await
+}
+
+/// Runs a node until `stop` resolves (or the engine stops after a storage failure).
+pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let cache_bytes = config.store_cache_bytes;
     let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache_bytes))
@@ -74,7 +84,7 @@ pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let mut engine_done = tokio::task::spawn_blocking(move || engine_thread.join());
     let mut engine_result = None;
     tokio::select! {
-        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+        () = shutdown => {}
         result = &mut engine_done => engine_result = Some(result),
     }
     stop_sender.send_replace(true);

@@ -172,3 +172,13 @@ async fn peers_from_another_ca_are_refused_and_the_cluster_keeps_serving() {
     let metrics = first.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("concord_writes_total 1"), "{metrics}");
 }
+
+#[test]
+fn the_demo_converges_and_says_so() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_concord")).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("all three nodes hold the same state"), "{stdout}");
+    assert!(stdout.contains("conflict on /status"), "the demo shows the conflict it staged:\n{stdout}");
+    assert!(stdout.contains("inventory/widget sold = 42"), "counters add up across the offline period:\n{stdout}");
+}

@@ -303,23 +303,38 @@ pub(crate) async fn run(context: &TaskContext, handshaken: Handshaken) -> Discon
     } else {
         DisconnectReason::Shutdown
     };
+    finish(context, &handle, &connection, &mut reason, &mut phase).await;
+    drop(finished);
+    reason
+}
+
+/// Ends an announced connection: settles on the reason, closes, leaves the table, logs, and
+/// tells the node.
+async fn finish(
+    context: &TaskContext,
+    handle: &PeerHandle,
+    connection: &quinn::Connection,
+    reason: &mut DisconnectReason,
+    phase: &mut watch::Receiver<Phase>,
+) {
+    let shared = &context.shared;
+    let info = &handle.info;
     if let Some(close_reason) = handle.take_close_reason() {
-        reason = close_reason;
+        *reason = close_reason;
     } else if *phase.borrow() != Phase::Running && !matches!(reason, DisconnectReason::BadFrame(_)) {
-        reason = DisconnectReason::Shutdown;
+        *reason = DisconnectReason::Shutdown;
     }
     connection.close(reason.close_code().varint(), reason.to_string().as_bytes());
     shared.peer_table().remove(info.peer_id, info.node_id);
-    match &reason {
-        DisconnectReason::BadFrame(_) => {
-            warn!(peer_id = %info.peer_id, node_name = %info.node_name, address = %info.address, %reason, "disconnected a peer")
-        }
-        _ => info!(peer_id = %info.peer_id, node_name = %info.node_name, %reason, "peer disconnected"),
+    if let DisconnectReason::BadFrame(_) = reason {
+        warn!(
+            peer_id = %info.peer_id, node_name = %info.node_name, address = %info.address, %reason,
+            "disconnected a peer"
+        );
+    } else {
+        info!(peer_id = %info.peer_id, node_name = %info.node_name, %reason, "peer disconnected");
     }
-    let disconnected = PeerEvent::Disconnected { peer_id: info.peer_id, reason: reason.clone() };
-    emit(context, &mut phase, disconnected).await;
-    drop(finished);
-    reason
+    emit(context, phase, PeerEvent::Disconnected { peer_id: info.peer_id, reason: reason.clone() }).await;
 }
 
 /// Delivers one event, waiting for room, unless the endpoint is stopping hard; then only if

@@ -19,7 +19,7 @@ use crate::backoff::{Backoff, random_u64};
 use crate::config::{EndpointConfig, Limits, Timing};
 use crate::connection::{self, HandshakeFailure};
 use crate::counters::{Counters, CountersSnapshot, RefusalReason};
-use crate::events::{CloseCode, Direction, PeerEvent, PeerId, PeerInfo};
+use crate::events::{CloseCode, Direction, DisconnectReason, PeerEvent, PeerId, PeerInfo};
 use crate::handshake::Hello;
 use crate::peers::{PeerTable, SendError};
 use crate::tls::TlsConfigError;
@@ -261,11 +261,27 @@ impl Endpoint {
             return Err(SendError::NotConnected);
         }
         let handle = self.shared.peer_table().get(peer_id).ok_or(SendError::NotConnected)?;
+        if handle.is_closing() {
+            return Err(SendError::NotConnected);
+        }
         let result = handle.queue.enqueue(bytes);
         if result == Err(SendError::Full) {
             Counters::add(&self.shared.counters.send_queue_full, 1);
         }
         result
+    }
+
+    /// Closes the connection to `peer_id` now and tells the peer `reason` (keep it short: it
+    /// travels in the QUIC close frame). Frames still queued for it are dropped; its
+    /// `Disconnected` follows with [`DisconnectReason::Requested`]. If this endpoint dialed the
+    /// peer, it redials after the backoff. Returns whether `peer_id` was connected.
+    pub fn disconnect(&self, peer_id: PeerId, reason: &str) -> bool {
+        let Some(handle) = self.shared.peer_table().get(peer_id) else { return false };
+        let closed = handle.close(DisconnectReason::Requested(reason.to_owned()), CloseCode::Requested, reason);
+        if closed {
+            info!(%peer_id, node_name = %handle.info.node_name, reason, "disconnecting a peer");
+        }
+        closed
     }
 
     /// Dials `address` now and again whenever the connection is lost, forever, with
@@ -293,7 +309,7 @@ impl Endpoint {
     /// queued and end its stream, and waits up to `timing.shutdown_timeout` for peers to read
     /// it; then closes what is left. Every connection's `Disconnected` is delivered while there
     /// is room in the event channel, and the channel ends (`recv` gives `None`) once all tasks
-    /// are done. Later calls return at once.
+    /// are done. Later calls return at once, even while the first is still running.
     pub async fn shutdown(&self) {
         let shared = &self.shared;
         let tasks_ended = shared.tasks_ended.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -417,8 +433,14 @@ async fn dial_loop(context: TaskContext, address: SocketAddr) {
             Ok(Ok(handshaken)) => {
                 failures_in_a_row = 0;
                 known_node_id = Some(handshaken.node_id());
-                backoff.reset();
+                let connected_at = tokio::time::Instant::now();
                 connection::run(&context, handshaken).await;
+                // Only a connection that lasted starts the backoff over, so a peer that is
+                // refused or disconnected right after every handshake is redialed ever more
+                // slowly, not every `redial_delay_min`.
+                if connected_at.elapsed() >= shared.timing.redial_delay_max {
+                    backoff.reset();
+                }
             }
             Ok(Err(failure)) => {
                 failures_in_a_row += 1;

@@ -92,6 +92,8 @@ pub enum DisconnectReason {
     PeerClosed { code: u64, reason: String },
     /// The connection failed: idle timeout, reset, or a transport error.
     ConnectionLost(String),
+    /// This node closed it with [`crate::Endpoint::disconnect`], for this reason.
+    Requested(String),
 }
 
 impl DisconnectReason {
@@ -99,6 +101,7 @@ impl DisconnectReason {
         match self {
             DisconnectReason::Replaced => CloseCode::Replaced,
             DisconnectReason::BadFrame(_) => CloseCode::BadFrame,
+            DisconnectReason::Requested(_) => CloseCode::Requested,
             DisconnectReason::Shutdown
             | DisconnectReason::StreamFinished
             | DisconnectReason::PeerClosed { .. }
@@ -136,6 +139,7 @@ impl fmt::Display for DisconnectReason {
                 write!(formatter, "closed by the peer ({name}): {reason}")
             }
             DisconnectReason::ConnectionLost(problem) => write!(formatter, "connection lost: {problem}"),
+            DisconnectReason::Requested(reason) => write!(formatter, "disconnected by this node: {reason}"),
         }
     }
 }
@@ -161,10 +165,13 @@ pub enum CloseCode {
     SelfConnection = 6,
     /// The closing side has `peers_max` peers already.
     PeersFull = 7,
+    /// The closing node asked for it (`Endpoint::disconnect`), for example because the peer's
+    /// frames broke the application protocol.
+    Requested = 8,
 }
 
 impl CloseCode {
-    const ALL: [CloseCode; 8] = [
+    const ALL: [CloseCode; 9] = [
         CloseCode::Closing,
         CloseCode::Replaced,
         CloseCode::BadFrame,
@@ -173,6 +180,7 @@ impl CloseCode {
         CloseCode::ProtocolMismatch,
         CloseCode::SelfConnection,
         CloseCode::PeersFull,
+        CloseCode::Requested,
     ];
 
     /// The code for a number read off the wire, if it is one of ours.
@@ -191,6 +199,7 @@ impl CloseCode {
             CloseCode::ProtocolMismatch => "protocol_mismatch",
             CloseCode::SelfConnection => "self_connection",
             CloseCode::PeersFull => "peers_full",
+            CloseCode::Requested => "requested",
         }
     }
 
@@ -206,7 +215,7 @@ impl CloseCode {
             CloseCode::ProtocolMismatch => Some(RefusalReason::ProtocolMismatch),
             CloseCode::SelfConnection => Some(RefusalReason::SelfConnection),
             CloseCode::PeersFull => Some(RefusalReason::PeersFull),
-            CloseCode::Closing | CloseCode::Replaced | CloseCode::BadFrame => None,
+            CloseCode::Closing | CloseCode::Replaced | CloseCode::BadFrame | CloseCode::Requested => None,
         }
     }
 }

@@ -13,6 +13,8 @@
 //! frames in both directions. The node hears about peers and frames on one bounded channel of
 //! [`PeerEvent`]s and sends with [`Endpoint::send`], which queues onto a bounded per-peer queue
 //! and answers [`SendError::Full`] instead of waiting or buffering without bound.
+//! [`Endpoint::disconnect`] closes one connection (say, a peer whose frames broke the
+//! application protocol); [`Endpoint::peers`] and [`Endpoint::counters`] report.
 //!
 //! # Authentication
 //!

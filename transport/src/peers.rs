@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -33,6 +33,8 @@ pub(crate) struct PeerHandle {
     pub(crate) connection: quinn::Connection,
     /// Set before the connection is closed from outside its task, so the task reports why.
     close_reason: Mutex<Option<DisconnectReason>>,
+    /// Set by the first [`PeerHandle::close`]; never cleared.
+    closing: AtomicBool,
     /// Closes (its sender drops) once the connection's task has delivered `Disconnected`.
     finished: watch::Receiver<()>,
 }
@@ -118,10 +120,20 @@ impl SendQueue {
 }
 
 impl PeerHandle {
-    /// Closes the connection from outside its task; the task reports `reason`.
-    pub(crate) fn close(&self, reason: DisconnectReason, code: CloseCode, phrase: &str) {
+    /// Closes the connection from outside its task; the task reports `reason`. Returns false,
+    /// doing nothing, if it was closed this way before.
+    pub(crate) fn close(&self, reason: DisconnectReason, code: CloseCode, phrase: &str) -> bool {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         *self.close_reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
         self.connection.close(code.varint(), phrase.as_bytes());
+        true
+    }
+
+    /// Whether [`PeerHandle::close`] was called: the connection takes no more frames.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// The reason set by [`PeerHandle::close`], if it was called.
@@ -184,6 +196,7 @@ impl PeerTable {
             queue: queue_sender,
             connection,
             close_reason: Mutex::new(None),
+            closing: AtomicBool::new(false),
             finished: finished_receiver,
         });
         self.by_node.insert(handle.info.node_id, handle.clone());

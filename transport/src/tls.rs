@@ -1,7 +1,7 @@
 //! TLS 1.3 configurations with mutual authentication against the cluster CA, on rustls with the
 //! ring provider.
 //!
-//! Not the certificate files (see [`crate::certificates`]) and not QUIC (see [`crate::endpoint`]).
+//! Not the certificate files (see [`crate::certificates`]) and not QUIC (see [`crate::Endpoint`]).
 //!
 //! # The server-name scheme
 //!

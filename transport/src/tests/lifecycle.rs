@@ -355,3 +355,42 @@ fn bind_needs_a_runtime() {
     let cluster = Cluster::new("a");
     assert!(matches!(Endpoint::bind(cluster.config("node", 1)), Err(BindError::NoRuntime)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_closes_one_connection_and_the_dialer_comes_back() {
+    let cluster = Cluster::new("a");
+    let (listener, mut listener_events) = bind(cluster.config("listener", 1));
+    let mut dialer_config = cluster.config("dialer", 2);
+    dialer_config.seeds = vec![listener.local_address()];
+    let (dialer, mut dialer_events) = bind(dialer_config);
+    let (listener_peer, _) = expect_connected(&mut dialer_events).await;
+    let (dialer_peer, _) = expect_connected(&mut listener_events).await;
+
+    assert!(listener.disconnect(dialer_peer, "your frames broke the protocol"));
+    assert!(!listener.disconnect(dialer_peer, "twice"), "already going");
+    assert_eq!(listener.send(dialer_peer, Bytes::from_static(b"late")), Err(SendError::NotConnected));
+    match next_event(&mut listener_events).await {
+        PeerEvent::Disconnected { peer_id, reason } => {
+            assert_eq!(peer_id, dialer_peer);
+            assert_eq!(reason, DisconnectReason::Requested("your frames broke the protocol".to_owned()));
+        }
+        other => panic!("expected our disconnect, got {other:?}"),
+    }
+    match next_event(&mut dialer_events).await {
+        PeerEvent::Disconnected { peer_id, reason } => {
+            assert_eq!(peer_id, listener_peer);
+            let expected = DisconnectReason::PeerClosed {
+                code: crate::CloseCode::Requested as u64,
+                reason: "your frames broke the protocol".to_owned(),
+            };
+            assert_eq!(reason, expected);
+        }
+        other => panic!("expected the peer's disconnect, got {other:?}"),
+    }
+    // The dialer redials after its backoff and gets a new connection.
+    let (again, _) = expect_connected(&mut dialer_events).await;
+    assert_ne!(again, listener_peer);
+    expect_connected(&mut listener_events).await;
+    dialer.shutdown().await;
+    listener.shutdown().await;
+}
