@@ -610,7 +610,11 @@ impl Engine {
                 self.compaction.push_back(key.clone());
             }
         } else {
-            self.batch.put_document(&key_bytes, &encode_entry(envelope.kind, save(&document.body)));
+            // A new document is stored as nothing plus its first change: cheaper than a full
+            // save, and it keeps exactly the bytes that were accepted (see `compact_some`).
+            self.batch.put_document(&key_bytes, &encode_entry(envelope.kind, Vec::new()));
+            self.batch.put_increment(&key_bytes, 0, &envelope.change);
+            document.next_increment = 1;
             document.stored = true;
         }
         match (before.live, document.body.is_live()) {
@@ -786,13 +790,36 @@ impl Engine {
                 Body::Record(_) => DocumentKind::Record,
                 Body::Text(_) => DocumentKind::Text,
             };
-            self.batch.put_document(&key_bytes, &encode_entry(kind, save(&document.body)));
+            let saved = save(&document.body);
+            // Only a snapshot that loads back to the same state may replace the increments:
+            // a crafted change can be accepted yet re-encode into a save that does not load
+            // (found by fuzzing automerge 0.12 and yrs 0.28). Then the increments stay.
+            if !self.snapshot_reloads(&key, &document.body, &saved) {
+                tracing::warn!(%key, "not compacting: the document's snapshot does not load back to the same state");
+                self.metrics.compactions_refused.inc();
+                self.put_back(key, document);
+                continue;
+            }
+            self.batch.put_document(&key_bytes, &encode_entry(kind, saved));
             for index in 0..document.next_increment {
                 self.batch.remove_increment(&key_bytes, index);
             }
             self.metrics.compactions.inc();
             self.put_back(key, Document { body: document.body, next_increment: 0, stored: true });
         }
+    }
+}
+
+impl Engine {
+    /// Whether `saved` (a save of `body`) loads back to a document with the same digest.
+    fn snapshot_reloads(&self, key: &RecordKey, body: &Body, saved: &[u8]) -> bool {
+        let reloaded = match body {
+            Body::Record(_) => Record::load(saved, &[]).map(|record| Body::Record(Box::new(record))).ok(),
+            Body::Text(_) => TextDocument::load(self.identity.origin.text_client_id(), saved, &[], &self.text_limits)
+                .map(Body::Text)
+                .ok(),
+        };
+        reloaded.is_some_and(|reloaded| reloaded.digest(key) == body.digest(key))
     }
 }
 

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub commits: Counter,
     pub committed_operations: Counter,
     pub compactions: Counter,
+    pub compactions_refused: Counter,
     pub write_latency: Histogram,
     pub commit_latency: Histogram,
     pub peer_frames_sent: Counter,
@@ -108,7 +109,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -121,6 +122,11 @@ impl Metrics {
                 &self.committed_operations,
             ),
             ("concord_compactions_total", "Documents compacted.", &self.compactions),
+            (
+                "concord_compactions_refused_total",
+                "Compactions skipped because the snapshot did not reload to the same state.",
+                &self.compactions_refused,
+            ),
             ("concord_peer_frames_sent_total", "Messages queued to peers.", &self.peer_frames_sent),
             ("concord_peer_frames_received_total", "Messages received from peers.", &self.peer_frames_received),
             (

@@ -36,10 +36,24 @@ pub const DEPTH_MAX: usize = 64;
 pub enum JsonError {
     #[error("value nests deeper than {DEPTH_MAX} levels")]
     TooDeep,
-    #[error("counter would overflow: {current} + {by}")]
+    #[error("counter would leave ±2^53: {current} + {by}")]
     CounterOverflow { current: i64, by: i64 },
     #[error("document error: {0}")]
     Document(#[from] AutomergeError),
+}
+
+/// The largest counter value, and increment, in magnitude: 2^53, what JSON numbers and
+/// JavaScript clients hold exactly. With every replica inside it, even 1,024 replicas
+/// incrementing concurrently cannot push the merged sum past i64.
+pub const COUNTER_MAGNITUDE_MAX: i64 = 1 << 53;
+
+/// Whether `current + by` stays within [`COUNTER_MAGNITUDE_MAX`] (and `by` does too).
+pub fn check_counter(current: i64, by: i64) -> Result<(), JsonError> {
+    let within = |value: i64| value.checked_abs().is_some_and(|magnitude| magnitude <= COUNTER_MAGNITUDE_MAX);
+    match current.checked_add(by) {
+        Some(total) if within(by) && within(total) => Ok(()),
+        _ => Err(JsonError::CounterOverflow { current, by }),
+    }
 }
 
 /// A field whose concurrent writes have not been superseded: every value, the winner included.
@@ -209,6 +223,7 @@ pub fn update_slot<T: Transactable + ReadDoc>(
             let by = target
                 .checked_sub(value)
                 .ok_or(JsonError::CounterOverflow { current: value, by: target.saturating_sub(value) })?;
+            check_counter(value, by)?;
             if by != 0 {
                 transaction.increment(object, prop, by)?;
             }

@@ -117,9 +117,11 @@ impl Record {
     }
 
     /// Rebuilds a record from a saved document followed by incremental change bytes.
+    /// An empty `saved` means a document that starts from nothing (its changes are all in
+    /// `increments`).
     pub fn load(saved: &[u8], increments: &[&[u8]]) -> Result<Record, RecordError> {
         decode(|| {
-            let mut document = Automerge::load(saved)?;
+            let mut document = if saved.is_empty() { Automerge::new() } else { Automerge::load(saved)? };
             for increment in increments {
                 document.load_incremental(increment)?;
             }
@@ -218,8 +220,17 @@ impl Record {
         Ok(Some(change))
     }
 
-    /// Reads the record as JSON, with its conflicts and version.
+    /// Reads the record as JSON, with its conflicts and version. A history that automerge cannot
+    /// read (a crafted one: counters whose merged sum leaves i64 panic inside automerge in
+    /// builds with overflow checks) is an error, not a panic.
     pub fn view(&self) -> Result<RecordView, RecordError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.read_view())) {
+            Ok(result) => result,
+            Err(_) => Err(RecordError::Decode(AutomergeError::Fail)),
+        }
+    }
+
+    fn read_view(&self) -> Result<RecordView, RecordError> {
         let version = self.version();
         if !self.is_live() {
             return Ok(RecordView { value: None, conflicts: Vec::new(), version });
@@ -395,7 +406,7 @@ where
         },
         Some(automerge::Value::Object(_)) => return Err(OperationError::NotACounter(field.to_owned())),
     };
-    current.checked_add(by).ok_or(JsonError::CounterOverflow { current, by })?;
+    json::check_counter(current, by)?;
     transact(document, options(), |transaction| {
         transaction.increment(ROOT, stored.as_str(), by)?;
         tidy(transaction, life)

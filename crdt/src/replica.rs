@@ -350,8 +350,7 @@ impl Replica {
                     let room = (self.settings.chunk_envelopes_max - chunk.len()).min(state.credit as usize);
                     let wanted = usize::try_from(end - next + 1).unwrap_or(usize::MAX).min(room);
                     let envelopes = log.read(&origin, next, wanted);
-                    let Some(last) = envelopes.last() else { break };
-                    next = last.sequence + 1;
+                    let Some(last_sequence) = envelopes.last().map(|envelope| envelope.sequence) else { break };
                     for envelope in envelopes.into_iter().filter(|envelope| envelope.sequence <= end) {
                         state.known.insert(envelope.origin, envelope.sequence);
                         state.credit -= 1;
@@ -362,6 +361,11 @@ impl Replica {
                     {
                         self.transmits.push_back((peer, Message::Changes { envelopes: std::mem::take(&mut chunk) }));
                         chunk_bytes = 0;
+                    }
+                    // The log may hold sequences up to u64::MAX; nothing follows that one.
+                    match last_sequence.checked_add(1) {
+                        Some(after) => next = after,
+                        None => break,
                     }
                 }
                 if state.credit == 0 {

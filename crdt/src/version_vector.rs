@@ -41,10 +41,11 @@ impl OriginRange {
             start = below_start;
             self.beyond.remove(&below_start);
         }
-        if let Some(above_end) = self.beyond.remove(&(sequence + 1)) {
+        // A peer can name any sequence, u64::MAX included: nothing lies above it.
+        if let Some(above_end) = sequence.checked_add(1).and_then(|above| self.beyond.remove(&above)) {
             end = above_end;
         }
-        if start == self.contiguous + 1 {
+        if start == self.contiguous.saturating_add(1) {
             self.contiguous = end;
         } else {
             self.beyond.insert(start, end);
@@ -71,7 +72,7 @@ impl OriginRange {
                 end = end.max(range_end);
             }
         }
-        if start <= self.contiguous + 1 {
+        if start <= self.contiguous.saturating_add(1) {
             self.contiguous = end;
         } else {
             self.beyond.insert(start, end);
@@ -158,7 +159,10 @@ impl VersionVector {
 
     /// How many sequences are held here and not in `other`.
     pub fn count_missing_from(&self, other: &VersionVector) -> u64 {
-        self.missing_from(other).iter().flat_map(|(_, ranges)| ranges).map(|(start, end)| end - start + 1).sum()
+        self.missing_from(other)
+            .iter()
+            .flat_map(|(_, ranges)| ranges)
+            .fold(0u64, |total, (start, end)| total.saturating_add(end - start).saturating_add(1))
     }
 
     /// Adds everything `other` holds.
@@ -181,6 +185,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_largest_sequence_is_held_without_overflow() {
+        let mut range = OriginRange::default();
+        assert!(range.insert(u64::MAX));
+        assert!(range.contains(u64::MAX) && !range.insert(u64::MAX));
+        range.insert_range(u64::MAX - 2, u64::MAX);
+        assert_eq!(range.missing_from(&OriginRange::default()), vec![(u64::MAX - 2, u64::MAX)]);
+    }
 
     #[test]
     fn holes_fill_into_the_contiguous_prefix() {

@@ -1051,15 +1051,20 @@ fn incrementing_a_field_that_is_not_a_counter_is_refused() {
 
 #[test]
 fn a_counter_that_would_overflow_is_refused() {
+    // Counters stay within ±2^53 (what JSON and JavaScript hold exactly), so even many replicas
+    // incrementing concurrently cannot overflow the merged sum.
+    let limit = crdt::json::COUNTER_MAGNITUDE_MAX;
     let mut replica = Replica::new(1);
-    replica.write_changing(&Operation::Increment { field: "n".to_owned(), by: i64::MAX });
+    let refused = replica.try_write(&Operation::Increment { field: "n".to_owned(), by: i64::MAX });
+    assert!(matches!(refused, Err(OperationError::Json(JsonError::CounterOverflow { .. }))), "{refused:?}");
+    replica.write_changing(&Operation::Increment { field: "n".to_owned(), by: limit });
     let version = replica.record.version();
     let refused = replica.try_write(&Operation::Increment { field: "n".to_owned(), by: 1 });
     assert!(matches!(refused, Err(OperationError::Json(JsonError::CounterOverflow { .. }))), "{refused:?}");
     let refused = replica.try_write(&Operation::Replace(object(json!({"n": i64::MIN}))));
     assert!(matches!(refused, Err(OperationError::Json(JsonError::CounterOverflow { .. }))), "{refused:?}");
     assert_eq!(replica.record.version(), version);
-    assert_exact(&replica.value(), &object(json!({"n": i64::MAX})));
+    assert_exact(&replica.value(), &object(json!({"n": limit})));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ use crdt::text::{TextDocument, TextLimits};
 use crdt::version_vector::VersionVector;
 use serde_json::{Map, Value, json};
 use yrs::types::xml::{XmlElementPrelim, XmlFragment, XmlTextPrelim};
-use yrs::updates::encoder::Encode;
 use yrs::{Any, Array, ArrayPrelim, Doc, Map as _, MapPrelim, ReadTxn, StateVector, Text, TextPrelim, Transact};
 
 /// Collects the seeds of one target and writes them.
@@ -69,7 +68,10 @@ fn timestamp(wall_ms: u64) -> Timestamp {
 /// Record writes as the engine makes them: (name, operation) in order, by two origins.
 fn record_history() -> Vec<(&'static str, Operation)> {
     vec![
-        ("replace", Operation::Replace(object(json!({"name": "ACME", "tags": ["a", "b"], "address": {"city": "Bern"}})))),
+        (
+            "replace",
+            Operation::Replace(object(json!({"name": "ACME", "tags": ["a", "b"], "address": {"city": "Bern"}}))),
+        ),
         ("merge-patch", Operation::MergePatch(object(json!({"address": {"zip": "3000", "city": null}, "price": 1.5})))),
         ("increment", Operation::Increment { field: "visits".into(), by: 3 }),
         ("increment-negative", Operation::Increment { field: "visits".into(), by: -10 }),
@@ -132,31 +134,46 @@ fn main() {
     seeds.add("prefix-only", b"orders\0");
     seeds.report();
 
-    // record_changes: a mode byte (bit 0: recompute chunk checksums), then real bytes.
+    // record_changes: a mode byte (bit 0: recompute chunk checksums; bits 1-2: 0 load as a
+    // document, 1 load as an increment after the base record, 2 apply_changes to the base
+    // record), then real bytes.
+    const LOAD: u8 = 0b001;
+    const INCREMENT: u8 = 0b011;
+    const APPLY: u8 = 0b101;
     let mut seeds = Seeds::new("record_changes", harness::record_changes);
-    for (name, change) in &changes {
-        seeds.add(&format!("change-{name}"), &[&[0u8][..], change].concat());
+    for (index, (name, change)) in changes.iter().enumerate() {
+        let mode = if index % 2 == 0 { APPLY } else { INCREMENT };
+        seeds.add(&format!("change-{name}"), &[&[mode][..], change].concat());
     }
-    for (name, saved) in &saved_after {
-        seeds.add(&format!("saved-after-{name}"), &[&[1u8][..], saved].concat());
+    for (index, (name, saved)) in saved_after.iter().enumerate() {
+        let mode = if index % 2 == 0 { LOAD } else { APPLY };
+        seeds.add(&format!("saved-after-{name}"), &[&[mode][..], saved].concat());
     }
     let all: Vec<u8> = changes.iter().flat_map(|(_, change)| change.clone()).collect();
-    seeds.add("changes-concatenated", &[&[1u8][..], &all].concat());
-    seeds.add("saved-empty", &[1u8]);
+    seeds.add("changes-concatenated", &[&[APPLY][..], &all].concat());
+    seeds.add("changes-concatenated-load", &[&[LOAD][..], &all].concat());
+    seeds.add("saved-empty", &[LOAD]);
     // Changes made on top of the harness's base record, so they apply rather than wait.
     let (base, _) = harness::base_record();
     let mut on_base = base.clone();
     let follow_up = on_base
-        .write(&harness::fuzz_key(), &OriginId([3; 16]), timestamp(50), &Operation::MergePatch(object(json!({"price": null, "new": [1, {"x": true}]}))))
+        .write(
+            &harness::fuzz_key(),
+            &OriginId([3; 16]),
+            timestamp(50),
+            &Operation::MergePatch(object(json!({"price": null, "new": [1, {"x": true}]}))),
+        )
         .expect("seed write on the base succeeds")
         .expect("it changes something");
-    seeds.add("change-on-base", &[&[0u8][..], &follow_up].concat());
+    seeds.add("change-on-base", &[&[APPLY][..], &follow_up].concat());
+    seeds.add("change-on-base-increment", &[&[INCREMENT][..], &follow_up].concat());
     seeds.report();
 
     // record_convergence: scripts (see `harness::record_convergence` for the byte layout).
     let mut seeds = Seeds::new("record_convergence", harness::record_convergence);
-    // Concurrent increments of "n" at all three replicas (+5, +7, +i64::MAX), then full delivery.
-    seeds.add("concurrent-increments", &[0, 5, 2, 4, 5, 1, 5, 2, 4, 7, 2, 5, 2, 4, 1]);
+    // Concurrent increments of "n" at all three replicas (+5, +7, -1), then full delivery. (With
+    // +i64::MAX instead of -1 the sum overflows: `fuzz/regressions/record_convergence/`.)
+    seeds.add("concurrent-increments", &[0, 5, 2, 4, 5, 1, 5, 2, 4, 7, 2, 5, 2, 2]);
     // r0 replaces {a: -118}; everyone syncs; r0 deletes while r1 patches {b: 1}; r2 syncs and
     // writes again after seeing the delete (a revival).
     seeds.add(
@@ -215,7 +232,10 @@ fn main() {
         "numbers",
         br#"{"int":-9223372036854775808,"uint":18446744073709551615,"float":1.0,"negzero":-0.0,"tiny":5e-324,"huge":1.7976931348623157e308}"#,
     );
-    seeds.add("nested", br#"{"address":{"city":"Bern","geo":[46.9,7.4]},"tags":["a",["b",{"c":null}]],"empty":{},"list":[]}"#);
+    seeds.add(
+        "nested",
+        br#"{"address":{"city":"Bern","geo":[46.9,7.4]},"tags":["a",["b",{"c":null}]],"empty":{},"list":[]}"#,
+    );
     seeds.add("keys", br#"{"":1,"a/b":2,"~0":3,"$cl":4,"1:x":5,"\u00e9\ud83c\udf0d":"\u0000"}"#);
     seeds.add("patch-nulls", br#"{"a":null,"b":{"c":null,"d":{"e":null,"f":1}},"g":[null]}"#);
     seeds.add("duplicate-keys", br#"{"a":1,"a":{"b":2}}"#);
