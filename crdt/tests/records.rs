@@ -1214,64 +1214,14 @@ fn feed(bytes: &[u8], target: &Replica) {
     }
 }
 
-/// SHA-256 (FIPS 180-4), for re-sealing corrupted automerge chunks: each chunk carries the first
-/// four bytes of the SHA-256 of its type, length and body, and a wrong checksum stops the parser
-/// before the interesting decoding begins.
-fn sha256(data: &[u8]) -> [u8; 32] {
-    const ROUND_CONSTANTS: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
-        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
-        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
-        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
-        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
-        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
-        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut state: [u32; 8] =
-        [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
-    let mut message = data.to_vec();
-    message.push(0x80);
-    while message.len() % 64 != 56 {
-        message.push(0);
-    }
-    message.extend_from_slice(&(data.len() as u64 * 8).to_be_bytes());
-    for block in message.chunks_exact(64) {
-        let mut schedule = [0u32; 64];
-        for (word, bytes) in schedule.iter_mut().zip(block.chunks_exact(4)) {
-            *word = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        }
-        for round in 16..64 {
-            let early = schedule[round - 15];
-            let late = schedule[round - 2];
-            let sigma_zero = early.rotate_right(7) ^ early.rotate_right(18) ^ (early >> 3);
-            let sigma_one = late.rotate_right(17) ^ late.rotate_right(19) ^ (late >> 10);
-            schedule[round] =
-                schedule[round - 16].wrapping_add(sigma_zero).wrapping_add(schedule[round - 7]).wrapping_add(sigma_one);
-        }
-        let mut working = state;
-        for (constant, word) in ROUND_CONSTANTS.iter().zip(schedule) {
-            let sum_one = working[4].rotate_right(6) ^ working[4].rotate_right(11) ^ working[4].rotate_right(25);
-            let choice = (working[4] & working[5]) ^ (!working[4] & working[6]);
-            let first =
-                working[7].wrapping_add(sum_one).wrapping_add(choice).wrapping_add(*constant).wrapping_add(word);
-            let sum_zero = working[0].rotate_right(2) ^ working[0].rotate_right(13) ^ working[0].rotate_right(22);
-            let majority = (working[0] & working[1]) ^ (working[0] & working[2]) ^ (working[1] & working[2]);
-            let second = sum_zero.wrapping_add(majority);
-            working.rotate_right(1);
-            working[0] = first.wrapping_add(second);
-            working[4] = working[4].wrapping_add(first);
-        }
-        for (value, added) in state.iter_mut().zip(working) {
-            *value = value.wrapping_add(added);
-        }
-    }
-    let mut digest = [0u8; 32];
-    for (bytes, value) in digest.chunks_exact_mut(4).zip(state) {
-        bytes.copy_from_slice(&value.to_be_bytes());
-    }
-    digest
-}
+/// The fuzz harness's SHA-256 (FIPS 180-4) and chunk helpers, shared rather than copied: each
+/// automerge chunk carries the first four bytes of the SHA-256 of its type, length and body, and
+/// a wrong checksum stops the parser before the interesting decoding begins.
+#[allow(dead_code, clippy::all)]
+#[path = "../../fuzz/src/harness.rs"]
+mod harness;
+
+use harness::sha256;
 
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
