@@ -233,15 +233,7 @@ mod tests {
     #[test]
     fn incompressible_payloads_are_sent_as_they_are() {
         let limits = FrameLimits::default();
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let payload: Vec<u8> = (0..10_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let payload = crate::tests::support::noise(0x9e37_79b9_7f4a_7c15, 10_000);
         let mut buffer = encoded(&payload, &limits);
         assert_eq!(buffer[4], 0);
         assert_eq!(decode(&mut buffer, &limits).unwrap().unwrap(), payload);

@@ -104,15 +104,7 @@ async fn a_frame_at_the_limit_goes_through_and_one_byte_more_is_refused() {
     let (beta_peer, alpha_peer) = connect_pair(&alpha, &mut alpha_events, &beta, &mut beta_events).await;
 
     // Pseudo-random, so it goes uncompressed and the wire length is the limit itself.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let payload: Vec<u8> = (0..frame_bytes_max)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let payload = crate::tests::support::noise(0x2545_f491_4f6c_dd1d, frame_bytes_max);
     alpha.send(beta_peer, Bytes::from(payload.clone())).unwrap();
     assert!(expect_frame(&mut beta_events, alpha_peer).await == payload);
 

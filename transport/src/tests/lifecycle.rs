@@ -15,15 +15,7 @@ use crate::tests::support::{
 
 /// 64 KiB that zstd cannot shrink, numbered in the first four bytes.
 fn incompressible(index: u32) -> Bytes {
-    let mut state = u64::from(index).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut payload: Vec<u8> = (0..64 * 1024)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let mut payload = crate::tests::support::noise(u64::from(index).wrapping_mul(0x9e37_79b9_7f4a_7c15), 64 * 1024);
     payload[..4].copy_from_slice(&index.to_be_bytes());
     Bytes::from(payload)
 }

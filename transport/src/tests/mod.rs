@@ -5,4 +5,4 @@ mod certificates;
 mod exchange;
 mod lifecycle;
 mod refusals;
-mod support;
+pub(crate) mod support;

@@ -207,3 +207,17 @@ pub(crate) fn hello(cluster_id: &str, name: &str, id: u8) -> Hello {
         listen_address: None,
     }
 }
+
+/// `length` pseudo-random bytes from `seed` (xorshift): incompressible, so frames of it go on
+/// the wire uncompressed and at full length.
+pub(crate) fn noise(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
