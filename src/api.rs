@@ -35,6 +35,8 @@ pub struct AppState {
     pub tokens: Arc<Vec<Token>>,
     /// Turns true when the node shuts down, so long-lived feeds end and shutdown can finish.
     pub shutdown: watch::Receiver<bool>,
+    /// The peer endpoint, when the node replicates: its counters go to `/metrics`.
+    pub transport: Option<transport::Endpoint>,
 }
 
 /// Builds the router. `body_bytes_max` bounds every request body (413 beyond it).
@@ -490,17 +492,50 @@ async fn ready(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
-    let gauges = state
+    let (gauges, peers) = state
         .engine
         .call(|engine| {
             let status = engine.status();
-            Gauges {
+            let gauges = Gauges {
                 store_bytes: engine.store().size_on_disk().unwrap_or(0),
                 records: status.record_count,
                 feed_sequence: status.feed_sequence,
-            }
+            };
+            (gauges, status.peers)
         })
         .await?;
-    let text = state.metrics.render(&gauges);
+    let mut text = state.metrics.render(&gauges);
+    render_peer_metrics(&mut text, &peers, state.transport.as_ref());
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response())
+}
+
+/// Lag per connected peer, and the transport's counters (connections, refusals by reason, bad
+/// frames, bytes and frames on the wire).
+fn render_peer_metrics(
+    text: &mut String,
+    peers: &[crate::replication::PeerStatus],
+    transport: Option<&transport::Endpoint>,
+) {
+    use std::fmt::Write;
+    let name = "concord_peer_lag_changes";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Changes one side holds that the other lacks, per connected peer.\n# TYPE {name} gauge"
+    );
+    for peer in peers {
+        let label = peer.info.name.replace(['"', '\\', '\n'], "_");
+        let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"peer_lacks\"}} {}", peer.peer_lacks);
+        let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"we_lack\"}} {}", peer.we_lack);
+    }
+    let _ = writeln!(
+        text,
+        "# HELP concord_peers Connected peers.\n# TYPE concord_peers gauge\nconcord_peers {}",
+        peers.len()
+    );
+    if let Some(endpoint) = transport {
+        for (field, value) in endpoint.counters().fields() {
+            let name = format!("concord_transport_{field}_total");
+            let _ = writeln!(text, "# HELP {name} Transport counter {field}.\n# TYPE {name} counter\n{name} {value}");
+        }
+    }
 }

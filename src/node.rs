@@ -69,8 +69,13 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     write_address_file(&config.data_dir, API_ADDRESS_FILE, address)?;
     tracing::info!("API listening on http://{address}");
 
-    let state =
-        AppState { engine: engine.clone(), metrics, tokens: Arc::new(config.tokens.clone()), shutdown: stop.clone() };
+    let state = AppState {
+        engine: engine.clone(),
+        metrics,
+        tokens: Arc::new(config.tokens.clone()),
+        shutdown: stop.clone(),
+        transport: mesh.as_ref().map(|mesh| mesh.endpoint.clone()),
+    };
     let app = api::router(state, config.body_bytes_max);
     let mut server_stop = stop.clone();
     let server = tokio::spawn(async move {

@@ -124,6 +124,9 @@ async fn three_nodes_with_concurrent_writers_converge_over_quic() {
     }
     let status = first.status().await;
     assert_eq!(status["peers"].as_array().unwrap().len(), 2, "{status}");
+    let metrics = first.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("concord_peers 2"), "{metrics}");
+    assert!(metrics.contains("concord_peer_lag_changes{peer=\"second\",direction=\"we_lack\"} 0"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,6 +174,22 @@ async fn peers_from_another_ca_are_refused_and_the_cluster_keeps_serving() {
     assert_eq!(status["peers"], json!([]), "the intruder is not a peer");
     let metrics = first.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("concord_writes_total 1"), "{metrics}");
+    assert!(metrics.contains("concord_peers 0"), "{metrics}");
+    let refused = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("concord_transport_refused_untrusted_certificate_total "))
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(refused.is_some_and(|count| count >= 1), "the refusal is counted: {metrics}");
+
+    // Garbage datagrams on the peer port: QUIC drops them, and the node keeps serving.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = peer_address(&first);
+    for round in 0..2_000u32 {
+        let datagram: Vec<u8> = (0..1_200u32).map(|index| (index.wrapping_mul(2_654_435_761) ^ round) as u8).collect();
+        let _ = socket.send_to(&datagram, &target);
+    }
+    assert_eq!(first.call(Method::GET, "/health/ready", None).await.0, 200);
+    first.put("c", "after-garbage", json!({"still": "serving"})).await;
 }
 
 #[test]
