@@ -225,7 +225,25 @@ async fn get_record(
     }
 }
 
-async fn write(state: &AppState, key: RecordKey, operation: Operation) -> ApiResult<Json<RecordBody>> {
+/// Options every record write takes in its query string.
+#[derive(Debug, Default, Deserialize)]
+struct WriteQuery {
+    /// Answer only once this many peers hold the change durably (default 0: local durability).
+    #[serde(default)]
+    acks: usize,
+    /// How long to wait for `acks`, in milliseconds (default 5,000, at most 60,000).
+    timeout_ms: Option<u64>,
+}
+
+const ACKS_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+const ACKS_TIMEOUT_MS_MAX: u64 = 60_000;
+
+async fn write(
+    state: &AppState,
+    key: RecordKey,
+    operation: Operation,
+    query: WriteQuery,
+) -> ApiResult<Json<RecordBody>> {
     let started = Instant::now();
     let is_delete = operation == Operation::Delete;
     let outcome = state.engine.call({
@@ -237,35 +255,67 @@ async fn write(state: &AppState, key: RecordKey, operation: Operation) -> ApiRes
     if is_delete && !outcome.changed {
         return Err(ApiError::not_found(&key));
     }
+    if let (Some(envelope), true) = (&outcome.envelope, query.acks > 0) {
+        await_acknowledgements(state, envelope.origin, envelope.sequence, &query).await?;
+    }
     Ok(Json(RecordBody::new(&key, outcome.view)))
+}
+
+/// Waits until `query.acks` peers hold the change durably; 504 with the count reached otherwise.
+/// The write itself is durable here either way.
+async fn await_acknowledgements(
+    state: &AppState,
+    origin: crdt::identity::OriginId,
+    sequence: u64,
+    query: &WriteQuery,
+) -> ApiResult<()> {
+    let needed = query.acks;
+    let timeout =
+        std::time::Duration::from_millis(query.timeout_ms.unwrap_or(ACKS_TIMEOUT_MS_DEFAULT).min(ACKS_TIMEOUT_MS_MAX));
+    let receiver = state.engine.call(move |engine| engine.await_acknowledgements(origin, sequence, needed)).await?;
+    if let Ok(Ok(_)) = tokio::time::timeout(timeout, receiver).await {
+        return Ok(());
+    }
+    let reached = state.engine.call(move |engine| engine.acknowledgement_count(&origin, sequence)).await?;
+    Err(ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "the write is durable here, but only {reached} of the {needed} peers asked for stored it within {} ms",
+            timeout.as_millis()
+        ),
+    ))
 }
 
 async fn put_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<WriteQuery>,
     JsonObject(value): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::Replace(value)).await
+    write(&state, record_key(&collection, &id)?, Operation::Replace(value), query).await
 }
 
 async fn patch_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<WriteQuery>,
     JsonObject(patch): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::MergePatch(patch)).await
+    write(&state, record_key(&collection, &id)?, Operation::MergePatch(patch), query).await
 }
 
 async fn delete_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<WriteQuery>,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::Delete).await
+    write(&state, record_key(&collection, &id)?, Operation::Delete, query).await
 }
 
 async fn increment_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Query(query): Query<WriteQuery>,
     JsonObject(body): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
     let field = match body.get("field") {
@@ -278,7 +328,7 @@ async fn increment_record(
             .as_i64()
             .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "\"by\" must be an integer in the i64 range"))?,
     };
-    write(&state, record_key(&collection, &id)?, Operation::Increment { field, by }).await
+    write(&state, record_key(&collection, &id)?, Operation::Increment { field, by }, query).await
 }
 
 #[derive(Debug, Deserialize)]

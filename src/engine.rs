@@ -364,6 +364,8 @@ pub fn start(
             outbound: None,
             peers: Default::default(),
             durable: Vec::new(),
+            acknowledged: Default::default(),
+            waiters: Vec::new(),
         },
     };
     let (jobs, receiver) = mpsc::channel(QUEUE_JOBS_MAX);

@@ -87,6 +87,7 @@ impl Engine {
 
     pub fn handle_peer_disconnected(&mut self, peer: PeerId) {
         self.replication.peers.remove(&peer);
+        self.replication.acknowledged.remove(&peer);
         self.replication.replica.handle_peer_disconnected(Instant::now(), peer);
     }
 
@@ -109,6 +110,7 @@ impl Engine {
             }
             Err(error) => return self.refuse_peer(peer, &error.to_string()),
         }
+        self.record_acknowledgements();
         while let Some((source, envelope)) = self.replication.replica.poll_apply() {
             let id = (envelope.origin, envelope.sequence);
             let observed = envelope.timestamp;
@@ -145,6 +147,54 @@ impl Engine {
         let durable = std::mem::take(&mut self.replication.durable);
         self.replication.replica.handle_durable(Instant::now(), &durable, &StoreLog(&self.store));
         self.flush_transmits();
+    }
+
+    /// Resolves, through the returned receiver, once `needed` connected peers hold (origin,
+    /// sequence) durably, with how many do. Dropping the receiver abandons the wait.
+    pub fn await_acknowledgements(
+        &mut self,
+        origin: OriginId,
+        sequence: u64,
+        needed: usize,
+    ) -> tokio::sync::oneshot::Receiver<usize> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let count = self.acknowledgement_count(&origin, sequence);
+        if count >= needed {
+            let _ = sender.send(count);
+        } else {
+            self.replication.waiters.retain(|waiter| !waiter.sender.is_closed());
+            if self.replication.waiters.len() < WAITERS_MAX {
+                self.replication.waiters.push(Waiter { origin, sequence, needed, sender });
+            }
+        }
+        receiver
+    }
+
+    /// How many connected peers hold (origin, sequence) durably, as far as they told us.
+    pub fn acknowledgement_count(&self, origin: &OriginId, sequence: u64) -> usize {
+        self.replication.acknowledged.values().filter(|held| held.contains(origin, sequence)).count()
+    }
+
+    fn record_acknowledgements(&mut self) {
+        let mut any = false;
+        while let Some((peer, origin, sequence)) = self.replication.replica.poll_acknowledged() {
+            if self.replication.peers.contains_key(&peer) {
+                self.replication.acknowledged.entry(peer).or_default().insert(origin, sequence);
+                any = true;
+            }
+        }
+        if !any || self.replication.waiters.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.replication.waiters);
+        for waiter in waiters {
+            let count = self.acknowledgement_count(&waiter.origin, waiter.sequence);
+            if count >= waiter.needed {
+                let _ = waiter.sender.send(count);
+            } else if !waiter.sender.is_closed() {
+                self.replication.waiters.push(waiter);
+            }
+        }
     }
 
     pub fn peer_statuses(&self) -> Vec<PeerStatus> {
@@ -192,6 +242,18 @@ impl Engine {
     }
 }
 
+/// The most writes that may wait for peer acknowledgements at once; beyond it a write with
+/// `?acks=N` times out at once (and says so).
+const WAITERS_MAX: usize = 10_000;
+
+/// A write waiting until enough peers hold it durably.
+pub(crate) struct Waiter {
+    origin: OriginId,
+    sequence: u64,
+    needed: usize,
+    sender: tokio::sync::oneshot::Sender<usize>,
+}
+
 /// The engine's replication state.
 pub(crate) struct Replication {
     pub(crate) replica: crdt::replica::Replica,
@@ -199,4 +261,7 @@ pub(crate) struct Replication {
     pub(crate) peers: BTreeMap<PeerId, PeerInfo>,
     /// What the current batch makes durable: `(source peer, origin, sequence)`.
     pub(crate) durable: Vec<(Option<PeerId>, OriginId, u64)>,
+    /// Per connected peer, what it said it holds durably (from its credit messages).
+    pub(crate) acknowledged: BTreeMap<PeerId, crdt::version_vector::VersionVector>,
+    pub(crate) waiters: Vec<Waiter>,
 }

@@ -201,3 +201,37 @@ fn the_demo_converges_and_says_so() {
     assert!(stdout.contains("conflict on /status"), "the demo shows the conflict it staged:\n{stdout}");
     assert!(stdout.contains("inventory/widget sold = 42"), "counters add up across the offline period:\n{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_acks_waits_for_that_many_peers() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "second", "third"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    let second = start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await;
+    let third = start_peer(root.path(), &certs, "third", &[peer_address(&first)]).await;
+    // Wait until both peers are connected to the first node.
+    for _ in 0..600 {
+        if first.status().await["peers"].as_array().is_some_and(|peers| peers.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for round in 0..20 {
+        let path = format!("{}?acks=2", record_path("acked", &format!("r{round}")));
+        let (status, body) = first.call(Method::PUT, &path, Some(json!({"round": round}))).await;
+        assert_eq!(status, 200, "{body}");
+        // Acknowledged by both peers means durable, and so readable, on both right now.
+        assert_eq!(second.get("acked", &format!("r{round}")).await.0, 200);
+        assert_eq!(third.get("acked", &format!("r{round}")).await.0, 200);
+    }
+
+    let path = format!("{}?acks=3&timeout_ms=300", record_path("acked", "too-many"));
+    let (status, body) = first.call(Method::PUT, &path, Some(json!({"n": 1}))).await;
+    assert_eq!(status, 504, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("2 of the 3 peers"), "{message}");
+    // The write itself is durable locally and replicates anyway.
+    assert_eq!(first.get("acked", "too-many").await.0, 200);
+}

@@ -14,8 +14,9 @@
 //!   restored from an old copy, or a confused count heals at the next summary.
 //! - **Changes** `{envelopes}`: envelopes the receiver lacks, oldest first per origin, in chunks
 //!   of at most `chunk_envelopes_max` envelopes and about `chunk_bytes_max` bytes.
-//! - **Credit** `{envelopes}`: the receiver has made that many envelopes durable (or found them
-//!   to be duplicates); the sender may send that many more.
+//! - **Credit** `{envelopes, durable}`: the receiver has made that many envelopes durable (or
+//!   found them to be duplicates), named in `durable`; the sender may send that many more, and
+//!   counts them as acknowledged (see [`Replica::poll_acknowledged`]).
 //!
 //! Both directions run at once and independently: each side streams what the other lacks.
 //!
@@ -81,8 +82,9 @@ pub enum Message {
     Summary { version_vector: VersionVector, credit: u32 },
     /// Envelopes the receiver lacks.
     Changes { envelopes: Vec<Envelope> },
-    /// The receiver may send this many more envelopes.
-    Credit { envelopes: u32 },
+    /// The receiver may send this many more envelopes; `durable` names the ones it made durable
+    /// (or already held), so writers waiting for acknowledgements by peers can count them.
+    Credit { envelopes: u32, durable: Vec<(OriginId, u64)> },
 }
 
 /// Why bytes are not a message.
@@ -159,6 +161,8 @@ struct Peer {
     pending: u32,
     /// Credit we owe it now (durable or duplicate), sent with the next transmit round.
     owed: u32,
+    /// Which of the envelopes it sent are durable here since the last credit we sent it.
+    owed_durable: Vec<(OriginId, u64)>,
     /// When it is due its next summary.
     summary_due: Instant,
 }
@@ -181,12 +185,21 @@ pub struct Replica {
     peers: BTreeMap<PeerId, Peer>,
     transmits: VecDeque<(PeerId, Message)>,
     applies: VecDeque<(PeerId, Envelope)>,
+    /// Envelopes peers said they hold durably, for [`Replica::poll_acknowledged`].
+    acknowledged: VecDeque<(PeerId, OriginId, u64)>,
 }
 
 impl Replica {
     /// A replica over what the node holds durably now (its version vector).
     pub fn new(local: VersionVector, settings: Settings, _now: Instant) -> Replica {
-        Replica { local, settings, peers: BTreeMap::new(), transmits: VecDeque::new(), applies: VecDeque::new() }
+        Replica {
+            local,
+            settings,
+            peers: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            applies: VecDeque::new(),
+            acknowledged: VecDeque::new(),
+        }
     }
 
     /// What this node holds durably.
@@ -200,6 +213,7 @@ impl Replica {
             credit: 0,
             pending: 0,
             owed: 0,
+            owed_durable: Vec::new(),
             summary_due: now + self.settings.summary_interval,
         };
         self.peers.insert(peer, state);
@@ -227,8 +241,10 @@ impl Replica {
                 state.credit = credit.min(window);
                 self.pump(peer, log);
             }
-            Message::Credit { envelopes } => {
+            Message::Credit { envelopes, durable } => {
                 state.credit = state.credit.saturating_add(envelopes).min(window);
+                // Bounded by the frame size; the node keeps only what a waiting writer needs.
+                self.acknowledged.extend(durable.into_iter().map(|(origin, sequence)| (peer, origin, sequence)));
                 self.pump(peer, log);
             }
             Message::Changes { envelopes } => {
@@ -236,6 +252,7 @@ impl Replica {
                     state.known.insert(envelope.origin, envelope.sequence);
                     if self.local.contains(&envelope.origin, envelope.sequence) {
                         state.owed += 1;
+                        state.owed_durable.push((envelope.origin, envelope.sequence));
                     } else {
                         state.pending += 1;
                         self.applies.push_back((peer, envelope));
@@ -264,6 +281,7 @@ impl Replica {
             if let Some(peer) = source.and_then(|peer| self.peers.get_mut(&peer)) {
                 peer.pending = peer.pending.saturating_sub(1);
                 peer.owed += 1;
+                peer.owed_durable.push((*origin, *sequence));
             }
         }
         self.flush_credit();
@@ -294,6 +312,11 @@ impl Replica {
     /// [`Replica::handle_durable`].
     pub fn poll_apply(&mut self) -> Option<(PeerId, Envelope)> {
         self.applies.pop_front()
+    }
+
+    /// An envelope a peer says it now holds durably: (peer, origin, sequence).
+    pub fn poll_acknowledged(&mut self) -> Option<(PeerId, OriginId, u64)> {
+        self.acknowledged.pop_front()
     }
 
     /// When [`Replica::handle_timeout`] is next due.
@@ -329,7 +352,8 @@ impl Replica {
     fn flush_credit(&mut self) {
         for (&peer, state) in &mut self.peers {
             if state.owed > 0 {
-                self.transmits.push_back((peer, Message::Credit { envelopes: state.owed }));
+                let durable = std::mem::take(&mut state.owed_durable);
+                self.transmits.push_back((peer, Message::Credit { envelopes: state.owed, durable }));
                 state.owed = 0;
             }
         }

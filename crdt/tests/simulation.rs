@@ -125,6 +125,7 @@ impl SimulatedNode {
         if !durable.is_empty() {
             self.replica.handle_durable(now, &durable, &self.log);
         }
+        while self.replica.poll_acknowledged().is_some() {}
     }
 }
 
