@@ -59,6 +59,12 @@ impl Outbound for TransportOutbound {
         }
     }
 
+    fn connect(&mut self, address: SocketAddr) {
+        if let Err(error) = self.endpoint.connect(address) {
+            tracing::debug!(%address, %error, "not dialing an exchanged peer address");
+        }
+    }
+
     fn disconnect(&mut self, peer: u64, reason: &str) {
         let peer_id = self.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&peer);
         if let Some(peer_id) = peer_id {

@@ -25,7 +25,12 @@ pub trait Outbound: Send {
     fn send(&mut self, peer: PeerId, bytes: Vec<u8>) -> bool;
     /// Closes the connection to a peer that broke the protocol.
     fn disconnect(&mut self, peer: PeerId, reason: &str);
+    /// Dials an address learned from a peer (peer exchange), unless already connected to it.
+    fn connect(&mut self, address: std::net::SocketAddr);
 }
+
+/// The most addresses one peer-exchange message may carry; the rest are ignored.
+const EXCHANGED_ADDRESSES_MAX: usize = 256;
 
 /// What the node told the engine about a connected peer.
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +88,35 @@ impl Engine {
         self.replication.peers.insert(peer, info);
         self.replication.replica.handle_peer_connected(Instant::now(), peer);
         self.flush_transmits();
+        self.exchange_peers();
+    }
+
+    /// Tells every peer where the others listen, so a node that knows one seed meets them all.
+    fn exchange_peers(&mut self) {
+        let addresses: Vec<String> = self.replication.peers.values().map(|info| info.address.clone()).collect();
+        let bytes = Message::Peers { addresses }.encode();
+        let peers: Vec<PeerId> = self.replication.peers.keys().copied().collect();
+        if let Some(outbound) = self.replication.outbound.as_mut() {
+            for peer in peers {
+                outbound.send(peer, bytes.clone());
+            }
+        }
+    }
+
+    fn dial_exchanged(&mut self, addresses: &[String]) {
+        let known: std::collections::BTreeSet<&str> =
+            self.replication.peers.values().map(|info| info.address.as_str()).collect();
+        let unknown: Vec<std::net::SocketAddr> = addresses
+            .iter()
+            .take(EXCHANGED_ADDRESSES_MAX)
+            .filter(|address| !known.contains(address.as_str()))
+            .filter_map(|address| address.parse().ok())
+            .collect();
+        if let Some(outbound) = self.replication.outbound.as_mut() {
+            for address in unknown {
+                outbound.connect(address);
+            }
+        }
     }
 
     pub fn handle_peer_disconnected(&mut self, peer: PeerId) {
@@ -99,6 +133,9 @@ impl Engine {
             Ok(message) => message,
             Err(error) => return self.refuse_peer(peer, &format!("undecodable message: {error}")),
         };
+        if let Message::Peers { addresses } = &message {
+            return self.dial_exchanged(addresses);
+        }
         let now = Instant::now();
         let log = StoreLog(&self.store);
         match self.replication.replica.handle_peer_message(now, peer, message, &log) {

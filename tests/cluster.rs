@@ -235,3 +235,32 @@ async fn a_write_with_acks_waits_for_that_many_peers() {
     // The write itself is durable locally and replicates anyway.
     assert_eq!(first.get("acked", "too-many").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_learn_each_other_from_a_chain_of_seeds() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "second", "third"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    let second = start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await;
+    // The third node is told only about the second.
+    let third = start_peer(root.path(), &certs, "third", &[peer_address(&second)]).await;
+    let mut meshed = false;
+    for _ in 0..600 {
+        let counts = [
+            first.status().await["peers"].as_array().map_or(0, Vec::len),
+            third.status().await["peers"].as_array().map_or(0, Vec::len),
+        ];
+        if counts == [2, 2] {
+            meshed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(meshed, "first: {}, third: {}", first.status().await["peers"], third.status().await["peers"]);
+    // First and third now talk directly: a write on one reaches the other with two acks.
+    let (status, body) =
+        first.call(Method::PUT, &format!("{}?acks=2", record_path("c", "direct")), Some(json!({"n": 1}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(third.get("c", "direct").await.0, 200);
+}

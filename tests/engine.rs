@@ -134,6 +134,9 @@ impl concord::replication::Outbound for Wire {
     fn disconnect(&mut self, peer: u64, reason: &str) {
         panic!("peer {peer} disconnected: {reason}");
     }
+
+    /// The in-memory wire is fixed by the test; exchanged addresses are not dialed.
+    fn connect(&mut self, _address: std::net::SocketAddr) {}
 }
 
 /// Connects engines along `links` (pairs of indexes); peer ids are the other engine's index.

@@ -18,6 +18,9 @@
 //!   found them to be duplicates), named in `durable`; the sender may send that many more, and
 //!   counts them as acknowledged (see [`Replica::poll_acknowledged`]).
 //!
+//! - **Peers** `{addresses}`: peer exchange, handled by the node (which dials addresses it does
+//!   not know); the core ignores it.
+//!
 //! Both directions run at once and independently: each side streams what the other lacks.
 //!
 //! # Bounded memory and backpressure
@@ -85,6 +88,9 @@ pub enum Message {
     /// The receiver may send this many more envelopes; `durable` names the ones it made durable
     /// (or already held), so writers waiting for acknowledgements by peers can count them.
     Credit { envelopes: u32, durable: Vec<(OriginId, u64)> },
+    /// Peer exchange: addresses where the sender's peers listen. The node dials those it is not
+    /// connected to; the replication core ignores this message.
+    Peers { addresses: Vec<String> },
 }
 
 /// Why bytes are not a message.
@@ -247,6 +253,7 @@ impl Replica {
                 self.acknowledged.extend(durable.into_iter().map(|(origin, sequence)| (peer, origin, sequence)));
                 self.pump(peer, log);
             }
+            Message::Peers { .. } => {}
             Message::Changes { envelopes } => {
                 for envelope in envelopes {
                     state.known.insert(envelope.origin, envelope.sequence);
