@@ -264,3 +264,39 @@ async fn peers_learn_each_other_from_a_chain_of_seeds() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(third.get("c", "direct").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_heals_and_writes_from_both_sides_converge() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "second"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    // The second node reaches the first only through the fault-injecting relay.
+    let relay = support::relay::Relay::start(peer_address(&first).parse().unwrap()).await;
+    let second = start_peer(root.path(), &certs, "second", &[relay.address.to_string()]).await;
+    first.put("orders", "o-1", json!({"status": "new", "qty": 1})).await;
+    converge(&[&first, &second]).await;
+
+    relay.partition(true);
+    for round in 0..20 {
+        first.put("left", &format!("l{round}"), json!({"round": round})).await;
+        second.put("right", &format!("r{round}"), json!({"round": round})).await;
+    }
+    first.call(Method::PATCH, &record_path("orders", "o-1"), Some(json!({"status": "paid"}))).await;
+    second.call(Method::PATCH, &record_path("orders", "o-1"), Some(json!({"qty": 2}))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second.get("left", "l0").await.0, 404, "the partition holds");
+
+    relay.partition(false);
+    converge(&[&first, &second]).await;
+    for round in 0..20 {
+        assert_eq!(second.get("left", &format!("l{round}")).await.0, 200);
+        assert_eq!(first.get("right", &format!("r{round}")).await.0, 200);
+    }
+    let (_, order) = first.get("orders", "o-1").await;
+    assert_eq!(
+        order["value"],
+        json!({"status": "paid", "qty": 2}),
+        "edits to different fields on both sides both survive"
+    );
+}

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod relay;
+
 /// A node process. Killed (SIGKILL) when dropped, unless already stopped.
 pub struct Node {
     pub child: Option<Child>,
