@@ -574,14 +574,14 @@ fn render_peer_metrics(
     );
     for peer in peers {
         let label = peer.info.name.replace(['"', '\\', '\n'], "_");
-        let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"peer_lacks\"}} {}", peer.peer_lacks);
-        let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"we_lack\"}} {}", peer.we_lack);
+        if let (Some(peer_lacks), Some(we_lack)) = (peer.peer_lacks, peer.we_lack) {
+            let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"peer_lacks\"}} {peer_lacks}");
+            let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"we_lack\"}} {we_lack}");
+        }
     }
-    let _ = writeln!(
-        text,
-        "# HELP concord_peers Connected peers.\n# TYPE concord_peers gauge\nconcord_peers {}",
-        peers.len()
-    );
+    let connected = peers.iter().filter(|peer| peer.connected).count();
+    let _ =
+        writeln!(text, "# HELP concord_peers Connected peers.\n# TYPE concord_peers gauge\nconcord_peers {connected}");
     if let Some(endpoint) = transport {
         for (field, value) in endpoint.counters().fields() {
             let name = format!("concord_transport_{field}_total");

@@ -365,6 +365,7 @@ pub fn start(
             peers: Default::default(),
             durable: Vec::new(),
             acknowledged: Default::default(),
+            disconnected: Vec::new(),
             waiters: Vec::new(),
         },
     };

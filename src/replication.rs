@@ -40,18 +40,23 @@ pub struct PeerInfo {
     pub address: String,
 }
 
-/// One peer as status reports it.
+/// One peer as status reports it: connected ones with their lag, and peers seen before that
+/// are disconnected now (without lag: nothing current is known).
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerStatus {
-    pub peer: PeerId,
+    /// The connection's number, while connected.
+    pub peer: Option<PeerId>,
     #[serde(flatten)]
     pub info: PeerInfo,
     pub connected: bool,
-    /// Changes we hold that the peer lacks, as far as we know.
-    pub peer_lacks: u64,
-    /// Changes the peer holds that we lack, as far as we know.
-    pub we_lack: u64,
+    /// Changes we hold that the peer lacks, as far as we know (connected peers only).
+    pub peer_lacks: Option<u64>,
+    /// Changes the peer holds that we lack, as far as we know (connected peers only).
+    pub we_lack: Option<u64>,
 }
+
+/// How many disconnected peers status remembers; the oldest are forgotten first.
+const DISCONNECTED_PEERS_MAX: usize = 256;
 
 /// The change log in the store, read by the core to send peers what they lack.
 pub(crate) struct StoreLog<'a>(pub &'a Store);
@@ -85,6 +90,7 @@ impl Engine {
 
     pub fn handle_peer_connected(&mut self, peer: PeerId, info: PeerInfo) {
         tracing::info!(peer, name = %info.name, address = %info.address, "peer connected");
+        self.replication.disconnected.retain(|(known, _)| known.node_id != info.node_id);
         self.replication.peers.insert(peer, info);
         self.replication.replica.handle_peer_connected(Instant::now(), peer);
         self.flush_transmits();
@@ -120,7 +126,16 @@ impl Engine {
     }
 
     pub fn handle_peer_disconnected(&mut self, peer: PeerId) {
-        self.replication.peers.remove(&peer);
+        if let Some(info) = self.replication.peers.remove(&peer) {
+            let still_connected = self.replication.peers.values().any(|other| other.node_id == info.node_id);
+            if !still_connected {
+                self.replication.disconnected.retain(|(known, _)| known.node_id != info.node_id);
+                if self.replication.disconnected.len() == DISCONNECTED_PEERS_MAX {
+                    self.replication.disconnected.remove(0);
+                }
+                self.replication.disconnected.push((info, std::time::SystemTime::now()));
+            }
+        }
         self.replication.acknowledged.remove(&peer);
         self.replication.replica.handle_peer_disconnected(Instant::now(), peer);
     }
@@ -236,20 +251,24 @@ impl Engine {
 
     pub fn peer_statuses(&self) -> Vec<PeerStatus> {
         let lags = self.replication.replica.peer_lags();
-        self.replication
-            .peers
-            .iter()
-            .map(|(&peer, info)| {
-                let lag = lags.get(&peer).copied().unwrap_or(crdt::replica::PeerLag { peer_lacks: 0, we_lack: 0 });
-                PeerStatus {
-                    peer,
-                    info: info.clone(),
-                    connected: true,
-                    peer_lacks: lag.peer_lacks,
-                    we_lack: lag.we_lack,
-                }
-            })
-            .collect()
+        let connected = self.replication.peers.iter().map(|(&peer, info)| {
+            let lag = lags.get(&peer);
+            PeerStatus {
+                peer: Some(peer),
+                info: info.clone(),
+                connected: true,
+                peer_lacks: lag.map(|lag| lag.peer_lacks),
+                we_lack: lag.map(|lag| lag.we_lack),
+            }
+        });
+        let disconnected = self.replication.disconnected.iter().map(|(info, _)| PeerStatus {
+            peer: None,
+            info: info.clone(),
+            connected: false,
+            peer_lacks: None,
+            we_lack: None,
+        });
+        connected.chain(disconnected).collect()
     }
 
     fn flush_transmits(&mut self) {
@@ -300,5 +319,7 @@ pub(crate) struct Replication {
     pub(crate) durable: Vec<(Option<PeerId>, OriginId, u64)>,
     /// Per connected peer, what it said it holds durably (from its credit messages).
     pub(crate) acknowledged: BTreeMap<PeerId, crdt::version_vector::VersionVector>,
+    /// Peers seen before and not connected now, with when they left, oldest first.
+    pub(crate) disconnected: Vec<(PeerInfo, std::time::SystemTime)>,
     pub(crate) waiters: Vec<Waiter>,
 }

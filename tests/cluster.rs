@@ -142,6 +142,22 @@ async fn a_node_killed_mid_write_catches_up_and_loses_nothing_acknowledged() {
         second.put("c", &format!("b{round}"), json!({"round": round})).await;
     }
     second.kill();
+    // Status keeps the lost peer, marked disconnected (noticed when QUIC's idle timeout or the
+    // connection loss fires).
+    let mut noticed = false;
+    for _ in 0..1_500 {
+        let status = first.status().await;
+        noticed = status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|peer| peer["name"] == "second" && peer["connected"] == false);
+        if noticed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(noticed, "the first node shows the second as disconnected: {}", first.status().await["peers"]);
     // The first node keeps writing while the second is down.
     for round in 0..50 {
         first.put("c", &format!("offline{round}"), json!({"round": round})).await;
