@@ -143,6 +143,9 @@ pub struct WriteArgs {
     pub key: String,
     /// A JSON object.
     pub json: String,
+    /// Answer only once this many peers hold the change durably.
+    #[arg(long, default_value_t = 0)]
+    pub acks: usize,
     #[command(flatten)]
     pub client: ClientArgs,
 }

@@ -182,7 +182,12 @@ async fn write_record(method: Method, arguments: &WriteArgs) -> anyhow::Result<(
     let (collection, id) = split_key(&arguments.key)?;
     let client = Client::new(&arguments.client)?;
     let body = parse_object(&arguments.json)?;
-    let record = client.json(method, &["v1", "collections", collection, "records", id], Some(body)).await?;
+    let mut url = client.url(&["v1", "collections", collection, "records", id])?;
+    if arguments.acks > 0 {
+        url.query_pairs_mut().append_pair("acks", &arguments.acks.to_string());
+    }
+    let response = client.send(client.request(method, url).json(&body)).await?;
+    let record: Value = response.json().await.context("the node's answer is not JSON")?;
     print_record(&record, arguments.client.output);
     Ok(())
 }

@@ -250,6 +250,11 @@ async fn a_write_with_acks_waits_for_that_many_peers() {
     assert!(message.contains("2 of the 3 peers"), "{message}");
     // The write itself is durable locally and replicates anyway.
     assert_eq!(first.get("acked", "too-many").await.0, 200);
+
+    // The CLI passes --acks too.
+    let (ok, _, stderr) = first.cli(&["put", "acked/from-cli", r#"{"n":2}"#, "--acks", "2"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(third.get("acked", "from-cli").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
