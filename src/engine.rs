@@ -646,7 +646,13 @@ impl Engine {
 
     /// Reads a record; `None` when it does not exist or is deleted.
     pub fn read_record(&mut self, key: RecordKey) -> Result<Option<RecordRead>, EngineError> {
-        let Some(document) = self.take_document(&key)? else { return Ok(None) };
+        let view = self.record_view(&key)?;
+        Ok(view.filter(|view| view.value.is_some()).map(|view| RecordRead { key, view }))
+    }
+
+    /// The view of a record document, deleted or not; `None` when there is no document.
+    fn record_view(&mut self, key: &RecordKey) -> Result<Option<RecordView>, EngineError> {
+        let Some(document) = self.take_document(key)? else { return Ok(None) };
         let result = match &document.body {
             Body::Record(record) => record
                 .view()
@@ -655,8 +661,7 @@ impl Engine {
         };
         self.put_back(key.clone(), document);
         self.metrics.reads.inc();
-        let view = result?;
-        Ok(view.value.is_some().then_some(RecordRead { key, view }))
+        result.map(Some)
     }
 
     /// Lists live records of `collection` whose id starts with `prefix`, after id `after`.
@@ -716,14 +721,10 @@ impl Engine {
 
     fn feed_event(&mut self, sequence: u64, entry: FeedEntry) -> Result<FeedEvent, EngineError> {
         let (value, version, kind) = match entry.kind {
-            DocumentKind::Record => {
-                let read = self.read_record(entry.key.clone())?;
-                let version = match &read {
-                    Some(read) => read.view.version.clone(),
-                    None => self.record_version(&entry.key)?,
-                };
-                (read.and_then(|read| read.view.value.map(serde_json::Value::Object)), version, "record")
-            }
+            DocumentKind::Record => match self.record_view(&entry.key)? {
+                Some(view) => (view.value.map(serde_json::Value::Object), view.version, "record"),
+                None => (None, String::new(), "record"),
+            },
             DocumentKind::Text => (None, String::new(), "text"),
         };
         Ok(FeedEvent {
@@ -738,16 +739,6 @@ impl Engine {
             origin_sequence: entry.sequence,
             timestamp: entry.timestamp,
         })
-    }
-
-    fn record_version(&mut self, key: &RecordKey) -> Result<String, EngineError> {
-        let Some(document) = self.take_document(key)? else { return Ok(String::new()) };
-        let version = match &document.body {
-            Body::Record(record) => record.version(),
-            Body::Text(_) => String::new(),
-        };
-        self.put_back(key.clone(), document);
-        Ok(version)
     }
 
     pub fn status(&self) -> Status {

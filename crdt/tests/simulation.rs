@@ -160,7 +160,6 @@ struct Simulation {
     faults: Faults,
     /// Nodes on side A of the current partition, if any.
     partition: Option<BTreeSet<usize>>,
-    delivered: u64,
     /// Envelopes put in Changes messages, counted once per send (before loss or duplication).
     envelopes_sent: u64,
 }
@@ -186,7 +185,6 @@ impl Simulation {
             in_flight: Vec::new(),
             faults,
             partition: None,
-            delivered: 0,
             envelopes_sent: 0,
         };
         for first in 0..node_count {
@@ -267,9 +265,7 @@ impl Simulation {
             let node = &mut self.nodes[message.to];
             if node.replica.handle_peer_message(now, message.from as PeerId, message.message, &node.log).is_err() {
                 self.disconnect(pair.0, pair.1);
-                continue;
             }
-            self.delivered += 1;
         }
         for node in &mut self.nodes {
             if node.replica.poll_timeout().is_some_and(|due| due <= now) {
