@@ -65,8 +65,7 @@ fn durable_writes(criterion: &mut Criterion) {
     let settings = EngineSettings {
         name: Some("bench".into()),
         cache_documents: NonZeroUsize::new(4096).expect("non-zero"),
-        text_limits: Default::default(),
-        replication: Default::default(),
+        ..EngineSettings::default()
     };
     let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
     let mut group = criterion.benchmark_group("engine");

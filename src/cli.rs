@@ -108,6 +108,10 @@ pub struct StartArgs {
     /// The cluster id; must match the CA's.
     #[arg(long)]
     pub cluster: Option<String>,
+    /// How long the change log keeps changes, in seconds (default a week). Peers further behind
+    /// are bootstrapped from snapshots.
+    #[arg(long)]
+    pub log_retention_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -58,6 +58,8 @@ pub struct ConfigFile {
     /// sled's page cache, in bytes.
     pub store_cache_bytes: Option<u64>,
     pub body_bytes_max: Option<usize>,
+    /// How long the change log keeps changes, in seconds.
+    pub log_retention_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +81,7 @@ pub struct NodeConfig {
     pub cache_documents: usize,
     pub store_cache_bytes: u64,
     pub body_bytes_max: usize,
+    pub log_retention: std::time::Duration,
 }
 
 /// Command-line values that override the config file.
@@ -93,6 +96,7 @@ pub struct Overrides {
     pub peers: Vec<SocketAddr>,
     pub certs_dir: Option<PathBuf>,
     pub cluster: Option<String>,
+    pub log_retention_seconds: Option<u64>,
 }
 
 impl NodeConfig {
@@ -138,6 +142,10 @@ impl NodeConfig {
             cache_documents: file.cache_documents.unwrap_or(4096).max(1),
             store_cache_bytes: file.store_cache_bytes.unwrap_or(store::CACHE_BYTES_DEFAULT),
             body_bytes_max: file.body_bytes_max.unwrap_or(1 << 20),
+            log_retention: overrides
+                .log_retention_seconds
+                .or(file.log_retention_seconds)
+                .map_or(crate::engine::LOG_RETENTION_DEFAULT, std::time::Duration::from_secs),
         };
         if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {
             bail!(

@@ -30,6 +30,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
+mod snapshots;
+
+pub(crate) use snapshots::StoreSource;
+pub use snapshots::{LOG_RETENTION_DEFAULT, SNAPSHOT_RECORD_BYTES_MAX};
+
 /// The most jobs that share one group commit.
 pub const BATCH_JOBS_MAX: usize = 512;
 /// How many jobs may wait for the engine before callers wait for room.
@@ -243,6 +248,10 @@ pub struct Engine {
     clock: Clock,
     next_sequence: u64,
     version_vector: VersionVector,
+    /// Per origin, below which the change log lacks changes this node holds (see `snapshots`).
+    log_floors: crdt::replica::LogFloors,
+    floors_dirty: bool,
+    retention: snapshots::Retention,
     counters: StoredCounters,
     counters_dirty: bool,
     compaction: VecDeque<RecordKey>,
@@ -320,6 +329,20 @@ pub struct EngineSettings {
     pub cache_documents: NonZeroUsize,
     pub text_limits: TextLimits,
     pub replication: crdt::replica::Settings,
+    /// How long the change log keeps a change (see `snapshots`).
+    pub log_retention: std::time::Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            name: None,
+            cache_documents: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
+            text_limits: TextLimits::default(),
+            replication: crdt::replica::Settings::default(),
+            log_retention: LOG_RETENTION_DEFAULT,
+        }
+    }
 }
 
 /// Opens the engine over `store` on its own thread. The returned join handle yields the error
@@ -333,6 +356,10 @@ pub fn start(
     let version_vector = match store.meta("version_vector")? {
         Some(bytes) => decode_meta(&bytes, "version_vector")?,
         None => VersionVector::new(),
+    };
+    let log_floors: crdt::replica::LogFloors = match store.meta("log_floors")? {
+        Some(bytes) => decode_meta(&bytes, "log_floors")?,
+        None => Default::default(),
     };
     let counters: StoredCounters = match store.meta("counters")? {
         Some(bytes) => decode_meta(&bytes, "counters")?,
@@ -353,6 +380,9 @@ pub fn start(
         clock: Clock::new(),
         next_sequence: 1,
         version_vector: version_vector.clone(),
+        log_floors: log_floors.clone(),
+        floors_dirty: false,
+        retention: snapshots::Retention::new(settings.log_retention),
         counters,
         counters_dirty: false,
         compaction: VecDeque::new(),
@@ -360,10 +390,12 @@ pub fn start(
         text_limits: settings.text_limits,
         metrics,
         replication: crate::replication::Replication {
-            replica: crdt::replica::Replica::new(version_vector.clone(), settings.replication, Instant::now()),
+            replica: crdt::replica::Replica::new(version_vector, log_floors, settings.replication, Instant::now()),
             outbound: None,
             peers: Default::default(),
             durable: Vec::new(),
+            floors_changed: false,
+            traffic: Default::default(),
             acknowledged: Default::default(),
             disconnected: Vec::new(),
             waiters: Vec::new(),
@@ -449,6 +481,12 @@ impl Engine {
             self.batch.put_meta("version_vector", &rmp_serde::to_vec(&self.version_vector).unwrap_or_default());
             self.counters_dirty = false;
         }
+        if self.floors_dirty {
+            self.batch.put_meta("log_floors", &rmp_serde::to_vec(&self.log_floors).unwrap_or_default());
+            self.floors_dirty = false;
+            // The core hears of them once this batch is durable (`after_commit`).
+            self.replication.floors_changed = true;
+        }
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -533,7 +571,11 @@ impl Engine {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         // Durable once this batch commits; the replication core hears of it then.
-        self.replication.durable.push((None, self.identity.origin, sequence));
+        self.replication.durable.push(crdt::replica::Durable::Change {
+            source: None,
+            origin: self.identity.origin,
+            sequence,
+        });
         Envelope {
             origin: self.identity.origin,
             node: self.identity.node,
@@ -597,29 +639,45 @@ impl Engine {
         Document { body, next_increment: 0, stored: false }
     }
 
-    /// Stages a change that `document` already holds: its bytes (a new document whole, else one
-    /// increment), the log entry, the version vector, the record count and the digest. When the
-    /// change became visible (one held back for missing dependencies does not), also a feed entry.
+    /// Stages a change that `document` already holds: its bytes (see [`Engine::stage_bytes`]),
+    /// the log entry, the version vector, the record count and the digest. When the change
+    /// became visible (one held back for missing dependencies does not), also a feed entry.
     fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
-        self.counters_dirty = true;
-        let key = &envelope.key;
+        self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change);
+        let feed = visible.then(|| FeedEntry {
+            key: envelope.key.clone(),
+            kind: envelope.kind,
+            origin: envelope.origin,
+            sequence: envelope.sequence,
+            timestamp: envelope.timestamp,
+        });
+        self.stage_accounting(document, &envelope.key, before, feed);
+    }
+
+    /// Stages change bytes `document` already holds: a new document is stored as nothing plus
+    /// its first change (cheaper than a full save, and it keeps exactly the bytes that were
+    /// accepted; see `compact_some`), a stored one gains an increment.
+    fn stage_bytes(&mut self, document: &mut Document, key: &RecordKey, kind: DocumentKind, change: &[u8]) {
         let key_bytes = key.to_bytes();
         if document.stored {
-            self.batch.put_increment(&key_bytes, document.next_increment, &envelope.change);
+            self.batch.put_increment(&key_bytes, document.next_increment, change);
             document.next_increment += 1;
             if document.next_increment >= INCREMENTS_COMPACT_AT && self.compaction_queued.insert(key.clone()) {
                 self.compaction.push_back(key.clone());
             }
         } else {
-            // A new document is stored as nothing plus its first change: cheaper than a full
-            // save, and it keeps exactly the bytes that were accepted (see `compact_some`).
-            self.batch.put_document(&key_bytes, &encode_entry(envelope.kind, Vec::new()));
-            self.batch.put_increment(&key_bytes, 0, &envelope.change);
+            self.batch.put_document(&key_bytes, &encode_entry(kind, Vec::new()));
+            self.batch.put_increment(&key_bytes, 0, change);
             document.next_increment = 1;
             document.stored = true;
         }
+    }
+
+    /// After a document changed: the record count, the digest, and the feed entry if any.
+    fn stage_accounting(&mut self, document: &Document, key: &RecordKey, before: Before, feed: Option<FeedEntry>) {
+        self.counters_dirty = true;
         match (before.live, document.body.is_live()) {
             (false, true) => self.counters.record_count += 1,
             (true, false) => self.counters.record_count = self.counters.record_count.saturating_sub(1),
@@ -629,18 +687,9 @@ impl Engine {
             xor_into(&mut self.counters.digest, &digest);
         }
         xor_into(&mut self.counters.digest, &document.body.digest(key));
-        if !visible {
-            return;
-        }
+        let Some(feed) = feed else { return };
         self.counters.feed_sequence += 1;
-        let feed_entry = FeedEntry {
-            key: key.clone(),
-            kind: envelope.kind,
-            origin: envelope.origin,
-            sequence: envelope.sequence,
-            timestamp: envelope.timestamp,
-        };
-        self.batch.put_feed(self.counters.feed_sequence, &rmp_serde::to_vec(&feed_entry).unwrap_or_default());
+        self.batch.put_feed(self.counters.feed_sequence, &rmp_serde::to_vec(&feed).unwrap_or_default());
         self.metrics.writes.inc();
     }
 
@@ -760,6 +809,11 @@ impl Engine {
             digest: hex::encode(self.counters.digest),
             peers: self.peer_statuses(),
         }
+    }
+
+    /// Per origin, below which the change log lacks changes this node holds.
+    pub fn log_floors(&self) -> Vec<(OriginId, u64)> {
+        self.log_floors.iter().map(|(origin, floor)| (*origin, *floor)).collect()
     }
 
     pub fn store(&self) -> &Store {

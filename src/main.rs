@@ -40,6 +40,7 @@ fn main() -> std::process::ExitCode {
                     peers: arguments.peers,
                     certs_dir: arguments.certs_dir,
                     cluster: arguments.cluster,
+                    log_retention_seconds: arguments.log_retention_seconds,
                 })?;
                 node::run(config).await
             }

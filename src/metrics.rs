@@ -78,6 +78,10 @@ pub struct Metrics {
     pub peer_bytes_sent: Counter,
     pub peer_bytes_received: Counter,
     pub peer_protocol_errors: Counter,
+    /// Documents merged from peers' snapshots.
+    pub snapshot_records_received: Counter,
+    /// Change-log entries deleted by retention.
+    pub log_entries_trimmed: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
 }
@@ -109,7 +113,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 17] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -140,6 +144,16 @@ impl Metrics {
                 "concord_peer_protocol_errors_total",
                 "Peers disconnected for breaking the protocol.",
                 &self.peer_protocol_errors,
+            ),
+            (
+                "concord_snapshot_records_received_total",
+                "Documents merged from peers' snapshots (bootstrap).",
+                &self.snapshot_records_received,
+            ),
+            (
+                "concord_log_entries_trimmed_total",
+                "Change-log entries deleted by retention.",
+                &self.log_entries_trimmed,
             ),
         ];
         for (name, help, counter) in counters {

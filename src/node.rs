@@ -44,6 +44,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         cache_documents: NonZeroUsize::new(config.cache_documents).unwrap_or(NonZeroUsize::MIN),
         text_limits: TextLimits::default(),
         replication: crdt::replica::Settings::default(),
+        log_retention: config.log_retention,
     };
     let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
     let identity = engine.identity.clone();

@@ -9,13 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crdt::envelope::Envelope;
 use crdt::identity::OriginId;
-use crdt::replica::{ChangeLog, Message, PeerId};
+use crdt::replica::{Apply, Durable, Message, PeerId};
 use serde::Serialize;
-use store::Store;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, StoreSource};
 
 /// Where the engine's messages for peers go: the node implements it over the transport.
 pub trait Outbound: Send {
@@ -53,34 +51,23 @@ pub struct PeerStatus {
     pub peer_lacks: Option<u64>,
     /// Changes the peer holds that we lack, as far as we know (connected peers only).
     pub we_lack: Option<u64>,
+    /// Whether we are sending it a snapshot now (connected peers only).
+    pub bootstrapping: Option<bool>,
+    pub traffic: PeerTraffic,
+}
+
+/// What crossed the wire with one peer (by node id, across reconnections) since this start.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PeerTraffic {
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub snapshot_records_sent: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// How many disconnected peers status remembers; the oldest are forgotten first.
 const DISCONNECTED_PEERS_MAX: usize = 256;
-
-/// The change log in the store, read by the core to send peers what they lack.
-pub(crate) struct StoreLog<'a>(pub &'a Store);
-
-impl ChangeLog for StoreLog<'_> {
-    fn read(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
-        match self.0.log_range(origin.as_bytes(), from, limit) {
-            Ok(entries) => entries
-                .into_iter()
-                .filter_map(|(sequence, bytes)| match Envelope::decode(&bytes) {
-                    Ok(envelope) => Some(envelope),
-                    Err(error) => {
-                        tracing::warn!(%origin, sequence, %error, "skipping a change-log entry that does not decode");
-                        None
-                    }
-                })
-                .collect(),
-            Err(error) => {
-                tracing::warn!(%origin, %error, "cannot read the change log");
-                Vec::new()
-            }
-        }
-    }
-}
 
 impl Engine {
     /// Where messages for peers go from now on.
@@ -144,6 +131,7 @@ impl Engine {
     pub fn handle_peer_frame(&mut self, peer: PeerId, bytes: &[u8]) {
         self.metrics.peer_frames_received.inc();
         self.metrics.peer_bytes_received.add(bytes.len() as u64);
+        self.replication.count_traffic(peer, |traffic| traffic.bytes_received += bytes.len() as u64);
         let message = match Message::decode(bytes) {
             Ok(message) => message,
             Err(error) => return self.refuse_peer(peer, &format!("undecodable message: {error}")),
@@ -152,8 +140,7 @@ impl Engine {
             return self.dial_exchanged(addresses);
         }
         let now = Instant::now();
-        let log = StoreLog(&self.store);
-        match self.replication.replica.handle_peer_message(now, peer, message, &log) {
+        match self.replication.replica.handle_peer_message(now, peer, message, &StoreSource(&self.store)) {
             Ok(()) => {}
             // A frame racing its connection's open or close: nothing to answer, nothing broken.
             Err(crdt::replica::ProtocolError::UnknownPeer(_)) => {
@@ -163,29 +150,52 @@ impl Engine {
             Err(error) => return self.refuse_peer(peer, &error.to_string()),
         }
         self.record_acknowledgements();
-        while let Some((source, envelope)) = self.replication.replica.poll_apply() {
-            let id = (envelope.origin, envelope.sequence);
-            let observed = envelope.timestamp;
-            match self.apply_envelope(envelope) {
-                Ok(true) => self.metrics.observe_replication_latency(observed),
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(peer, origin = %id.0, sequence = id.1, %error, "refused a change from a peer")
-                }
-            }
-            // Consumed either way: a change that cannot apply never will, and holding the peer's
-            // credit for it would stall the link.
-            self.replication.durable.push((Some(source), id.0, id.1));
+        while let Some((source, apply)) = self.replication.replica.poll_apply() {
+            let durable = self.apply_from_peer(source, apply);
+            self.replication.durable.push(durable);
         }
         self.flush_transmits();
     }
 
-    /// Periodic work: summaries (anti-entropy) to peers that are due one.
+    /// Applies one thing the core handed over. It is consumed either way: a change or record
+    /// that cannot apply never will, and holding the peer's credit for it would stall the link.
+    fn apply_from_peer(&mut self, source: PeerId, apply: Apply) -> Durable {
+        match apply {
+            Apply::Change(envelope) => {
+                let (origin, sequence, observed) = (envelope.origin, envelope.sequence, envelope.timestamp);
+                match self.apply_envelope(envelope) {
+                    Ok(true) => self.metrics.observe_replication_latency(observed),
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(peer = source, %origin, sequence, %error, "refused a change from a peer")
+                    }
+                }
+                self.replication.count_traffic(source, |traffic| traffic.changes_received += 1);
+                Durable::Change { source: Some(source), origin, sequence }
+            }
+            Apply::Record(record) => {
+                let key = record.key.clone();
+                if let Err(error) = self.apply_snapshot_record(record) {
+                    tracing::warn!(peer = source, %key, %error, "refused a snapshot record from a peer");
+                }
+                self.metrics.snapshot_records_received.inc();
+                Durable::Record { source }
+            }
+            Apply::SnapshotEnd(version_vector) => {
+                tracing::info!(peer = source, origins = version_vector.len(), "bootstrapped from a peer's snapshot");
+                self.apply_snapshot_end(&version_vector);
+                Durable::SnapshotEnd { source, version_vector }
+            }
+        }
+    }
+
+    /// Periodic work: summaries (anti-entropy) to peers that are due one, and log retention.
     pub fn replication_tick(&mut self) {
         let now = Instant::now();
+        self.trim_log_if_due(now);
         let due = self.replication.replica.poll_timeout().is_some_and(|due| due <= now);
         if due {
-            self.replication.replica.handle_timeout(now, &StoreLog(&self.store));
+            self.replication.replica.handle_timeout(now, &StoreSource(&self.store));
             self.flush_transmits();
         }
     }
@@ -193,11 +203,16 @@ impl Engine {
     /// After a group commit: what it made durable goes to the core, which grants credit and
     /// relays to peers that lack it.
     pub(crate) fn after_commit(&mut self) {
+        if std::mem::take(&mut self.replication.floors_changed) {
+            for (origin, floor) in self.log_floors() {
+                self.replication.replica.handle_log_trimmed(origin, floor);
+            }
+        }
         if self.replication.durable.is_empty() {
             return;
         }
         let durable = std::mem::take(&mut self.replication.durable);
-        self.replication.replica.handle_durable(Instant::now(), &durable, &StoreLog(&self.store));
+        self.replication.replica.handle_durable(Instant::now(), &durable, &StoreSource(&self.store));
         self.flush_transmits();
     }
 
@@ -259,6 +274,8 @@ impl Engine {
                 connected: true,
                 peer_lacks: lag.map(|lag| lag.peer_lacks),
                 we_lack: lag.map(|lag| lag.we_lack),
+                bootstrapping: lag.map(|lag| lag.bootstrapping),
+                traffic: self.replication.traffic.get(&info.node_id).copied().unwrap_or_default(),
             }
         });
         let disconnected = self.replication.disconnected.iter().map(|(info, _)| PeerStatus {
@@ -267,6 +284,8 @@ impl Engine {
             connected: false,
             peer_lacks: None,
             we_lack: None,
+            bootstrapping: None,
+            traffic: self.replication.traffic.get(&info.node_id).copied().unwrap_or_default(),
         });
         connected.chain(disconnected).collect()
     }
@@ -275,6 +294,11 @@ impl Engine {
         while let Some((peer, message)) = self.replication.replica.poll_transmit() {
             let bytes = message.encode();
             let length = bytes.len() as u64;
+            let (changes, records) = match &message {
+                Message::Changes { envelopes } => (envelopes.len() as u64, 0),
+                Message::Snapshot { records, .. } => (0, records.len() as u64),
+                _ => (0, 0),
+            };
             let sent = match self.replication.outbound.as_mut() {
                 Some(outbound) => outbound.send(peer, bytes),
                 None => false,
@@ -282,6 +306,11 @@ impl Engine {
             if sent {
                 self.metrics.peer_frames_sent.inc();
                 self.metrics.peer_bytes_sent.add(length);
+                self.replication.count_traffic(peer, |traffic| {
+                    traffic.bytes_sent += length;
+                    traffic.changes_sent += changes;
+                    traffic.snapshot_records_sent += records;
+                });
             } else {
                 self.metrics.peer_frames_dropped.inc();
             }
@@ -315,11 +344,37 @@ pub(crate) struct Replication {
     pub(crate) replica: crdt::replica::Replica,
     pub(crate) outbound: Option<Box<dyn Outbound>>,
     pub(crate) peers: BTreeMap<PeerId, PeerInfo>,
-    /// What the current batch makes durable: `(source peer, origin, sequence)`.
-    pub(crate) durable: Vec<(Option<PeerId>, OriginId, u64)>,
+    /// What the current batch makes durable.
+    pub(crate) durable: Vec<Durable>,
+    /// The log floors changed in the last commit; the core is told after it.
+    pub(crate) floors_changed: bool,
+    /// Per peer node id, what crossed the wire (connected and remembered peers only).
+    pub(crate) traffic: BTreeMap<String, PeerTraffic>,
     /// Per connected peer, what it said it holds durably (from its credit messages).
     pub(crate) acknowledged: BTreeMap<PeerId, crdt::version_vector::VersionVector>,
     /// Peers seen before and not connected now, with when they left, oldest first.
     pub(crate) disconnected: Vec<(PeerInfo, std::time::SystemTime)>,
     pub(crate) waiters: Vec<Waiter>,
+}
+
+impl Replication {
+    /// Counts traffic with a connected peer under its node id.
+    fn count_traffic(&mut self, peer: PeerId, count: impl FnOnce(&mut PeerTraffic)) {
+        let Some(info) = self.peers.get(&peer) else { return };
+        if !self.traffic.contains_key(&info.node_id) {
+            // Bounded like status's peers: forget the traffic of peers status forgot.
+            let remembered = |node_id: &String| {
+                self.peers.values().any(|info| &info.node_id == node_id)
+                    || self.disconnected.iter().any(|(info, _)| &info.node_id == node_id)
+            };
+            if self.traffic.len() >= DISCONNECTED_PEERS_MAX * 2 {
+                let forgotten: Vec<String> =
+                    self.traffic.keys().filter(|node_id| !remembered(node_id)).cloned().collect();
+                for node_id in forgotten {
+                    self.traffic.remove(&node_id);
+                }
+            }
+        }
+        count(self.traffic.entry(info.node_id.clone()).or_default());
+    }
 }

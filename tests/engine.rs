@@ -21,6 +21,14 @@ fn object(value: Value) -> serde_json::Map<String, Value> {
 }
 
 async fn start(directory: &std::path::Path, name: &str) -> EngineHandle {
+    start_with_retention(directory, name, engine::LOG_RETENTION_DEFAULT).await
+}
+
+async fn start_with_retention(
+    directory: &std::path::Path,
+    name: &str,
+    log_retention: std::time::Duration,
+) -> EngineHandle {
     let store = store::Store::open(directory).expect("open store");
     let settings = EngineSettings {
         name: Some(name.into()),
@@ -30,6 +38,7 @@ async fn start(directory: &std::path::Path, name: &str) -> EngineHandle {
             summary_interval: std::time::Duration::from_millis(100),
             ..Default::default()
         },
+        log_retention,
     };
     let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
     // The node's timer: anti-entropy summaries when due.
@@ -247,4 +256,117 @@ async fn a_chain_of_engines_converges_through_the_middle_one() {
     write(&engines[0], "later", Operation::Replace(object(json!({"n": 1})))).await;
     let statuses = wait_for_equal_digests(&engines).await;
     assert_eq!(statuses[2].record_count, 3);
+}
+
+async fn read_value(engine: &EngineHandle, id: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let key = RecordKey::new("orders", id).unwrap();
+    engine.call(move |engine| engine.read_record(key)).await.unwrap().unwrap().and_then(|read| read.view.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_engine_bootstraps_from_documents_not_history() {
+    let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let engines = vec![start(directories[0].path(), "engine-0").await, start(directories[1].path(), "engine-1").await];
+    // 200 changes to 5 records, a deleted record, and a text.
+    for round in 0..200 {
+        write(&engines[0], &format!("order-{}", round % 5), Operation::Increment { field: "n".into(), by: 1 }).await;
+    }
+    write(&engines[0], "gone", Operation::Replace(object(json!({"a": 1})))).await;
+    write(&engines[0], "gone", Operation::Delete).await;
+    let text_key = RecordKey::new("notes", "readme").unwrap();
+    let mut text = crdt::text::TextDocument::new(7);
+    let update = text.insert_text("body", 0, "hello").unwrap();
+    engines[0].call(move |engine| engine.apply_text_update(text_key, update)).await.unwrap().unwrap();
+
+    wire(&engines, &[(0, 1)]).await;
+    let statuses = wait_for_equal_digests(&engines).await;
+    assert_eq!(statuses[1].record_count, 6);
+    assert_eq!(read_value(&engines[1], "order-3").await.unwrap()["n"], json!(40));
+    assert_eq!(read_value(&engines[1], "gone").await, None, "the delete came with the document");
+    let text_key = RecordKey::new("notes", "readme").unwrap();
+    let plain = engines[1].call(move |engine| engine.text_plain(text_key, "body".into())).await.unwrap().unwrap();
+    assert_eq!(plain.as_deref(), Some("hello"));
+
+    // Documents crossed, not the 203 changes, and the new engine knows its log lacks them.
+    let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
+    assert_eq!(peers[0].traffic.snapshot_records_sent, 7);
+    assert_eq!(peers[0].traffic.changes_sent, 0);
+    let origin = statuses[0].origin.clone();
+    let floors = engines[1].call(|engine| engine.log_floors()).await.unwrap();
+    assert_eq!(
+        floors.iter().map(|(origin, floor)| (origin.to_string(), *floor)).collect::<Vec<_>>(),
+        vec![(origin, 204)]
+    );
+    // The feed of the new engine shows each document once, from the snapshot.
+    let events = engines[1].call(|engine| engine.feed_page(0, 100)).await.unwrap().unwrap();
+    assert_eq!(events.len(), 7);
+    assert!(events.iter().all(|event| event.origin_sequence == 0));
+
+    // Later writes on either side travel as changes.
+    write(&engines[1], "order-0", Operation::Increment { field: "n".into(), by: 5 }).await;
+    write(&engines[0], "order-1", Operation::Increment { field: "n".into(), by: 5 }).await;
+    wait_for_equal_digests(&engines).await;
+    assert_eq!(read_value(&engines[0], "order-0").await.unwrap()["n"], json!(45));
+    assert_eq!(read_value(&engines[1], "order-1").await.unwrap()["n"], json!(45));
+    let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
+    assert_eq!((peers[0].traffic.snapshot_records_sent, peers[0].traffic.changes_sent), (7, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_trims_the_log_and_a_peer_behind_it_is_bootstrapped() {
+    let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let retention = std::time::Duration::from_millis(500);
+    let engines = vec![
+        start_with_retention(directories[0].path(), "engine-0", retention).await,
+        start(directories[1].path(), "engine-1").await,
+    ];
+    wire(&engines, &[(0, 1)]).await;
+    for round in 0..20 {
+        write(&engines[0], &format!("order-{}", round % 4), Operation::Increment { field: "n".into(), by: 1 }).await;
+    }
+    wait_for_equal_digests(&engines).await;
+    // Engine 1 goes away; engine 0 writes on.
+    for (engine, other) in [(&engines[0], 1), (&engines[1], 0)] {
+        engine.call(move |engine| engine.handle_peer_disconnected(other)).await.unwrap();
+    }
+    for round in 0..20 {
+        write(&engines[0], &format!("order-{}", round % 4), Operation::Increment { field: "n".into(), by: 1 }).await;
+    }
+    write(&engines[1], "order-9", Operation::Replace(object(json!({"offline": true})))).await;
+    // Past the retention period every change of engine 0 is trimmed (the ticker runs trimming).
+    let origin = status(&engines[0]).await.origin;
+    let mut trimmed = false;
+    for _ in 0..500 {
+        let floors = engines[0].call(|engine| engine.log_floors()).await.unwrap();
+        if floors.iter().any(|(floor_origin, floor)| floor_origin.to_string() == origin && *floor == 41) {
+            trimmed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(trimmed, "the log was not trimmed within the hang guard");
+    let remaining = engines[0]
+        .call(|engine| {
+            let origin = engine.identity().origin;
+            engine.store().log_range(origin.as_bytes(), 1, 100).unwrap().len()
+        })
+        .await
+        .unwrap();
+    assert_eq!(remaining, 0);
+
+    // Back together: engine 1 lacks changes below the floor, so it gets documents; its own
+    // offline write flows out as a change.
+    for (engine, other) in [(&engines[0], 1u64), (&engines[1], 0)] {
+        let info = concord::replication::PeerInfo {
+            node_id: other.to_string(),
+            name: format!("engine-{other}"),
+            address: "memory".into(),
+        };
+        engine.call(move |engine| engine.handle_peer_connected(other, info)).await.unwrap();
+    }
+    wait_for_equal_digests(&engines).await;
+    assert_eq!(read_value(&engines[1], "order-2").await.unwrap()["n"], json!(10));
+    assert_eq!(read_value(&engines[0], "order-9").await.unwrap()["offline"], json!(true));
+    let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
+    assert_eq!(peers[0].traffic.snapshot_records_sent, 4, "a snapshot of each of its documents");
 }

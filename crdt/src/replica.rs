@@ -20,13 +20,31 @@
 //!
 //! - **Peers** `{addresses}`: peer exchange, handled by the node (which dials addresses it does
 //!   not know); the core ignores it.
+//! - **Snapshot** `{records}`: whole documents, for a peer being bootstrapped (see below), in key
+//!   order, in chunks, under the same credit as changes (one record counts as one envelope).
+//! - **SnapshotEnd** `{version_vector}`: the snapshot is complete. With the records before it,
+//!   the receiver holds every change in `version_vector` (the sender's gap-free prefix per origin
+//!   when the snapshot began).
 //!
 //! Both directions run at once and independently: each side streams what the other lacks.
+//!
+//! # Bootstrap and the log floor
+//! The node's change log need not go back to the beginning: it is trimmed by age (retention),
+//! and a node that was itself bootstrapped never had the early changes as envelopes. Per origin,
+//! the *log floor* is the sequence from which the log holds every change this node holds; below
+//! it the changes are only inside the documents. A peer is sent a snapshot instead of changes
+//! when it lacks a change below a floor (it is further behind than the log), or when it holds
+//! none of the changes we hold (a brand-new node: replaying all history would cost more than the
+//! documents). The snapshot's records are read when they are sent, so each holds at least the
+//! state at the start; the version vector sent at the end is the state at the start, so it never
+//! claims more than the records hold. Afterwards the ordinary exchange sends the changes made
+//! since, from the log. The receiver raises its own floors for the origins the snapshot brought
+//! (see [`raise_log_floors`]): it holds those changes without their envelopes.
 //!
 //! # Bounded memory and backpressure
 //! The core never queues envelopes for a peer. It remembers, per peer, what the peer holds and
 //! how much credit it has, and reads the next envelopes from the change log (the
-//! [`ChangeLog`] the node passes in) only when credit allows. A slow or stalled peer therefore
+//! [`Source`] the node passes in) only when credit allows. A slow or stalled peer therefore
 //! costs a version vector, not a buffer, and catches up from the log when it drains. Envelopes
 //! received and not yet durable are bounded by the credit this node granted: a peer that sends
 //! beyond it is refused with [`ProtocolError::CreditExceeded`].
@@ -44,32 +62,36 @@
 //! use std::time::Instant;
 //! use crdt::envelope::Envelope;
 //! use crdt::identity::OriginId;
-//! use crdt::replica::{ChangeLog, Message, Replica, Settings};
+//! use crdt::key::RecordKey;
+//! use crdt::replica::{LogFloors, Message, Replica, Settings, SnapshotRecord, Source};
 //! use crdt::version_vector::VersionVector;
 //!
-//! struct EmptyLog;
-//! impl ChangeLog for EmptyLog {
-//!     fn read(&self, _origin: &OriginId, _from: u64, _limit: usize) -> Vec<Envelope> { Vec::new() }
+//! struct Empty;
+//! impl Source for Empty {
+//!     fn changes(&self, _origin: &OriginId, _from: u64, _limit: usize) -> Vec<Envelope> { Vec::new() }
+//!     fn records(&self, _after: Option<&RecordKey>, _limit: usize) -> Vec<SnapshotRecord> { Vec::new() }
 //! }
 //!
 //! let now = Instant::now();
-//! let mut replica = Replica::new(VersionVector::new(), Settings::default(), now);
+//! let mut replica = Replica::new(VersionVector::new(), LogFloors::new(), Settings::default(), now);
 //! replica.handle_peer_connected(now, 1);
 //! // The first thing said to a new peer is a summary of what we hold.
 //! let (peer, message) = replica.poll_transmit().expect("a summary");
 //! assert_eq!(peer, 1);
 //! assert!(matches!(message, Message::Summary { .. }));
 //! assert!(replica.poll_apply().is_none());
-//! # let _ = EmptyLog;
+//! # let _ = Empty;
 //! ```
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
-use crate::envelope::Envelope;
+use crate::envelope::{DocumentKind, Envelope};
 use crate::identity::OriginId;
+use crate::key::RecordKey;
 use crate::version_vector::VersionVector;
 
 /// The node's name for a connected peer (one per connection).
@@ -78,11 +100,18 @@ pub type PeerId = u64;
 /// The largest encoded message accepted from a peer.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
 
+/// Per origin, the sequence from which the change log holds every change this node holds (an
+/// origin absent here has its whole history in the log).
+pub type LogFloors = BTreeMap<OriginId, u64>;
+
 /// A message between two replicas.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// What the sender holds, and how many envelopes it can accept now.
-    Summary { version_vector: VersionVector, credit: u32 },
+    /// What the sender holds, and how many envelopes it can accept now. `snapshots` counts the
+    /// snapshots the sender has finished receiving from the recipient on this connection
+    /// (applied durably, or dropped as incomplete): a summary that predates a snapshot's end
+    /// does not yet show what it brought.
+    Summary { version_vector: VersionVector, credit: u32, snapshots: u32 },
     /// Envelopes the receiver lacks.
     Changes { envelopes: Vec<Envelope> },
     /// The receiver may send this many more envelopes; `durable` names the ones it made durable
@@ -91,6 +120,28 @@ pub enum Message {
     /// Peer exchange: addresses where the sender's peers listen. The node dials those it is not
     /// connected to; the replication core ignores this message.
     Peers { addresses: Vec<String> },
+    /// Whole documents for a peer being bootstrapped; `snapshot` numbers the snapshot on this
+    /// connection, from 1.
+    Snapshot { snapshot: u32, records: Vec<SnapshotRecord> },
+    /// Snapshot number `snapshot` is complete after `records` records: with them, the receiver
+    /// holds `version_vector`. A receiver that got fewer (a frame was dropped) ignores it.
+    SnapshotEnd { snapshot: u32, records: u64, version_vector: VersionVector },
+}
+
+/// One document in a snapshot: its stored state as parts to apply in order, each one the kind
+/// of bytes a change of that kind is (automerge chunks, or Yjs updates v1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub key: RecordKey,
+    pub kind: DocumentKind,
+    pub parts: Vec<ByteBuf>,
+}
+
+impl SnapshotRecord {
+    /// About how many bytes the record takes in a message.
+    pub fn size(&self) -> usize {
+        self.parts.iter().map(|part| part.len()).sum::<usize>() + self.key.to_bytes().len()
+    }
 }
 
 /// Why bytes are not a message.
@@ -125,11 +176,50 @@ pub enum ProtocolError {
     UnknownPeer(PeerId),
 }
 
-/// Where the core reads envelopes to send: the node's change log.
-pub trait ChangeLog {
+/// Where the core reads what it sends: the node's change log and documents.
+pub trait Source {
     /// Envelopes of `origin` with sequence `>= from`, ascending, at most `limit`. Sequences the
     /// log does not hold are skipped.
-    fn read(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope>;
+    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope>;
+    /// Documents in key order after `after` (from the first when `None`), at most `limit`, as
+    /// they are durably stored. An empty answer means there are no more.
+    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord>;
+}
+
+/// Something the node must apply and persist, then report through [`Replica::handle_durable`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Apply {
+    /// A change envelope; report [`Durable::Change`].
+    Change(Envelope),
+    /// A document from a snapshot, to merge into the local one; report [`Durable::Record`].
+    Record(SnapshotRecord),
+    /// A snapshot is complete: the node now holds `version_vector` too. The node merges it into
+    /// its version vector and raises its log floors with [`raise_log_floors`] in the same write
+    /// as the records before it (or after them); then it reports [`Durable::SnapshotEnd`].
+    SnapshotEnd(VersionVector),
+}
+
+/// What became durable on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Durable {
+    /// A change: a local write (`source: None`) or one from [`Apply::Change`].
+    Change { source: Option<PeerId>, origin: OriginId, sequence: u64 },
+    /// A snapshot record from [`Apply::Record`], merged or refused.
+    Record { source: PeerId },
+    /// An [`Apply::SnapshotEnd`], with everything before it.
+    SnapshotEnd { source: PeerId, version_vector: VersionVector },
+}
+
+/// Raises `floors` for a snapshot that brought `snapshot` to a node that held `held` before: for
+/// every origin of which the snapshot brought changes the node did not hold, the log now lacks
+/// them, so the floor moves past the snapshot's prefix. The node and the core both apply it.
+pub fn raise_log_floors(floors: &mut LogFloors, held: &VersionVector, snapshot: &VersionVector) {
+    for (origin, range) in snapshot.origins() {
+        if held.contiguous(origin) < range.contiguous {
+            let floor = floors.entry(*origin).or_insert(1);
+            *floor = (*floor).max(range.contiguous.saturating_add(1));
+        }
+    }
 }
 
 /// Tuning. The defaults suit a LAN or WAN mesh of a handful to dozens of nodes.
@@ -137,9 +227,9 @@ pub trait ChangeLog {
 pub struct Settings {
     /// Envelopes a peer may send us before we acknowledge them durable.
     pub window_envelopes: u32,
-    /// The most envelopes in one Changes message.
+    /// The most envelopes (or snapshot records) in one message.
     pub chunk_envelopes_max: usize,
-    /// A Changes message stops growing once its change bytes pass this.
+    /// A Changes or Snapshot message stops growing once its bytes pass this.
     pub chunk_bytes_max: usize,
     /// How often each peer gets a summary (anti-entropy).
     pub summary_interval: Duration,
@@ -156,11 +246,46 @@ impl Default for Settings {
     }
 }
 
+/// A snapshot being sent to a peer.
+#[derive(Debug)]
+struct OutgoingSnapshot {
+    /// The last record sent.
+    after: Option<RecordKey>,
+    /// Records sent so far.
+    records: u64,
+    /// What this node held when the snapshot began (gap-free prefixes only).
+    version_vector: VersionVector,
+}
+
+/// A snapshot being received from a peer.
+#[derive(Debug, Clone, Copy)]
+struct IncomingSnapshot {
+    snapshot: u32,
+    records: u64,
+}
+
 /// What the core knows about one connected peer.
 #[derive(Debug)]
 struct Peer {
     /// What the peer holds: its last summary, plus what it sent us and we sent it since.
     known: VersionVector,
+    /// The snapshot being sent, if any; changes wait until it ends.
+    snapshot: Option<OutgoingSnapshot>,
+    /// Snapshots whose end we sent on this connection.
+    snapshots_sent: u32,
+    /// What snapshots the peer has not yet confirmed gave it. Merged into its summaries until
+    /// one counts them, or until `unconfirmed_until` (a lost end is never counted): a summary
+    /// that left before a snapshot was applied must not start another.
+    unconfirmed: VersionVector,
+    unconfirmed_until: Option<Instant>,
+    /// The snapshot being received from the peer.
+    incoming: Option<IncomingSnapshot>,
+    /// Snapshots from the peer finished here (applied durably, or dropped as incomplete).
+    snapshots_finished: u32,
+    /// The peer held none of what we hold at its first summary: bootstrap it.
+    brand_new: bool,
+    /// Whether a summary arrived on this connection yet.
+    summarized: bool,
     /// Envelopes we may still send it.
     credit: u32,
     /// Envelopes it sent us that are not yet durable here: credit we owe it later.
@@ -180,6 +305,23 @@ pub struct PeerLag {
     pub peer_lacks: u64,
     /// Changes the peer holds that we lack, as far as we know.
     pub we_lack: u64,
+    /// Whether we are sending it a snapshot now.
+    pub bootstrapping: bool,
+}
+
+/// Counts since the core started, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Statistics {
+    /// Snapshots begun for peers.
+    pub snapshots_started: u64,
+    /// Snapshots completed to peers (their end was sent).
+    pub snapshots_sent: u64,
+    /// Snapshot records sent.
+    pub snapshot_records_sent: u64,
+    /// Snapshots received whole and durable here.
+    pub snapshots_received: u64,
+    /// Snapshots received with records missing (a frame was dropped), and so not applied.
+    pub snapshots_incomplete: u64,
 }
 
 /// The replication state machine of one node. See the module doc for how to drive it.
@@ -187,24 +329,29 @@ pub struct PeerLag {
 pub struct Replica {
     /// What this node holds durably.
     local: VersionVector,
+    /// Below these, per origin, the log lacks changes this node holds.
+    floors: LogFloors,
     settings: Settings,
     peers: BTreeMap<PeerId, Peer>,
     transmits: VecDeque<(PeerId, Message)>,
-    applies: VecDeque<(PeerId, Envelope)>,
+    applies: VecDeque<(PeerId, Apply)>,
     /// Envelopes peers said they hold durably, for [`Replica::poll_acknowledged`].
     acknowledged: VecDeque<(PeerId, OriginId, u64)>,
+    statistics: Statistics,
 }
 
 impl Replica {
-    /// A replica over what the node holds durably now (its version vector).
-    pub fn new(local: VersionVector, settings: Settings, _now: Instant) -> Replica {
+    /// A replica over what the node holds durably now (its version vector) and its log floors.
+    pub fn new(local: VersionVector, floors: LogFloors, settings: Settings, _now: Instant) -> Replica {
         Replica {
             local,
+            floors,
             settings,
             peers: BTreeMap::new(),
             transmits: VecDeque::new(),
             applies: VecDeque::new(),
             acknowledged: VecDeque::new(),
+            statistics: Statistics::default(),
         }
     }
 
@@ -213,9 +360,25 @@ impl Replica {
         &self.local
     }
 
+    pub fn log_floors(&self) -> &LogFloors {
+        &self.floors
+    }
+
+    pub fn statistics(&self) -> Statistics {
+        self.statistics
+    }
+
     pub fn handle_peer_connected(&mut self, now: Instant, peer: PeerId) {
         let state = Peer {
             known: VersionVector::new(),
+            snapshot: None,
+            snapshots_sent: 0,
+            unconfirmed: VersionVector::new(),
+            unconfirmed_until: None,
+            incoming: None,
+            snapshots_finished: 0,
+            brand_new: false,
+            summarized: false,
             credit: 0,
             pending: 0,
             owed: 0,
@@ -234,24 +397,34 @@ impl Replica {
 
     pub fn handle_peer_message(
         &mut self,
-        _now: Instant,
+        now: Instant,
         peer: PeerId,
         message: Message,
-        log: &impl ChangeLog,
+        source: &impl Source,
     ) -> Result<(), ProtocolError> {
         let window = self.settings.window_envelopes;
         let state = self.peers.get_mut(&peer).ok_or(ProtocolError::UnknownPeer(peer))?;
         match message {
-            Message::Summary { version_vector, credit } => {
+            Message::Summary { version_vector, credit, snapshots } => {
                 state.known = version_vector;
+                if snapshots >= state.snapshots_sent || state.unconfirmed_until.is_none_or(|until| now >= until) {
+                    state.unconfirmed = VersionVector::new();
+                    state.unconfirmed_until = None;
+                } else {
+                    state.known.merge(&state.unconfirmed);
+                }
+                // Judged on a connection's first summary only: later, a peer may simply not have
+                // received the first changes yet.
+                state.brand_new = !state.summarized && holds_none_of(&state.known, &self.local);
+                state.summarized = true;
                 state.credit = credit.min(window);
-                self.pump(peer, log);
+                self.pump(now, peer, source);
             }
             Message::Credit { envelopes, durable } => {
                 state.credit = state.credit.saturating_add(envelopes).min(window);
                 // Bounded by the frame size; the node keeps only what a waiting writer needs.
                 self.acknowledged.extend(durable.into_iter().map(|(origin, sequence)| (peer, origin, sequence)));
-                self.pump(peer, log);
+                self.pump(now, peer, source);
             }
             Message::Peers { .. } => {}
             Message::Changes { envelopes } => {
@@ -262,43 +435,95 @@ impl Replica {
                         state.owed_durable.push((envelope.origin, envelope.sequence));
                     } else {
                         state.pending += 1;
-                        self.applies.push_back((peer, envelope));
+                        self.applies.push_back((peer, Apply::Change(envelope)));
                     }
                 }
-                // A peer may overrun by what was in flight when a summary reset its credit, so
-                // the bound is two windows.
-                let granted = window.saturating_mul(2);
-                if state.pending > granted {
-                    let pending = state.pending;
-                    self.forget(peer);
-                    return Err(ProtocolError::CreditExceeded { peer, pending, granted });
+                return self.check_credit(peer);
+            }
+            Message::Snapshot { snapshot, records } => {
+                let count = records.len() as u64;
+                match state.incoming.as_mut() {
+                    Some(incoming) if incoming.snapshot == snapshot => incoming.records += count,
+                    // Records of an older snapshot still merge, but count for nothing.
+                    Some(incoming) if incoming.snapshot > snapshot => {}
+                    _ => state.incoming = Some(IncomingSnapshot { snapshot, records: count }),
                 }
-                self.flush_credit();
+                state.pending = state.pending.saturating_add(u32::try_from(records.len()).unwrap_or(u32::MAX));
+                self.applies.extend(records.into_iter().map(|record| (peer, Apply::Record(record))));
+                return self.check_credit(peer);
+            }
+            Message::SnapshotEnd { snapshot, records, version_vector } => {
+                let received = match state.incoming {
+                    Some(incoming) if incoming.snapshot == snapshot => incoming.records,
+                    _ => 0,
+                };
+                state.incoming = None;
+                if received == records {
+                    state.known.merge(&version_vector);
+                    self.applies.push_back((peer, Apply::SnapshotEnd(version_vector)));
+                } else {
+                    // A frame was lost: what arrived merged, but the version vector would claim
+                    // too much. Our next summary tells the peer what we really hold.
+                    state.snapshots_finished += 1;
+                    self.statistics.snapshots_incomplete += 1;
+                    self.send_summary(peer);
+                }
             }
         }
         Ok(())
     }
 
-    /// These envelopes are now durable here: local writes (`None`) or envelopes from
-    /// [`Replica::poll_apply`] (`Some(peer)`, whether or not they changed anything). Grants the
-    /// senders credit and relays the changes to every peer that lacks them.
-    pub fn handle_durable(&mut self, _now: Instant, durable: &[(Option<PeerId>, OriginId, u64)], log: &impl ChangeLog) {
-        for (source, origin, sequence) in durable {
-            self.local.insert(*origin, *sequence);
-            if let Some(peer) = source.and_then(|peer| self.peers.get_mut(&peer)) {
-                peer.pending = peer.pending.saturating_sub(1);
-                peer.owed += 1;
-                peer.owed_durable.push((*origin, *sequence));
+    /// These are now durable here: local writes, or what [`Replica::poll_apply`] handed over
+    /// (whether or not it changed anything). Grants the senders credit and relays the changes to
+    /// every peer that lacks them.
+    pub fn handle_durable(&mut self, now: Instant, durable: &[Durable], source: &impl Source) {
+        let mut snapshot_arrived = false;
+        for item in durable {
+            match item {
+                Durable::Change { source, origin, sequence } => {
+                    self.local.insert(*origin, *sequence);
+                    if let Some(peer) = source.and_then(|peer| self.peers.get_mut(&peer)) {
+                        peer.pending = peer.pending.saturating_sub(1);
+                        peer.owed += 1;
+                        peer.owed_durable.push((*origin, *sequence));
+                    }
+                }
+                Durable::Record { source } => {
+                    if let Some(peer) = self.peers.get_mut(source) {
+                        peer.pending = peer.pending.saturating_sub(1);
+                        peer.owed += 1;
+                    }
+                }
+                Durable::SnapshotEnd { source, version_vector } => {
+                    if let Some(peer) = self.peers.get_mut(source) {
+                        peer.snapshots_finished += 1;
+                    }
+                    raise_log_floors(&mut self.floors, &self.local, version_vector);
+                    self.local.merge(version_vector);
+                    self.statistics.snapshots_received += 1;
+                    snapshot_arrived = true;
+                }
             }
         }
         self.flush_credit();
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for peer in peers {
-            self.pump(peer, log);
+            // Every peer hears at once that we hold much more, so none sends it again.
+            if snapshot_arrived {
+                self.send_summary(peer);
+            }
+            self.pump(now, peer, source);
         }
     }
 
-    pub fn handle_timeout(&mut self, now: Instant, log: &impl ChangeLog) {
+    /// The node trimmed its change log: below `floor`, `origin`'s changes are in the documents
+    /// only. Peers that lack any of them get a snapshot.
+    pub fn handle_log_trimmed(&mut self, origin: OriginId, floor: u64) {
+        let entry = self.floors.entry(origin).or_insert(1);
+        *entry = (*entry).max(floor);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, source: &impl Source) {
         let due: Vec<PeerId> =
             self.peers.iter().filter(|(_, state)| state.summary_due <= now).map(|(&peer, _)| peer).collect();
         for peer in due {
@@ -306,7 +531,7 @@ impl Replica {
                 state.summary_due = now + self.settings.summary_interval;
             }
             self.send_summary(peer);
-            self.pump(peer, log);
+            self.pump(now, peer, source);
         }
     }
 
@@ -315,9 +540,9 @@ impl Replica {
         self.transmits.pop_front()
     }
 
-    /// An envelope from a peer for the node to apply and persist, then report through
+    /// Something from a peer for the node to apply and persist, then report through
     /// [`Replica::handle_durable`].
-    pub fn poll_apply(&mut self) -> Option<(PeerId, Envelope)> {
+    pub fn poll_apply(&mut self) -> Option<(PeerId, Apply)> {
         self.applies.pop_front()
     }
 
@@ -339,10 +564,25 @@ impl Replica {
                 let lag = PeerLag {
                     peer_lacks: self.local.count_missing_from(&state.known),
                     we_lack: state.known.count_missing_from(&self.local),
+                    bootstrapping: state.snapshot.is_some(),
                 };
                 (peer, lag)
             })
             .collect()
+    }
+
+    /// A peer that sent more than the credit it was granted is forgotten, with an error.
+    fn check_credit(&mut self, peer: PeerId) -> Result<(), ProtocolError> {
+        // A peer may overrun by what was in flight when a summary reset its credit, so the
+        // bound is two windows.
+        let granted = self.settings.window_envelopes.saturating_mul(2);
+        let pending = self.peers.get(&peer).map_or(0, |state| state.pending);
+        if pending > granted {
+            self.forget(peer);
+            return Err(ProtocolError::CreditExceeded { peer, pending, granted });
+        }
+        self.flush_credit();
+        Ok(())
     }
 
     fn forget(&mut self, peer: PeerId) {
@@ -353,7 +593,8 @@ impl Replica {
     fn send_summary(&mut self, peer: PeerId) {
         let Some(state) = self.peers.get(&peer) else { return };
         let credit = self.settings.window_envelopes.saturating_sub(state.pending);
-        self.transmits.push_back((peer, Message::Summary { version_vector: self.local.clone(), credit }));
+        let snapshots = state.snapshots_finished;
+        self.transmits.push_back((peer, Message::Summary { version_vector: self.local.clone(), credit, snapshots }));
     }
 
     fn flush_credit(&mut self) {
@@ -366,8 +607,76 @@ impl Replica {
         }
     }
 
-    /// Sends the peer what it lacks, oldest first per origin, while it has credit.
-    fn pump(&mut self, peer: PeerId, log: &impl ChangeLog) {
+    /// Whether the peer lacks a change below a log floor: the log cannot catch it up.
+    fn behind_log(&self, known: &VersionVector) -> bool {
+        self.floors.iter().any(|(origin, &floor)| known.contiguous(origin).saturating_add(1) < floor)
+    }
+
+    /// Sends the peer what it lacks while it has credit: a snapshot if it needs one, else the
+    /// changes it lacks, oldest first per origin.
+    fn pump(&mut self, now: Instant, peer: PeerId, source: &impl Source) {
+        let Some(state) = self.peers.get(&peer) else { return };
+        if state.snapshot.is_none() && (state.brand_new || self.behind_log(&state.known)) {
+            let version_vector = self.local.contiguous_prefix();
+            let Some(state) = self.peers.get_mut(&peer) else { return };
+            state.brand_new = false;
+            // Nothing gap-free to give (only out-of-order changes): the log sends what it has.
+            if !version_vector.is_empty() {
+                state.snapshot = Some(OutgoingSnapshot { after: None, records: 0, version_vector });
+                self.statistics.snapshots_started += 1;
+            }
+        }
+        if !self.pump_snapshot(now, peer, source) {
+            return;
+        }
+        self.pump_changes(peer, source);
+    }
+
+    /// Sends snapshot records while the peer has credit. Returns true when no snapshot is (any
+    /// longer) under way, so changes may follow.
+    fn pump_snapshot(&mut self, now: Instant, peer: PeerId, source: &impl Source) -> bool {
+        let Some(state) = self.peers.get_mut(&peer) else { return false };
+        let Some(snapshot) = state.snapshot.as_mut() else { return true };
+        while state.credit > 0 {
+            let limit = self.settings.chunk_envelopes_max.min(state.credit as usize);
+            let records = source.records(snapshot.after.as_ref(), limit);
+            let number = state.snapshots_sent + 1;
+            if records.is_empty() {
+                let version_vector = std::mem::take(&mut snapshot.version_vector);
+                let records = snapshot.records;
+                state.known.merge(&version_vector);
+                state.unconfirmed.merge(&version_vector);
+                state.unconfirmed_until = Some(now + self.settings.summary_interval * 2);
+                state.snapshot = None;
+                state.snapshots_sent = number;
+                self.transmits.push_back((peer, Message::SnapshotEnd { snapshot: number, records, version_vector }));
+                self.statistics.snapshots_sent += 1;
+                return true;
+            }
+            let mut chunk = Vec::new();
+            let mut chunk_bytes = 0;
+            for record in records.into_iter().take(limit) {
+                snapshot.after = Some(record.key.clone());
+                snapshot.records += 1;
+                state.credit -= 1;
+                chunk_bytes += record.size();
+                chunk.push(record);
+                if chunk_bytes >= self.settings.chunk_bytes_max {
+                    self.statistics.snapshot_records_sent += chunk.len() as u64;
+                    let records = std::mem::take(&mut chunk);
+                    self.transmits.push_back((peer, Message::Snapshot { snapshot: number, records }));
+                    chunk_bytes = 0;
+                }
+            }
+            if !chunk.is_empty() {
+                self.statistics.snapshot_records_sent += chunk.len() as u64;
+                self.transmits.push_back((peer, Message::Snapshot { snapshot: number, records: chunk }));
+            }
+        }
+        false
+    }
+
+    fn pump_changes(&mut self, peer: PeerId, source: &impl Source) {
         let Some(state) = self.peers.get_mut(&peer) else { return };
         if state.credit == 0 {
             return;
@@ -380,7 +689,7 @@ impl Replica {
                 while next <= end && state.credit > 0 {
                     let room = (self.settings.chunk_envelopes_max - chunk.len()).min(state.credit as usize);
                     let wanted = usize::try_from(end - next + 1).unwrap_or(usize::MAX).min(room);
-                    let envelopes = log.read(&origin, next, wanted);
+                    let envelopes = source.changes(&origin, next, wanted);
                     let Some(last_sequence) = envelopes.last().map(|envelope| envelope.sequence) else { break };
                     for envelope in envelopes.into_iter().filter(|envelope| envelope.sequence <= end) {
                         state.known.insert(envelope.origin, envelope.sequence);
@@ -408,4 +717,23 @@ impl Replica {
             self.transmits.push_back((peer, Message::Changes { envelopes: chunk }));
         }
     }
+}
+
+/// Whether `peer` holds none of the gap-free changes `local` holds, while `local` holds some: a
+/// brand-new node (or one from a cluster that never met this one).
+fn holds_none_of(peer: &VersionVector, local: &VersionVector) -> bool {
+    let mut any = false;
+    for (origin, range) in local.origins() {
+        if range.contiguous == 0 {
+            continue;
+        }
+        any = true;
+        let overlaps = |held: &crate::version_vector::OriginRange| {
+            held.contiguous > 0 || held.beyond.keys().any(|&start| start <= range.contiguous)
+        };
+        if peer.get(origin).is_some_and(overlaps) {
+            return false;
+        }
+    }
+    any
 }

@@ -178,6 +178,22 @@ impl VersionVector {
     pub fn is_empty(&self) -> bool {
         self.origins.is_empty()
     }
+
+    /// The sequence each origin is held up to without a gap (0 when it is not held from 1).
+    pub fn contiguous(&self, origin: &OriginId) -> u64 {
+        self.origins.get(origin).map_or(0, |range| range.contiguous)
+    }
+
+    /// Only the gap-free prefix of each origin: what a snapshot can promise to hold whole.
+    pub fn contiguous_prefix(&self) -> VersionVector {
+        let origins = self
+            .origins
+            .iter()
+            .filter(|(_, range)| range.contiguous > 0)
+            .map(|(origin, range)| (*origin, OriginRange { contiguous: range.contiguous, beyond: BTreeMap::new() }))
+            .collect();
+        VersionVector { origins }
+    }
 }
 
 #[cfg(test)]

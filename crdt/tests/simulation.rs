@@ -1,6 +1,7 @@
 //! Deterministic simulation of the replication core: several replicas over a seeded, faulty
-//! network (loss, duplication, reordering, partitions, restarts) with real record documents.
-//! Every seed must end with all replicas holding the same changes and the same records.
+//! network (loss, duplication, reordering, partitions, restarts, change-log trimming) with real
+//! record documents. Every seed must end with all replicas holding the same changes and the
+//! same records.
 //!
 //! `CONCORD_SIMULATION_SEEDS` sets how many seeds run (default 300); `CONCORD_SIMULATION_SEED`
 //! replays one. A failure prints its seed.
@@ -14,7 +15,7 @@ use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, Record};
-use crdt::replica::{ChangeLog, Message, PeerId, Replica, Settings};
+use crdt::replica::{Apply, Durable, LogFloors, Message, PeerId, Replica, Settings, SnapshotRecord, Source};
 use crdt::version_vector::VersionVector;
 use serde_json::json;
 
@@ -39,21 +40,48 @@ impl Random {
     }
 }
 
+/// What a simulated node keeps durably: its change log, its records, what it holds and its log
+/// floors. Everything here is durable the moment it is written.
 #[derive(Default)]
-struct MemoryLog(BTreeMap<(OriginId, u64), Envelope>);
+struct Storage {
+    log: BTreeMap<(OriginId, u64), Envelope>,
+    records: BTreeMap<RecordKey, Record>,
+    held: VersionVector,
+    floors: LogFloors,
+}
 
-impl ChangeLog for MemoryLog {
-    fn read(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
-        self.0.range((*origin, from)..=(*origin, u64::MAX)).take(limit).map(|(_, envelope)| envelope.clone()).collect()
+impl Source for Storage {
+    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
+        self.log
+            .range((*origin, from)..=(*origin, u64::MAX))
+            .take(limit)
+            .map(|(_, envelope)| envelope.clone())
+            .collect()
+    }
+
+    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
+        let range = match after {
+            Some(key) => {
+                self.records.range::<RecordKey, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+            }
+            None => self.records.range::<RecordKey, _>(..),
+        };
+        range
+            .take(limit)
+            .map(|(key, record)| SnapshotRecord {
+                key: key.clone(),
+                kind: DocumentKind::Record,
+                parts: vec![serde_bytes::ByteBuf::from(record.save())],
+            })
+            .collect()
     }
 }
 
 /// One simulated node: the replication core plus what the real node does around it (apply,
-/// persist, report durable). Everything here is durable the moment it is applied.
+/// persist, report durable).
 struct SimulatedNode {
     replica: Replica,
-    log: MemoryLog,
-    records: BTreeMap<RecordKey, Record>,
+    storage: Storage,
     node: NodeId,
     origin: OriginId,
     next_sequence: u64,
@@ -63,9 +91,8 @@ struct SimulatedNode {
 impl SimulatedNode {
     fn new(index: u8, now: Instant, settings: &Settings) -> SimulatedNode {
         SimulatedNode {
-            replica: Replica::new(VersionVector::new(), settings.clone(), now),
-            log: MemoryLog::default(),
-            records: BTreeMap::new(),
+            replica: Replica::new(VersionVector::new(), LogFloors::new(), settings.clone(), now),
+            storage: Storage::default(),
             node: NodeId([index; 16]),
             origin: OriginId([index; 16]),
             next_sequence: 1,
@@ -75,11 +102,7 @@ impl SimulatedNode {
 
     /// A process restart: the core starts over from what is durable, with a fresh origin.
     fn restart(&mut self, index: u8, now: Instant, settings: &Settings) {
-        let mut durable = VersionVector::new();
-        for (origin, sequence) in self.log.0.keys() {
-            durable.insert(*origin, *sequence);
-        }
-        self.replica = Replica::new(durable, settings.clone(), now);
+        self.replica = Replica::new(self.storage.held.clone(), self.storage.floors.clone(), settings.clone(), now);
         self.incarnation += 1;
         let mut origin = [index; 16];
         origin[15] = self.incarnation;
@@ -89,7 +112,7 @@ impl SimulatedNode {
     }
 
     fn write(&mut self, now: Instant, key: RecordKey, operation: Operation, wall_ms: u64) {
-        let record = self.records.entry(key.clone()).or_default();
+        let record = self.storage.records.entry(key.clone()).or_default();
         let timestamp = Timestamp { wall_ms, logical: 0 };
         let change = match record.write(&key, &self.origin, timestamp, &operation) {
             Ok(Some(change)) => change,
@@ -106,26 +129,58 @@ impl SimulatedNode {
             change,
         };
         self.next_sequence += 1;
-        self.log.0.insert((envelope.origin, envelope.sequence), envelope.clone());
-        self.replica.handle_durable(now, &[(None, envelope.origin, envelope.sequence)], &self.log);
+        self.storage.held.insert(envelope.origin, envelope.sequence);
+        self.storage.log.insert((envelope.origin, envelope.sequence), envelope.clone());
+        let durable = [Durable::Change { source: None, origin: envelope.origin, sequence: envelope.sequence }];
+        self.replica.handle_durable(now, &durable, &self.storage);
     }
 
     /// Applies what the core handed over, then reports it durable.
     fn apply_pending(&mut self, now: Instant) {
         let mut durable = Vec::new();
-        while let Some((peer, envelope)) = self.replica.poll_apply() {
-            let id = (envelope.origin, envelope.sequence);
-            if !self.log.0.contains_key(&id) {
-                let record = self.records.entry(envelope.key.clone()).or_default();
-                record.apply_changes(&envelope.change).unwrap();
-                self.log.0.insert(id, envelope);
+        while let Some((peer, apply)) = self.replica.poll_apply() {
+            match apply {
+                Apply::Change(envelope) => {
+                    let id = (envelope.origin, envelope.sequence);
+                    if self.storage.held.insert(id.0, id.1) {
+                        let record = self.storage.records.entry(envelope.key.clone()).or_default();
+                        record.apply_changes(&envelope.change).unwrap();
+                        self.storage.log.insert(id, envelope);
+                    }
+                    durable.push(Durable::Change { source: Some(peer), origin: id.0, sequence: id.1 });
+                }
+                Apply::Record(snapshot) => {
+                    let record = self.storage.records.entry(snapshot.key.clone()).or_default();
+                    for part in &snapshot.parts {
+                        record.apply_changes(part).unwrap();
+                    }
+                    durable.push(Durable::Record { source: peer });
+                }
+                Apply::SnapshotEnd(version_vector) => {
+                    crdt::replica::raise_log_floors(&mut self.storage.floors, &self.storage.held, &version_vector);
+                    self.storage.held.merge(&version_vector);
+                    durable.push(Durable::SnapshotEnd { source: peer, version_vector });
+                }
             }
-            durable.push((Some(peer), id.0, id.1));
         }
         if !durable.is_empty() {
-            self.replica.handle_durable(now, &durable, &self.log);
+            self.replica.handle_durable(now, &durable, &self.storage);
         }
         while self.replica.poll_acknowledged().is_some() {}
+    }
+
+    /// Retention: drops the log's oldest `count` entries of `origin` within its gap-free prefix.
+    fn trim_log(&mut self, origin: OriginId, count: u64) {
+        let floor = self.storage.floors.get(&origin).copied().unwrap_or(1);
+        let last = (floor + count - 1).min(self.storage.held.contiguous(&origin));
+        if last < floor {
+            return;
+        }
+        for sequence in floor..=last {
+            self.storage.log.remove(&(origin, sequence));
+        }
+        self.storage.floors.insert(origin, last + 1);
+        self.replica.handle_log_trimmed(origin, last + 1);
     }
 }
 
@@ -144,6 +199,7 @@ struct Faults {
     delay_ms_max: u64,
     partitions: bool,
     restarts: bool,
+    trims: bool,
 }
 
 struct Simulation {
@@ -162,6 +218,8 @@ struct Simulation {
     partition: Option<BTreeSet<usize>>,
     /// Envelopes put in Changes messages, counted once per send (before loss or duplication).
     envelopes_sent: u64,
+    /// Records put in Snapshot messages, counted the same way.
+    records_sent: u64,
 }
 
 impl Simulation {
@@ -186,6 +244,7 @@ impl Simulation {
             faults,
             partition: None,
             envelopes_sent: 0,
+            records_sent: 0,
         };
         for first in 0..node_count {
             for second in first + 1..node_count {
@@ -229,8 +288,10 @@ impl Simulation {
                 let to = peer as usize;
                 let pair = (from.min(to), from.max(to));
                 let Some(&connection) = self.connections.get(&pair) else { continue };
-                if let Message::Changes { envelopes } = &message {
-                    self.envelopes_sent += envelopes.len() as u64;
+                match &message {
+                    Message::Changes { envelopes } => self.envelopes_sent += envelopes.len() as u64,
+                    Message::Snapshot { records, .. } => self.records_sent += records.len() as u64,
+                    _ => {}
                 }
                 if self.random.chance(self.faults.loss_percent) {
                     continue;
@@ -263,13 +324,13 @@ impl Simulation {
                 continue;
             }
             let node = &mut self.nodes[message.to];
-            if node.replica.handle_peer_message(now, message.from as PeerId, message.message, &node.log).is_err() {
+            if node.replica.handle_peer_message(now, message.from as PeerId, message.message, &node.storage).is_err() {
                 self.disconnect(pair.0, pair.1);
             }
         }
         for node in &mut self.nodes {
             if node.replica.poll_timeout().is_some_and(|due| due <= now) {
-                node.replica.handle_timeout(now, &node.log);
+                node.replica.handle_timeout(now, &node.storage);
             }
         }
         self.collect_transmits();
@@ -309,6 +370,20 @@ impl Simulation {
         }
     }
 
+    fn inject_trims(&mut self) {
+        if !self.faults.trims || !self.random.chance(2) {
+            return;
+        }
+        let index = self.random.below(self.nodes.len() as u64) as usize;
+        let origins: Vec<OriginId> = self.nodes[index].storage.held.origins().map(|(origin, _)| *origin).collect();
+        if origins.is_empty() {
+            return;
+        }
+        let origin = origins[self.random.below(origins.len() as u64) as usize];
+        let count = 1 + self.random.below(20);
+        self.nodes[index].trim_log(origin, count);
+    }
+
     fn heal(&mut self) {
         self.partition = None;
         let count = self.nodes.len();
@@ -345,6 +420,7 @@ impl Simulation {
                 self.random_write();
             }
             self.inject_faults();
+            self.inject_trims();
             self.step();
         }
         self.faults.loss_percent = 0;
@@ -356,22 +432,43 @@ impl Simulation {
         let deadline = healed + self.settings.summary_interval * 20;
         while self.elapsed < deadline {
             self.step();
-            if self.in_flight.is_empty() && self.converged() {
+            if self.quiet() && self.converged() {
                 return Ok(self.elapsed - healed);
             }
         }
-        Err(format!("not converged {:?} after the heal", deadline - healed))
+        let states: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let records: Vec<String> = node
+                    .storage
+                    .records
+                    .iter()
+                    .map(|(key, record)| {
+                        format!("{key} {} {:?}", record.version(), record.view().map(|view| view.value))
+                    })
+                    .collect();
+                format!("{:?} records {records:#?}", node.replica.version_vector())
+            })
+            .collect();
+        Err(format!("not converged {:?} after the heal: {states:#?}", deadline - healed))
+    }
+
+    /// Nothing but summaries on the wire: with equal states, nothing more will move.
+    fn quiet(&self) -> bool {
+        self.in_flight.iter().all(|flight| matches!(flight.message, Message::Summary { .. }))
     }
 
     fn converged(&self) -> bool {
         let first = &self.nodes[0];
         self.nodes.iter().all(|node| {
             node.replica.version_vector() == first.replica.version_vector()
-                && node.records.len() == first.records.len()
+                && node.storage.records.len() == first.storage.records.len()
                 && node
+                    .storage
                     .records
                     .iter()
-                    .zip(&first.records)
+                    .zip(&first.storage.records)
                     .all(|((key, record), (other_key, other))| key == other_key && record.version() == other.version())
         })
     }
@@ -379,12 +476,24 @@ impl Simulation {
     fn assert_same_views(&self, seed: u64) {
         let first = &self.nodes[0];
         for (index, node) in self.nodes.iter().enumerate() {
-            for (key, record) in &node.records {
-                let other = &first.records[key];
+            for (key, record) in &node.storage.records {
+                let other = &first.storage.records[key];
                 assert_eq!(record.view().unwrap(), other.view().unwrap(), "seed {seed}: node {index} differs on {key}");
             }
-            // Every change anyone made is held by everyone.
-            assert_eq!(node.log.0.len(), first.log.0.len(), "seed {seed}: node {index} log length");
+            // Every change anyone made is held by everyone (as an envelope or through a snapshot),
+            // and the log holds every change at or above the floors.
+            assert_eq!(node.storage.held, first.storage.held, "seed {seed}: node {index} holds other changes");
+            for (origin, range) in node.storage.held.origins() {
+                let floor = node.storage.floors.get(origin).copied().unwrap_or(1);
+                for (start, end) in range.ranges() {
+                    for sequence in start.max(floor)..=end {
+                        assert!(
+                            node.storage.log.contains_key(&(*origin, sequence)),
+                            "seed {seed}: node {index} lacks ({origin}, {sequence}) above its floor {floor}"
+                        );
+                    }
+                }
+            }
         }
     }
 }
@@ -419,6 +528,7 @@ fn three_replicas_converge_on_a_clean_network() {
         delay_ms_max: 5,
         partitions: false,
         restarts: false,
+        trims: false,
     });
 }
 
@@ -430,6 +540,7 @@ fn three_replicas_converge_through_loss_duplication_and_reordering() {
         delay_ms_max: 80,
         partitions: false,
         restarts: false,
+        trims: false,
     });
 }
 
@@ -441,6 +552,20 @@ fn four_replicas_converge_through_partitions_and_restarts() {
         delay_ms_max: 40,
         partitions: true,
         restarts: true,
+        trims: false,
+    });
+}
+
+#[test]
+fn four_replicas_converge_while_their_logs_are_trimmed() {
+    // Trimming makes peers that fall behind a floor bootstrap from snapshots, mid-fault.
+    run_seeds("trims", 4, || Faults {
+        loss_percent: 5,
+        duplicate_percent: 5,
+        delay_ms_max: 40,
+        partitions: true,
+        restarts: true,
+        trims: true,
     });
 }
 
@@ -451,7 +576,14 @@ fn a_chain_converges_through_relays() {
         let mut simulation = Simulation::new(
             seed,
             3,
-            Faults { loss_percent: 0, duplicate_percent: 0, delay_ms_max: 10, partitions: false, restarts: false },
+            Faults {
+                loss_percent: 0,
+                duplicate_percent: 0,
+                delay_ms_max: 10,
+                partitions: false,
+                restarts: false,
+                trims: false,
+            },
         );
         simulation.disconnect(0, 2);
         simulation.collect_transmits();
@@ -460,7 +592,7 @@ fn a_chain_converges_through_relays() {
             simulation.step();
         }
         let mut quiet = 0;
-        while quiet < 2_000 && !(simulation.in_flight.is_empty() && simulation.converged()) {
+        while quiet < 2_000 && !(simulation.quiet() && simulation.converged()) {
             simulation.step();
             quiet += 1;
         }
@@ -477,7 +609,14 @@ fn catch_up_sends_only_what_is_missing() {
     let mut simulation = Simulation::new(
         7,
         2,
-        Faults { loss_percent: 0, duplicate_percent: 0, delay_ms_max: 2, partitions: false, restarts: false },
+        Faults {
+            loss_percent: 0,
+            duplicate_percent: 0,
+            delay_ms_max: 2,
+            partitions: false,
+            restarts: false,
+            trims: false,
+        },
     );
     simulation.collect_transmits();
     let key = RecordKey::new("items", "shared").unwrap();
@@ -486,7 +625,7 @@ fn catch_up_sends_only_what_is_missing() {
         simulation.nodes[0].write(now, key.clone(), Operation::Increment { field: "n".into(), by: 1 }, index);
         simulation.step();
     }
-    while !(simulation.in_flight.is_empty() && simulation.converged()) {
+    while !(simulation.quiet() && simulation.converged()) {
         simulation.step();
     }
     simulation.disconnect(0, 1);
@@ -497,10 +636,124 @@ fn catch_up_sends_only_what_is_missing() {
     simulation.envelopes_sent = 0;
     simulation.connect(0, 1);
     simulation.collect_transmits();
-    while !(simulation.in_flight.is_empty() && simulation.converged()) {
+    while !(simulation.quiet() && simulation.converged()) {
         simulation.step();
     }
-    let value = simulation.nodes[1].records[&key].view().unwrap().value.unwrap();
+    let value = simulation.nodes[1].storage.records[&key].view().unwrap().value.unwrap();
     assert_eq!(value["n"], json!(250));
     assert_eq!(simulation.envelopes_sent, 50, "catch-up sends exactly the missing changes, not the dataset");
+}
+
+/// Nodes on a clean network, none connected, for the bootstrap tests.
+fn quiet_nodes(seed: u64, count: usize) -> Simulation {
+    let mut simulation = Simulation::new(
+        seed,
+        count,
+        Faults {
+            loss_percent: 0,
+            duplicate_percent: 0,
+            delay_ms_max: 2,
+            partitions: false,
+            restarts: false,
+            trims: false,
+        },
+    );
+    for first in 0..count {
+        for second in first + 1..count {
+            simulation.disconnect(first, second);
+        }
+    }
+    simulation
+}
+
+fn settle(simulation: &mut Simulation, nodes: &[usize]) {
+    for _ in 0..100_000 {
+        simulation.collect_transmits();
+        let same = nodes.iter().all(|&index| {
+            simulation.nodes[index].replica.version_vector() == simulation.nodes[nodes[0]].replica.version_vector()
+                && simulation.nodes[index].storage.records.len() == simulation.nodes[nodes[0]].storage.records.len()
+        });
+        if simulation.in_flight.is_empty() && same {
+            return;
+        }
+        simulation.step();
+    }
+    panic!("nodes {nodes:?} did not settle");
+}
+
+fn write_history(simulation: &mut Simulation, node: usize, records: u64, changes: u64) {
+    for index in 0..changes {
+        let key = RecordKey::new("items", &format!("item-{}", index % records)).unwrap();
+        let now = simulation.now();
+        simulation.nodes[node].write(now, key, Operation::Increment { field: "n".into(), by: 1 }, index);
+    }
+}
+
+#[test]
+fn a_brand_new_replica_bootstraps_from_snapshots_not_history() {
+    // 600 changes to 12 records: the new node receives 12 documents, not 600 changes.
+    let mut simulation = quiet_nodes(11, 2);
+    write_history(&mut simulation, 0, 12, 600);
+    simulation.connect(0, 1);
+    settle(&mut simulation, &[0, 1]);
+    assert_eq!(simulation.records_sent, 12);
+    assert_eq!(simulation.envelopes_sent, 0, "no history is replayed");
+    assert_eq!(simulation.nodes[0].replica.statistics().snapshots_sent, 1);
+    assert_eq!(simulation.nodes[1].replica.statistics().snapshots_received, 1);
+    let key = RecordKey::new("items", "item-0").unwrap();
+    assert_eq!(simulation.nodes[1].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(50));
+    // The new node holds the history without its envelopes: its floor says so.
+    let origin = simulation.nodes[0].origin;
+    assert_eq!(simulation.nodes[1].storage.floors.get(&origin), Some(&601));
+    assert!(simulation.nodes[1].storage.log.is_empty());
+    // Changes made after the bootstrap flow as changes, both ways.
+    simulation.envelopes_sent = 0;
+    write_history(&mut simulation, 0, 12, 5);
+    let key = RecordKey::new("items", "item-0").unwrap();
+    let now = simulation.now();
+    simulation.nodes[1].write(now, key.clone(), Operation::Increment { field: "n".into(), by: 1 }, 9_000);
+    settle(&mut simulation, &[0, 1]);
+    // Six changes; a summary that crossed them on the wire may have one sent twice.
+    assert!((6..20).contains(&simulation.envelopes_sent), "{} envelopes", simulation.envelopes_sent);
+    assert_eq!(simulation.records_sent, 12, "no second snapshot");
+    assert_eq!(simulation.nodes[0].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(52));
+    simulation.assert_same_views(11);
+}
+
+#[test]
+fn a_replica_behind_the_trimmed_log_bootstraps_and_then_bootstraps_others() {
+    let mut simulation = quiet_nodes(12, 3);
+    simulation.connect(0, 1);
+    settle(&mut simulation, &[0, 1]);
+    write_history(&mut simulation, 0, 8, 100);
+    settle(&mut simulation, &[0, 1]);
+    assert_eq!(simulation.records_sent, 0, "a peer that keeps up gets changes");
+    // Node 1 goes away; node 0 writes on and trims its log past what node 1 holds.
+    simulation.disconnect(0, 1);
+    write_history(&mut simulation, 0, 8, 200);
+    let origin = simulation.nodes[0].origin;
+    simulation.nodes[0].trim_log(origin, 250);
+    simulation.envelopes_sent = 0;
+    // Meanwhile node 1 wrote too: its change must still reach node 0.
+    let key = RecordKey::new("items", "item-3").unwrap();
+    let now = simulation.now();
+    simulation.nodes[1].write(now, key.clone(), Operation::Increment { field: "n".into(), by: 100 }, 5_000);
+    simulation.connect(0, 1);
+    settle(&mut simulation, &[0, 1]);
+    assert_eq!(simulation.records_sent, 8, "node 1 was behind the floor: a snapshot");
+    assert_eq!(
+        simulation.envelopes_sent, 1,
+        "the snapshot holds everything node 0 held; then node 1 sends its own change"
+    );
+    assert_eq!(simulation.nodes[0].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
+    // Node 2 is brand new and meets only node 1, which itself holds part of history only in
+    // its documents: it bootstraps node 2 in turn.
+    simulation.records_sent = 0;
+    simulation.connect(1, 2);
+    settle(&mut simulation, &[1, 2]);
+    assert_eq!(simulation.records_sent, 8);
+    assert_eq!(simulation.nodes[2].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
+    simulation.connect(0, 2);
+    settle(&mut simulation, &[0, 1, 2]);
+    simulation.assert_same_views(12);
 }

@@ -1,0 +1,249 @@
+//! Bootstrap and retention in the engine: the store as the replication core's [`Source`]
+//! (change log and documents), merging snapshot records from a peer, and trimming the change
+//! log by age, which raises the log floors.
+//!
+//! The policy, in short (ARCHITECTURE.md has the whole of it): the change log keeps every change
+//! younger than `log_retention` (by its origin's clock), and always everything at and above an
+//! origin's first gap. Older entries are deleted a few thousand at a time, and each origin's
+//! *log floor* moves past them. A peer that lacks a change below a floor, or holds none of what
+//! this node holds, is sent documents (a snapshot) instead of changes.
+
+use std::time::{Duration, Instant};
+
+use crdt::envelope::{DocumentKind, Envelope};
+use crdt::identity::OriginId;
+use crdt::key::RecordKey;
+use crdt::replica::{SnapshotRecord, Source};
+use crdt::version_vector::VersionVector;
+use serde_bytes::ByteBuf;
+use store::Store;
+
+use super::{Before, Body, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
+
+/// A document larger than this is left out of snapshots (with a warning): it would not fit in
+/// a message. Its changes still travel as changes while the log holds them.
+pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 8 << 20;
+
+/// The most log entries one trimming step deletes, so trimming never stalls writes for long.
+const TRIM_ENTRIES_PER_STEP: usize = 4096;
+
+/// The default retention: a week, so a site offline for days still catches up from the log.
+pub const LOG_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// When the change log is next trimmed, and by how much.
+#[derive(Debug)]
+pub(crate) struct Retention {
+    pub(crate) period: Duration,
+    pub(crate) next_due: Instant,
+}
+
+impl Retention {
+    pub(crate) fn new(period: Duration) -> Retention {
+        Retention { period, next_due: Instant::now() }
+    }
+
+    /// Trimming is checked a tenth of the period apart, between once a second and once a minute.
+    fn interval(&self) -> Duration {
+        (self.period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// The store as the replication core reads it: durable state only (the engine's staged batch
+/// is not in sled until it commits).
+pub(crate) struct StoreSource<'a>(pub &'a Store);
+
+impl Source for StoreSource<'_> {
+    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
+        match self.0.log_range(origin.as_bytes(), from, limit) {
+            Ok(entries) => entries
+                .into_iter()
+                .filter_map(|(sequence, bytes)| match Envelope::decode(&bytes) {
+                    Ok(envelope) => Some(envelope),
+                    Err(error) => {
+                        tracing::warn!(%origin, sequence, %error, "skipping a change-log entry that does not decode");
+                        None
+                    }
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%origin, %error, "cannot read the change log");
+                Vec::new()
+            }
+        }
+    }
+
+    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
+        let after = after.map(RecordKey::to_bytes);
+        let keys = match self.0.document_keys(&[], after.as_deref(), limit) {
+            Ok(keys) => keys,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list documents for a snapshot");
+                return Vec::new();
+            }
+        };
+        keys.iter().filter_map(|key| snapshot_record(self.0, key)).collect()
+    }
+}
+
+/// One stored document as a snapshot record, or `None` (logged) when it cannot be one. A
+/// record's parts are joined into one: automerge takes a saved document followed by change
+/// chunks as one input. A text's are Yjs updates, applied one by one.
+fn snapshot_record(store: &Store, key_bytes: &[u8]) -> Option<SnapshotRecord> {
+    let key = match RecordKey::from_bytes(key_bytes) {
+        Ok(key) => key,
+        Err(error) => {
+            tracing::warn!(%error, "leaving a document with a damaged key out of a snapshot");
+            return None;
+        }
+    };
+    let stored = match store.document(key_bytes) {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::warn!(%key, %error, "leaving a document that does not read out of a snapshot");
+            return None;
+        }
+    };
+    let entry: DocumentEntry = match rmp_serde::from_slice(&stored.value) {
+        Ok(entry) => entry,
+        Err(error) => {
+            tracing::warn!(%key, %error, "leaving a damaged document out of a snapshot");
+            return None;
+        }
+    };
+    let pieces = std::iter::once(entry.saved).chain(stored.increments.into_iter().map(|(_, bytes)| bytes));
+    let parts: Vec<ByteBuf> = match entry.kind {
+        DocumentKind::Record => vec![ByteBuf::from(pieces.collect::<Vec<_>>().concat())],
+        DocumentKind::Text => pieces.filter(|piece| !piece.is_empty()).map(ByteBuf::from).collect(),
+    };
+    let record = SnapshotRecord { key, kind: entry.kind, parts };
+    if record.size() > SNAPSHOT_RECORD_BYTES_MAX {
+        tracing::warn!(key = %record.key, bytes = record.size(), "leaving a document too large for a message out of a snapshot");
+        return None;
+    }
+    Some(record)
+}
+
+impl Engine {
+    /// Merges a document from a peer's snapshot into the local one. Returns whether it changed.
+    /// The parts go through the same checked paths as changes; a refused part leaves the
+    /// document as it was.
+    pub(crate) fn apply_snapshot_record(&mut self, record: SnapshotRecord) -> Result<bool, EngineError> {
+        let key = record.key.clone();
+        let mut document = match self.take_document(&key)? {
+            Some(document) => document,
+            None => self.empty_document(record.kind),
+        };
+        let result = self.merge_snapshot_record(&mut document, &record);
+        if document.stored {
+            self.put_back(key, document);
+        }
+        result
+    }
+
+    fn merge_snapshot_record(&mut self, document: &mut Document, record: &SnapshotRecord) -> Result<bool, EngineError> {
+        let before = Before::of(document, &record.key);
+        let refused = |reason: String| EngineError::BadChange { key: record.key.clone(), reason };
+        let mut changed = false;
+        for part in &record.parts {
+            let part_changed = match (&mut document.body, record.kind) {
+                (Body::Record(body), DocumentKind::Record) => {
+                    body.apply_changes(part).map_err(|error| refused(error.to_string()))?
+                }
+                (Body::Text(text), DocumentKind::Text) => {
+                    text.apply_update(part, &self.text_limits).map_err(|error| refused(error.to_string()))?
+                }
+                (body, _) => {
+                    let (actual, expected) = match body {
+                        Body::Record(_) => ("record", "text"),
+                        Body::Text(_) => ("text", "record"),
+                    };
+                    return Err(EngineError::WrongKind { key: record.key.clone(), actual, expected });
+                }
+            };
+            // Applied parts are kept as the document's increments whether or not they showed:
+            // a part held back for missing dependencies is state all the same.
+            self.stage_bytes(document, &record.key, record.kind, part);
+            changed |= part_changed;
+        }
+        // The document took a whole other history in: compact it soon.
+        if self.compaction_queued.insert(record.key.clone()) {
+            self.compaction.push_back(record.key.clone());
+        }
+        let timestamp = self.clock.tick(physical_ms());
+        // A snapshot is not one change: its feed event names no origin (all zeros, sequence 0).
+        let feed = changed.then(|| FeedEntry {
+            key: record.key.clone(),
+            kind: record.kind,
+            origin: OriginId([0; 16]),
+            sequence: 0,
+            timestamp,
+        });
+        self.stage_accounting(document, &record.key, before, feed);
+        Ok(changed)
+    }
+
+    /// A snapshot from a peer is complete: this node now holds `version_vector` too, without
+    /// those changes' envelopes, so the log floors rise past them. Staged with the batch, so it
+    /// is durable with (or after) the records before it.
+    pub(crate) fn apply_snapshot_end(&mut self, version_vector: &VersionVector) {
+        crdt::replica::raise_log_floors(&mut self.log_floors, &self.version_vector, version_vector);
+        self.version_vector.merge(version_vector);
+        self.counters_dirty = true;
+        self.floors_dirty = true;
+    }
+
+    /// Deletes change-log entries older than the retention period, a bounded number per call,
+    /// and only within each origin's gap-free prefix (so a floor never passes a gap). Runs when
+    /// due; the replication core hears of the new floors after the commit.
+    pub(crate) fn trim_log_if_due(&mut self, now: Instant) {
+        if now < self.retention.next_due {
+            return;
+        }
+        self.retention.next_due = now + self.retention.interval();
+        let cutoff_ms =
+            physical_ms().saturating_sub(u64::try_from(self.retention.period.as_millis()).unwrap_or(u64::MAX));
+        let mut budget = TRIM_ENTRIES_PER_STEP;
+        let origins: Vec<(OriginId, u64)> =
+            self.version_vector.origins().map(|(origin, range)| (*origin, range.contiguous)).collect();
+        for (origin, contiguous) in origins {
+            if budget == 0 {
+                // More to do: come back soon rather than a whole interval later.
+                self.retention.next_due = now;
+                break;
+            }
+            let floor = self.log_floors.get(&origin).copied().unwrap_or(1);
+            if floor > contiguous {
+                continue;
+            }
+            let limit = usize::try_from(contiguous - floor + 1).unwrap_or(usize::MAX).min(budget);
+            let entries = match self.store.log_range(origin.as_bytes(), floor, limit) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::warn!(%origin, %error, "cannot read the change log to trim it");
+                    continue;
+                }
+            };
+            let mut new_floor = floor;
+            for (sequence, bytes) in entries {
+                // The log is gap-free up to `contiguous`; a hole means the floor cannot pass it.
+                if sequence != new_floor || sequence > contiguous {
+                    break;
+                }
+                let young = Envelope::decode(&bytes).map(|envelope| envelope.timestamp.wall_ms >= cutoff_ms);
+                if let Ok(true) = young {
+                    break;
+                }
+                // An entry that does not decode is of no use to any peer: trim it too.
+                self.batch.remove_log(origin.as_bytes(), sequence);
+                budget -= 1;
+                new_floor = sequence + 1;
+            }
+            if new_floor > floor {
+                self.log_floors.insert(origin, new_floor);
+                self.floors_dirty = true;
+                self.metrics.log_entries_trimmed.add(new_floor - floor);
+            }
+        }
+    }
+}
