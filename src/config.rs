@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -50,6 +51,12 @@ pub struct ConfigFile {
     /// Seed peers to dial.
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
+    /// The peer address other nodes should dial, when it is not `listen_peer`.
+    pub advertise_peer: Option<SocketAddr>,
+    /// How often the failure detector probes a random member (default 1000).
+    pub membership_probe_period_ms: Option<u64>,
+    /// How long a suspected member has to refute before it is declared down (default 3000).
+    pub membership_suspect_timeout_ms: Option<u64>,
     /// The folder with `ca.pem` and this node's `<name>.pem` and `<name>.key`.
     pub certs_dir: Option<PathBuf>,
     /// The cluster id; must match the CA's.
@@ -91,6 +98,7 @@ pub struct Overrides {
     pub tokens_file: Option<PathBuf>,
     pub listen_peer: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
+    pub advertise_peer: Option<SocketAddr>,
     pub certs_dir: Option<PathBuf>,
     pub cluster: Option<String>,
 }
@@ -125,6 +133,8 @@ impl NodeConfig {
                     .or(file.certs_dir)
                     .context("--listen-peer needs --certs DIR (or certs_dir in the config file)")?,
                 cluster: overrides.cluster.or(file.cluster),
+                advertise_peer: overrides.advertise_peer.or(file.advertise_peer),
+                membership: membership_settings(file.membership_probe_period_ms, file.membership_suspect_timeout_ms)?,
             }),
             None if !seeds.is_empty() => bail!("--peer needs --listen-peer"),
             None => None,
@@ -147,6 +157,24 @@ impl NodeConfig {
         }
         Ok(config)
     }
+}
+
+/// The failure detector's timings: the defaults with the file's overrides. The probe's round
+/// trip is a third of the probe period.
+fn membership_settings(
+    probe_period_ms: Option<u64>,
+    suspect_timeout_ms: Option<u64>,
+) -> anyhow::Result<crate::membership::MembershipSettings> {
+    let mut settings = crate::membership::MembershipSettings::default();
+    if let Some(period_ms) = probe_period_ms {
+        settings.probe_period = Duration::from_millis(period_ms);
+        settings.probe_rtt = settings.probe_period / 3;
+    }
+    if let Some(timeout_ms) = suspect_timeout_ms {
+        settings.suspect_timeout = Duration::from_millis(timeout_ms);
+    }
+    settings.validate().context("membership_probe_period_ms or membership_suspect_timeout_ms")?;
+    Ok(settings)
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub peer_bytes_sent: Counter,
     pub peer_bytes_received: Counter,
     pub peer_protocol_errors: Counter,
+    /// Members the failure detector declared down (each time one goes down).
+    pub members_down: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
 }
@@ -109,7 +111,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 16] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -141,6 +143,7 @@ impl Metrics {
                 "Peers disconnected for breaking the protocol.",
                 &self.peer_protocol_errors,
             ),
+            ("concord_members_down_total", "Members the failure detector declared down.", &self.members_down),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());

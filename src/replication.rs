@@ -53,6 +53,8 @@ pub struct PeerStatus {
     pub peer_lacks: Option<u64>,
     /// Changes the peer holds that we lack, as far as we know (connected peers only).
     pub we_lack: Option<u64>,
+    /// What the failure detector says (alive, suspect or down), once it has heard of the peer.
+    pub state: Option<crate::membership::MemberState>,
 }
 
 /// How many disconnected peers status remembers; the oldest are forgotten first.
@@ -259,6 +261,7 @@ impl Engine {
                 connected: true,
                 peer_lacks: lag.map(|lag| lag.peer_lacks),
                 we_lack: lag.map(|lag| lag.we_lack),
+                state: self.member_state(&info.node_id),
             }
         });
         let disconnected = self.replication.disconnected.iter().map(|(info, _)| PeerStatus {
@@ -267,8 +270,19 @@ impl Engine {
             connected: false,
             peer_lacks: None,
             we_lack: None,
+            state: self.member_state(&info.node_id),
         });
         connected.chain(disconnected).collect()
+    }
+
+    /// Where the membership's view comes from from now on.
+    pub fn set_member_states(&mut self, states: tokio::sync::watch::Receiver<crate::membership::MemberStates>) {
+        self.replication.member_states = Some(states);
+    }
+
+    /// The failure detector's verdict on a node (hex id), if it has one.
+    fn member_state(&self, node_id: &str) -> Option<crate::membership::MemberState> {
+        self.replication.member_states.as_ref().and_then(|states| states.borrow().get(node_id).copied())
     }
 
     fn flush_transmits(&mut self) {
@@ -322,4 +336,6 @@ pub(crate) struct Replication {
     /// Peers seen before and not connected now, with when they left, oldest first.
     pub(crate) disconnected: Vec<(PeerInfo, std::time::SystemTime)>,
     pub(crate) waiters: Vec<Waiter>,
+    /// The membership's view, shared by the mesh's membership task (none without a mesh).
+    pub(crate) member_states: Option<tokio::sync::watch::Receiver<crate::membership::MemberStates>>,
 }
