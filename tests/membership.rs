@@ -1,7 +1,8 @@
 //! Failure detection and membership between real node processes over QUIC on loopback: a node
 //! killed with -9 is declared down by the survivors and seen alive again after its restart, and
 //! a node that one peer cannot reach directly but another can is not declared down (SWIM's
-//! indirect probes) while writes still converge through the middle node.
+//! indirect probes) while writes still converge through the middle node. A peer that sends a
+//! frame on an unknown channel, or garbage on the membership channel, is disconnected.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -109,7 +110,7 @@ async fn a_node_reachable_only_through_another_is_not_declared_down() {
         &["--listen-peer", &first_listen, "--advertise-peer", &first_advertised],
     )
     .await;
-    let second = start_peer(root.path(), &certs, "second", &[first_listen.clone()]).await;
+    let second = start_peer(root.path(), &certs, "second", std::slice::from_ref(&first_listen)).await;
     let third_port = free_udp_port();
     let third_relay = Relay::start(([127, 0, 0, 1], third_port).into()).await;
     let third_listen = format!("127.0.0.1:{third_port}");
@@ -154,4 +155,72 @@ async fn a_node_reachable_only_through_another_is_not_declared_down() {
     }
     let metrics = first.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
     assert_eq!(metric(&metrics, "concord_members_down_total"), 0, "{metrics}");
+}
+
+/// A raw transport endpoint with a valid certificate, to send frames a node would never send.
+fn raw_peer(
+    certs: &std::path::Path,
+    name: &str,
+    node_id: u8,
+) -> (transport::Endpoint, tokio::sync::mpsc::Receiver<transport::PeerEvent>) {
+    transport::install_crypto_provider();
+    let certificates = transport::NodeCertificates::load(certs, name).unwrap();
+    let config = transport::EndpointConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        "test-cluster",
+        [node_id; 16],
+        name,
+        certificates,
+    );
+    transport::Endpoint::bind(config).unwrap()
+}
+
+/// Dials `address` and returns the connection once the handshake is done.
+async fn connect(
+    endpoint: &transport::Endpoint,
+    events: &mut tokio::sync::mpsc::Receiver<transport::PeerEvent>,
+    address: &str,
+) -> transport::PeerId {
+    endpoint.connect(address.parse().unwrap()).unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap() {
+            transport::PeerEvent::Connected { peer_id, .. } => return peer_id,
+            _ => continue,
+        }
+    }
+}
+
+/// Waits for the node to close the connection, and returns the reason it gave.
+async fn disconnected(events: &mut tokio::sync::mpsc::Receiver<transport::PeerEvent>) -> String {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await.unwrap().unwrap() {
+            transport::PeerEvent::Disconnected { reason, .. } => return format!("{reason:?}"),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_on_an_unknown_channel_or_with_bad_membership_bytes_disconnect_the_peer() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "rogue"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    let (endpoint, mut events) = raw_peer(&certs, "rogue", 0xEE);
+
+    let peer_id = connect(&endpoint, &mut events, &peer_address(&first)).await;
+    endpoint.send(peer_id, transport::Bytes::from_static(&[7, 1, 2, 3])).unwrap();
+    let reason = disconnected(&mut events).await;
+    assert!(reason.contains("unknown channel"), "{reason}");
+
+    // The transport redials; this time a membership frame of garbage.
+    let peer_id = connect(&endpoint, &mut events, &peer_address(&first)).await;
+    endpoint.send(peer_id, transport::Bytes::from_static(&[1, 0xFF, 0xFF, 0xFF])).unwrap();
+    let reason = disconnected(&mut events).await;
+    assert!(reason.contains("bad membership message"), "{reason}");
+
+    let metrics = first.request(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(metric(&metrics, "concord_peer_protocol_errors_total") >= 2, "{metrics}");
+    assert_eq!(first.call(Method::GET, "/health/ready", None).await.0, 200, "the node keeps serving");
+    endpoint.shutdown().await;
 }
