@@ -83,8 +83,8 @@ async fn a_node_killed_mid_write_catches_up_and_loses_nothing_acknowledged() {
         second.put("c", &format!("b{round}"), json!({"round": round})).await;
     }
     second.kill();
-    // Status keeps the lost peer, marked disconnected (noticed when QUIC's idle timeout or the
-    // connection loss fires).
+    // Status keeps the lost peer, marked disconnected (noticed when the failure detector declares
+    // it down, or QUIC's idle timeout fires).
     let mut noticed = false;
     for _ in 0..1_500 {
         let status = first.status().await;
