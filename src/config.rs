@@ -210,4 +210,25 @@ mod tests {
         assert_eq!(config.listen_api.port(), 9000);
         assert_eq!(config.tokens[0].role, Role::Read);
     }
+
+    #[test]
+    fn membership_timings_and_the_advertised_address_come_from_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("node.toml");
+        let file = "listen_peer = \"0.0.0.0:7800\"\ncerts_dir = \"certs\"\nadvertise_peer = \"10.0.0.1:7800\"\n\
+                    membership_probe_period_ms = 600\nmembership_suspect_timeout_ms = 2000\n";
+        std::fs::write(&path, file).unwrap();
+        let config = NodeConfig::load(Overrides { config: Some(path.clone()), ..Overrides::default() }).unwrap();
+        let mesh = config.mesh.unwrap();
+        assert_eq!(mesh.advertise_peer, Some("10.0.0.1:7800".parse().unwrap()));
+        assert_eq!(mesh.membership.probe_period, Duration::from_millis(600));
+        assert_eq!(mesh.membership.probe_rtt, Duration::from_millis(200));
+        assert_eq!(mesh.membership.suspect_timeout, Duration::from_millis(2000));
+
+        std::fs::write(&path, file.replace("membership_probe_period_ms = 600", "membership_probe_period_ms = 0"))
+            .unwrap();
+        let error =
+            format!("{:#}", NodeConfig::load(Overrides { config: Some(path), ..Overrides::default() }).unwrap_err());
+        assert!(error.contains("membership"), "{error}");
+    }
 }
