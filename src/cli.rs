@@ -102,6 +102,9 @@ pub struct StartArgs {
     /// A seed peer's address (repeatable).
     #[arg(long = "peer")]
     pub peers: Vec<SocketAddr>,
+    /// The peer address other nodes should dial, when not --listen-peer (needed with 0.0.0.0).
+    #[arg(long)]
+    pub advertise_peer: Option<SocketAddr>,
     /// The folder with ca.pem and this node's NAME.pem and NAME.key.
     #[arg(long = "certs")]
     pub certs_dir: Option<PathBuf>,

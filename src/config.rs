@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -50,6 +51,12 @@ pub struct ConfigFile {
     /// Seed peers to dial.
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
+    /// The peer address other nodes should dial, when it is not `listen_peer`.
+    pub advertise_peer: Option<SocketAddr>,
+    /// How often the failure detector probes a random member (default 1000).
+    pub membership_probe_period_ms: Option<u64>,
+    /// How long a suspected member has to refute before it is declared down (default 3000).
+    pub membership_suspect_timeout_ms: Option<u64>,
     /// The folder with `ca.pem` and this node's `<name>.pem` and `<name>.key`.
     pub certs_dir: Option<PathBuf>,
     /// The cluster id; must match the CA's.
@@ -94,6 +101,7 @@ pub struct Overrides {
     pub tokens_file: Option<PathBuf>,
     pub listen_peer: Option<SocketAddr>,
     pub peers: Vec<SocketAddr>,
+    pub advertise_peer: Option<SocketAddr>,
     pub certs_dir: Option<PathBuf>,
     pub cluster: Option<String>,
     pub log_retention_seconds: Option<u64>,
@@ -129,6 +137,8 @@ impl NodeConfig {
                     .or(file.certs_dir)
                     .context("--listen-peer needs --certs DIR (or certs_dir in the config file)")?,
                 cluster: overrides.cluster.or(file.cluster),
+                advertise_peer: overrides.advertise_peer.or(file.advertise_peer),
+                membership: membership_settings(file.membership_probe_period_ms, file.membership_suspect_timeout_ms)?,
             }),
             None if !seeds.is_empty() => bail!("--peer needs --listen-peer"),
             None => None,
@@ -155,6 +165,24 @@ impl NodeConfig {
         }
         Ok(config)
     }
+}
+
+/// The failure detector's timings: the defaults with the file's overrides. The probe's round
+/// trip is a third of the probe period.
+fn membership_settings(
+    probe_period_ms: Option<u64>,
+    suspect_timeout_ms: Option<u64>,
+) -> anyhow::Result<crate::membership::MembershipSettings> {
+    let mut settings = crate::membership::MembershipSettings::default();
+    if let Some(period_ms) = probe_period_ms {
+        settings.probe_period = Duration::from_millis(period_ms);
+        settings.probe_rtt = settings.probe_period / 3;
+    }
+    if let Some(timeout_ms) = suspect_timeout_ms {
+        settings.suspect_timeout = Duration::from_millis(timeout_ms);
+    }
+    settings.validate().context("membership_probe_period_ms or membership_suspect_timeout_ms")?;
+    Ok(settings)
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
@@ -189,5 +217,26 @@ mod tests {
         assert_eq!(config.name.as_deref(), Some("edge"));
         assert_eq!(config.listen_api.port(), 9000);
         assert_eq!(config.tokens[0].role, Role::Read);
+    }
+
+    #[test]
+    fn membership_timings_and_the_advertised_address_come_from_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("node.toml");
+        let file = "listen_peer = \"0.0.0.0:7800\"\ncerts_dir = \"certs\"\nadvertise_peer = \"10.0.0.1:7800\"\n\
+                    membership_probe_period_ms = 600\nmembership_suspect_timeout_ms = 2000\n";
+        std::fs::write(&path, file).unwrap();
+        let config = NodeConfig::load(Overrides { config: Some(path.clone()), ..Overrides::default() }).unwrap();
+        let mesh = config.mesh.unwrap();
+        assert_eq!(mesh.advertise_peer, Some("10.0.0.1:7800".parse().unwrap()));
+        assert_eq!(mesh.membership.probe_period, Duration::from_millis(600));
+        assert_eq!(mesh.membership.probe_rtt, Duration::from_millis(200));
+        assert_eq!(mesh.membership.suspect_timeout, Duration::from_millis(2000));
+
+        std::fs::write(&path, file.replace("membership_probe_period_ms = 600", "membership_probe_period_ms = 0"))
+            .unwrap();
+        let error =
+            format!("{:#}", NodeConfig::load(Overrides { config: Some(path), ..Overrides::default() }).unwrap_err());
+        assert!(error.contains("membership"), "{error}");
     }
 }

@@ -48,6 +48,8 @@ impl DemoNode {
             seeds,
             certs_dir: certs.to_path_buf(),
             cluster: None,
+            advertise_peer: None,
+            membership: crate::membership::MembershipSettings::default(),
         });
         let config = NodeConfig {
             name: Some(name.to_owned()),

@@ -399,6 +399,7 @@ pub fn start(
             acknowledged: Default::default(),
             disconnected: Vec::new(),
             waiters: Vec::new(),
+            member_states: None,
         },
     };
     let (jobs, receiver) = mpsc::channel(QUEUE_JOBS_MAX);

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

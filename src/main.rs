@@ -38,6 +38,7 @@ fn main() -> std::process::ExitCode {
                     tokens_file: arguments.tokens_file,
                     listen_peer: arguments.listen_peer,
                     peers: arguments.peers,
+                    advertise_peer: arguments.advertise_peer,
                     certs_dir: arguments.certs_dir,
                     cluster: arguments.cluster,
                     log_retention_seconds: arguments.log_retention_seconds,

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub snapshot_records_received: Counter,
     /// Change-log entries deleted by retention.
     pub log_entries_trimmed: Counter,
+    /// Members the failure detector declared down (each time one goes down).
+    pub members_down: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
 }
@@ -113,7 +115,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 17] = [
+        let counters: [(&str, &str, &Counter); 18] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -155,6 +157,7 @@ impl Metrics {
                 "Change-log entries deleted by retention.",
                 &self.log_entries_trimmed,
             ),
+            ("concord_members_down_total", "Members the failure detector declared down.", &self.members_down),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());

@@ -53,7 +53,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     let (stop_sender, stop) = watch::channel(false);
     let mesh = match &config.mesh {
         Some(mesh_config) => {
-            let mesh = crate::mesh::start(mesh_config, &engine, &identity, stop.clone()).await?;
+            let mesh = crate::mesh::start(mesh_config, &engine, &identity, metrics.clone(), stop.clone()).await?;
             write_address_file(&config.data_dir, PEER_ADDRESS_FILE, mesh.endpoint.local_address())?;
             Some(mesh)
         }

@@ -54,6 +54,8 @@ pub struct PeerStatus {
     /// Whether we are sending it a snapshot now (connected peers only).
     pub bootstrapping: Option<bool>,
     pub traffic: PeerTraffic,
+    /// What the failure detector says (alive, suspect or down), once it has heard of the peer.
+    pub state: Option<crate::membership::MemberState>,
 }
 
 /// What crossed the wire with one peer (by node id, across reconnections) since this start.
@@ -276,6 +278,7 @@ impl Engine {
                 we_lack: lag.map(|lag| lag.we_lack),
                 bootstrapping: lag.map(|lag| lag.bootstrapping),
                 traffic: self.replication.traffic.get(&info.node_id).copied().unwrap_or_default(),
+                state: self.member_state(&info.node_id),
             }
         });
         let disconnected = self.replication.disconnected.iter().map(|(info, _)| PeerStatus {
@@ -286,8 +289,19 @@ impl Engine {
             we_lack: None,
             bootstrapping: None,
             traffic: self.replication.traffic.get(&info.node_id).copied().unwrap_or_default(),
+            state: self.member_state(&info.node_id),
         });
         connected.chain(disconnected).collect()
+    }
+
+    /// Where the membership's view comes from from now on.
+    pub fn set_member_states(&mut self, states: tokio::sync::watch::Receiver<crate::membership::MemberStates>) {
+        self.replication.member_states = Some(states);
+    }
+
+    /// The failure detector's verdict on a node (hex id), if it has one.
+    fn member_state(&self, node_id: &str) -> Option<crate::membership::MemberState> {
+        self.replication.member_states.as_ref().and_then(|states| states.borrow().get(node_id).copied())
     }
 
     fn flush_transmits(&mut self) {
@@ -355,6 +369,8 @@ pub(crate) struct Replication {
     /// Peers seen before and not connected now, with when they left, oldest first.
     pub(crate) disconnected: Vec<(PeerInfo, std::time::SystemTime)>,
     pub(crate) waiters: Vec<Waiter>,
+    /// The membership's view, shared by the mesh's membership task (none without a mesh).
+    pub(crate) member_states: Option<tokio::sync::watch::Receiver<crate::membership::MemberStates>>,
 }
 
 impl Replication {

@@ -6,71 +6,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{Node, record_path, temporary_directory};
-
-fn concord(arguments: &[&str]) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_concord")).args(arguments).output().unwrap();
-    assert!(output.status.success(), "concord {arguments:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-/// A CA for `cluster` in `directory` and certificates for `names`.
-fn certificates(directory: &Path, cluster: &str, names: &[&str]) {
-    let directory = directory.to_str().unwrap();
-    concord(&["cert", "ca", "--dir", directory, "--cluster", cluster]);
-    for name in names {
-        concord(&["cert", "node", "--dir", directory, "--name", name, "--ip", "127.0.0.1"]);
-    }
-}
-
-async fn start_peer(root: &Path, certs: &Path, name: &str, seeds: &[String]) -> Node {
-    let mut arguments = vec![
-        "--name".to_owned(),
-        name.to_owned(),
-        "--listen-peer".to_owned(),
-        "127.0.0.1:0".to_owned(),
-        "--certs".to_owned(),
-        certs.to_str().unwrap().to_owned(),
-    ];
-    for seed in seeds {
-        arguments.push("--peer".to_owned());
-        arguments.push(seed.clone());
-    }
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    Node::start_with(&root.join(name), &arguments).await
-}
-
-fn peer_address(node: &Node) -> String {
-    std::fs::read_to_string(node.data_dir.join("peer.addr")).unwrap()
-}
-
-/// Waits until every node reports the same digest and version vector; returns how long it took.
-async fn converge(nodes: &[&Node]) -> Duration {
-    let started = std::time::Instant::now();
-    for _ in 0..1_200 {
-        let mut statuses = Vec::new();
-        for node in nodes {
-            statuses.push(node.status().await);
-        }
-        let same = statuses.windows(2).all(|pair| {
-            pair[0]["digest"] == pair[1]["digest"] && pair[0]["version_vector"] == pair[1]["version_vector"]
-        });
-        if same {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut report = String::new();
-    for node in nodes {
-        let status = node.status().await;
-        report.push_str(&format!("\n{} {} peers {}", status["name"], status["digest"], status["peers"]));
-    }
-    panic!("nodes did not converge within the hang guard:{report}");
-}
+use support::cluster::{certificates, converge, peer_address, start_peer};
+use support::{record_path, temporary_directory};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_with_concurrent_writers_converge_over_quic() {
@@ -142,8 +83,8 @@ async fn a_node_killed_mid_write_catches_up_and_loses_nothing_acknowledged() {
         second.put("c", &format!("b{round}"), json!({"round": round})).await;
     }
     second.kill();
-    // Status keeps the lost peer, marked disconnected (noticed when QUIC's idle timeout or the
-    // connection loss fires).
+    // Status keeps the lost peer, marked disconnected (noticed when the failure detector declares
+    // it down, or QUIC's idle timeout fires).
     let mut noticed = false;
     for _ in 0..1_500 {
         let status = first.status().await;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod cluster;
 pub mod relay;
 
 /// A node process. Killed (SIGKILL) when dropped, unless already stopped.
