@@ -8,6 +8,9 @@ use serde_json::Value;
 
 use super::Node;
 
+/// How long [`converge`] waits before failing the test as hung.
+pub const CONVERGENCE_GUARD: Duration = Duration::from_secs(60);
+
 /// Runs the `concord` binary and asserts it succeeded.
 pub fn concord(arguments: &[&str]) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_concord")).args(arguments).output().unwrap();
@@ -42,6 +45,12 @@ pub async fn start_peer_with(root: &Path, certs: &Path, name: &str, seeds: &[Str
     Node::start_with(&root.join(name), &arguments).await
 }
 
+/// Like [`start_peer`], listening for peers on `listen_peer`. A node bound to `0.0.0.0` tells
+/// its peers no listen address, so they know it only by the address its packets come from.
+pub async fn start_peer_listening(root: &Path, certs: &Path, name: &str, listen_peer: &str, seeds: &[String]) -> Node {
+    start_peer_with(root, certs, name, seeds, &["--listen-peer", listen_peer]).await
+}
+
 /// The peer address the node bound, from its data directory.
 pub fn peer_address(node: &Node) -> String {
     std::fs::read_to_string(node.data_dir.join("peer.addr")).unwrap()
@@ -54,9 +63,15 @@ pub fn free_udp_port() -> u16 {
 }
 
 /// Waits until every node reports the same digest and version vector; returns how long it took.
+/// Fails after [`CONVERGENCE_GUARD`].
 pub async fn converge(nodes: &[&Node]) -> Duration {
+    converge_within(nodes, CONVERGENCE_GUARD).await
+}
+
+/// [`converge`] with another hang guard.
+pub async fn converge_within(nodes: &[&Node], guard: Duration) -> Duration {
     let started = Instant::now();
-    for _ in 0..1_200 {
+    while started.elapsed() < guard {
         let mut statuses = Vec::new();
         for node in nodes {
             statuses.push(node.status().await);
@@ -74,7 +89,7 @@ pub async fn converge(nodes: &[&Node]) -> Duration {
         let status = node.status().await;
         report.push_str(&format!("\n{} {} peers {}", status["name"], status["digest"], status["peers"]));
     }
-    panic!("nodes did not converge within the hang guard:{report}");
+    panic!("nodes did not converge within the {guard:?} hang guard:{report}");
 }
 
 /// The status entry `node` reports for its peer `name`, if any.
@@ -85,12 +100,33 @@ pub async fn peer_entry(node: &Node, name: &str) -> Option<Value> {
 /// Polls `node`'s status until its entry for peer `name` satisfies `condition`; returns how long
 /// that took. The 60 s deadline only guards against a hang.
 pub async fn wait_for_peer(node: &Node, name: &str, what: &str, condition: impl Fn(&Value) -> bool) -> Duration {
+    let found = |status: &Value| {
+        status["peers"].as_array().is_some_and(|peers| peers.iter().any(|peer| peer["name"] == name && condition(peer)))
+    };
+    until_status(node, &format!("peer {name} {what}"), Duration::from_secs(60), found).await
+}
+
+/// Waits until `node` reports the peer named `peer` as connected (or, with `connected` false, as
+/// disconnected); fails after `guard`.
+pub async fn until_peer(node: &Node, peer: &str, connected: bool, guard: Duration) {
+    until_status(node, &format!("{peer} connected: {connected}"), guard, |status| {
+        status["peers"].as_array().is_some_and(|peers| {
+            peers.iter().any(|candidate| candidate["name"] == peer && candidate["connected"] == connected)
+        })
+    })
+    .await;
+}
+
+/// Polls `condition` on `node`'s status every 20 ms until it holds, and returns how long that
+/// took; fails after `guard`.
+pub async fn until_status(node: &Node, what: &str, guard: Duration, condition: impl Fn(&Value) -> bool) -> Duration {
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        if peer_entry(node, name).await.is_some_and(|entry| condition(&entry)) {
+    loop {
+        let status = node.status().await;
+        if condition(&status) {
             return started.elapsed();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(started.elapsed() < guard, "{what}: not within {guard:?}; status {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{}: peer {name} never became {what}: {}", node.api, node.status().await["peers"]);
 }

@@ -106,12 +106,16 @@ impl Node {
 
     /// The node's resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc status")
+        self.proc_status_kib("VmRSS")
+    }
+
+    /// The node's peak resident set size since it started (the high-water mark) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid(), field)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -154,6 +158,13 @@ impl Node {
         body
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self.request(reqwest::Method::GET, "/metrics").send().await.expect("request reaches the node");
+        assert_eq!(response.status().as_u16(), 200, "metrics");
+        response.text().await.expect("metrics body")
+    }
+
     /// Runs the CLI against this node; returns (exit success, stdout, stderr).
     pub fn cli(&self, arguments: &[&str]) -> (bool, String, String) {
         let mut command = Command::new(binary());
@@ -189,6 +200,37 @@ pub async fn read_ndjson(response: &mut reqwest::Response, count: usize) -> Vec<
         }
     }
     values
+}
+
+/// A field of `/proc/<pid>/status` given in kB (`VmRSS`, `VmHWM`, ...), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc status"))
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text; fails the test if it is absent.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in the metrics:\n{text}"))
+}
+
+/// `length` pseudo-random bytes from `seed` (xorshift): incompressible noise.
+pub fn noise(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }
 
 pub fn record_path(collection: &str, id: &str) -> String {
