@@ -35,8 +35,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::counters::RefusalReason;
 use crate::events::CloseCode;
 
-/// The protocol this build speaks. Peers must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol this build speaks, framing and what the node puts in frames together. Peers
+/// must speak the same one. 2: frames start with a channel byte (replication or membership),
+/// and replication has snapshots.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest hello frame payload accepted.
 pub const HELLO_BYTES_MAX: usize = 1024;
 
