@@ -123,21 +123,35 @@ async fn envelopes_with_bad_bytes_are_refused_and_store_nothing() {
     );
 }
 
-/// Delivers one engine's messages to other engines' jobs queues, as the transport will.
+/// Delivers one engine's messages to other engines' job queues in order, as the transport's
+/// one stream per peer does.
 struct Wire {
-    /// For each peer id the sender uses: the engine it reaches and the peer id that engine uses
-    /// for the sender.
-    routes: std::collections::BTreeMap<u64, (EngineHandle, u64)>,
-    runtime: tokio::runtime::Handle,
+    /// For each peer id the sender uses: a queue to a task that hands frames to the engine it
+    /// reaches, under the peer id that engine uses for the sender.
+    routes: std::collections::BTreeMap<u64, tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+impl Wire {
+    fn new(routes: std::collections::BTreeMap<u64, (EngineHandle, u64)>) -> Wire {
+        let routes = routes
+            .into_iter()
+            .map(|(peer, (engine, back))| {
+                let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+                tokio::spawn(async move {
+                    while let Some(bytes) = receiver.recv().await {
+                        let _ = engine.call(move |engine| engine.handle_peer_frame(back, &bytes)).await;
+                    }
+                });
+                (peer, sender)
+            })
+            .collect();
+        Wire { routes }
+    }
 }
 
 impl concord::replication::Outbound for Wire {
     fn send(&mut self, peer: u64, bytes: Vec<u8>) -> bool {
-        let Some((engine, back)) = self.routes.get(&peer).cloned() else { return false };
-        self.runtime.spawn(async move {
-            let _ = engine.call(move |engine| engine.handle_peer_frame(back, &bytes)).await;
-        });
-        true
+        self.routes.get(&peer).is_some_and(|route| route.send(bytes).is_ok())
     }
 
     fn disconnect(&mut self, peer: u64, reason: &str) {
@@ -159,7 +173,7 @@ async fn wire(engines: &[EngineHandle], links: &[(usize, usize)]) {
                 routes.insert(first as u64, (engines[first].clone(), index as u64));
             }
         }
-        let wire = Wire { routes, runtime: tokio::runtime::Handle::current() };
+        let wire = Wire::new(routes);
         engine.call(move |engine| engine.set_outbound(Box::new(wire))).await.unwrap();
     }
     for &(first, second) in links {

@@ -94,6 +94,10 @@ use crate::identity::OriginId;
 use crate::key::RecordKey;
 use crate::version_vector::VersionVector;
 
+/// How many summaries from a peer may predate a snapshot's end before we stop assuming that
+/// (the end was lost): see `Peer::unconfirmed`.
+const UNCONFIRMED_SUMMARIES: u32 = 3;
+
 /// The node's name for a connected peer (one per connection).
 pub type PeerId = u64;
 
@@ -274,10 +278,13 @@ struct Peer {
     /// Snapshots whose end we sent on this connection.
     snapshots_sent: u32,
     /// What snapshots the peer has not yet confirmed gave it. Merged into its summaries until
-    /// one counts them, or until `unconfirmed_until` (a lost end is never counted): a summary
-    /// that left before a snapshot was applied must not start another.
+    /// one counts them: a summary that left before a snapshot was applied must not start
+    /// another. A lost end is never counted, so after `UNCONFIRMED_SUMMARIES` summaries and
+    /// `unconfirmed_until`, whichever is later, summaries are believed again.
     unconfirmed: VersionVector,
     unconfirmed_until: Option<Instant>,
+    /// Summaries received since the last snapshot end was sent.
+    unconfirmed_summaries: u32,
     /// The snapshot being received from the peer.
     incoming: Option<IncomingSnapshot>,
     /// Snapshots from the peer finished here (applied durably, or dropped as incomplete).
@@ -375,6 +382,7 @@ impl Replica {
             snapshots_sent: 0,
             unconfirmed: VersionVector::new(),
             unconfirmed_until: None,
+            unconfirmed_summaries: 0,
             incoming: None,
             snapshots_finished: 0,
             brand_new: false,
@@ -407,7 +415,10 @@ impl Replica {
         match message {
             Message::Summary { version_vector, credit, snapshots } => {
                 state.known = version_vector;
-                if snapshots >= state.snapshots_sent || state.unconfirmed_until.is_none_or(|until| now >= until) {
+                state.unconfirmed_summaries = state.unconfirmed_summaries.saturating_add(1);
+                let given_up = state.unconfirmed_summaries > UNCONFIRMED_SUMMARIES
+                    && state.unconfirmed_until.is_none_or(|until| now >= until);
+                if snapshots >= state.snapshots_sent || given_up {
                     state.unconfirmed = VersionVector::new();
                     state.unconfirmed_until = None;
                 } else {
@@ -647,6 +658,7 @@ impl Replica {
                 state.known.merge(&version_vector);
                 state.unconfirmed.merge(&version_vector);
                 state.unconfirmed_until = Some(now + self.settings.summary_interval * 2);
+                state.unconfirmed_summaries = 0;
                 state.snapshot = None;
                 state.snapshots_sent = number;
                 self.transmits.push_back((peer, Message::SnapshotEnd { snapshot: number, records, version_vector }));
