@@ -256,3 +256,52 @@ async fn a_partition_heals_and_writes_from_both_sides_converge() {
         "edits to different fields on both sides both survive"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_joins_a_running_cluster_and_bootstraps_from_snapshots() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "second", "third"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    let second = start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await;
+    // History: 30 records, each patched 10 times, on both nodes: 300 changes.
+    for round in 0..10 {
+        for index in 0..30 {
+            let node = if index % 2 == 0 { &first } else { &second };
+            let (status, _) = node
+                .call(Method::PATCH, &record_path("orders", &format!("o{index}")), Some(json!({ "round": round })))
+                .await;
+            assert_eq!(status, 200);
+        }
+    }
+    converge(&[&first, &second]).await;
+
+    // The new node knows one seed, meets the other through it, and is bootstrapped from
+    // documents: it receives 30 records, not the 300 changes of their history.
+    let third = start_peer(root.path(), &certs, "third", &[peer_address(&first)]).await;
+    converge(&[&first, &second, &third]).await;
+    for index in 0..30 {
+        let (status, body) = third.get("orders", &format!("o{index}")).await;
+        assert_eq!((status, &body["value"]["round"]), (200, &json!(9)));
+    }
+    let metrics = third.metrics().await;
+    let records = metric(&metrics, "concord_snapshot_records_received_total");
+    assert!((30..=60).contains(&records), "one snapshot, or at most one from each peer: {records}\n{metrics}");
+    let status = third.status().await;
+    let changes_received: u64 = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|peer| peer["traffic"]["changes_received"].as_u64().unwrap())
+        .sum();
+    assert!(changes_received < 300, "history was not replayed: {changes_received} changes\n{status}");
+
+    // It is a full member: its writes reach the others, and theirs reach it.
+    let (status, _) = third.call(Method::PATCH, &record_path("orders", "o1"), Some(json!({ "from": "third" }))).await;
+    assert_eq!(status, 200);
+    let (status, _) = first.call(Method::PATCH, &record_path("orders", "o2"), Some(json!({ "from": "first" }))).await;
+    assert_eq!(status, 200);
+    converge(&[&first, &second, &third]).await;
+    assert_eq!(second.get("orders", "o1").await.1["value"]["from"], json!("third"));
+    assert_eq!(third.get("orders", "o2").await.1["value"]["from"], json!("first"));
+}

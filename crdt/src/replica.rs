@@ -114,8 +114,9 @@ pub enum Message {
     /// What the sender holds, and how many envelopes it can accept now. `snapshots` counts the
     /// snapshots the sender has finished receiving from the recipient on this connection
     /// (applied durably, or dropped as incomplete): a summary that predates a snapshot's end
-    /// does not yet show what it brought.
-    Summary { version_vector: VersionVector, credit: u32, snapshots: u32 },
+    /// does not yet show what it brought. `receiving` says the sender is taking a snapshot from
+    /// some peer now: a brand-new node joining several peers is bootstrapped by one of them.
+    Summary { version_vector: VersionVector, credit: u32, snapshots: u32, receiving: bool },
     /// Envelopes the receiver lacks.
     Changes { envelopes: Vec<Envelope> },
     /// The receiver may send this many more envelopes; `durable` names the ones it made durable
@@ -266,6 +267,8 @@ struct OutgoingSnapshot {
 struct IncomingSnapshot {
     snapshot: u32,
     records: u64,
+    /// When its last records arrived: an end that was lost must not leave it "receiving".
+    last_arrival: Instant,
 }
 
 /// What the core knows about one connected peer.
@@ -289,8 +292,10 @@ struct Peer {
     incoming: Option<IncomingSnapshot>,
     /// Snapshots from the peer finished here (applied durably, or dropped as incomplete).
     snapshots_finished: u32,
-    /// The peer held none of what we hold at its first summary: bootstrap it.
+    /// The peer held none of what we hold at its first summary (and has not since): bootstrap it.
     brand_new: bool,
+    /// The peer's last summary said it is receiving a snapshot (from anyone): wait for that.
+    receiving: bool,
     /// Whether a summary arrived on this connection yet.
     summarized: bool,
     /// Envelopes we may still send it.
@@ -386,6 +391,7 @@ impl Replica {
             incoming: None,
             snapshots_finished: 0,
             brand_new: false,
+            receiving: false,
             summarized: false,
             credit: 0,
             pending: 0,
@@ -394,7 +400,7 @@ impl Replica {
             summary_due: now + self.settings.summary_interval,
         };
         self.peers.insert(peer, state);
-        self.send_summary(peer);
+        self.send_summary(now, peer);
     }
 
     /// Forgets the peer. Envelopes it sent that are still being applied are kept: they are
@@ -413,7 +419,7 @@ impl Replica {
         let window = self.settings.window_envelopes;
         let state = self.peers.get_mut(&peer).ok_or(ProtocolError::UnknownPeer(peer))?;
         match message {
-            Message::Summary { version_vector, credit, snapshots } => {
+            Message::Summary { version_vector, credit, snapshots, receiving } => {
                 state.known = version_vector;
                 state.unconfirmed_summaries = state.unconfirmed_summaries.saturating_add(1);
                 let given_up = state.unconfirmed_summaries > UNCONFIRMED_SUMMARIES
@@ -424,10 +430,11 @@ impl Replica {
                 } else {
                     state.known.merge(&state.unconfirmed);
                 }
-                // Judged on a connection's first summary only: later, a peer may simply not have
-                // received the first changes yet.
-                state.brand_new = !state.summarized && holds_none_of(&state.known, &self.local);
+                // Judged on a connection's first summary (later, a peer may simply not have
+                // received the first changes yet), and dropped once the peer holds something.
+                state.brand_new = (state.brand_new || !state.summarized) && holds_none_of(&state.known, &self.local);
                 state.summarized = true;
+                state.receiving = receiving;
                 state.credit = credit.min(window);
                 self.pump(now, peer, source);
             }
@@ -454,10 +461,13 @@ impl Replica {
             Message::Snapshot { snapshot, records } => {
                 let count = records.len() as u64;
                 match state.incoming.as_mut() {
-                    Some(incoming) if incoming.snapshot == snapshot => incoming.records += count,
+                    Some(incoming) if incoming.snapshot == snapshot => {
+                        incoming.records += count;
+                        incoming.last_arrival = now;
+                    }
                     // Records of an older snapshot still merge, but count for nothing.
                     Some(incoming) if incoming.snapshot > snapshot => {}
-                    _ => state.incoming = Some(IncomingSnapshot { snapshot, records: count }),
+                    _ => state.incoming = Some(IncomingSnapshot { snapshot, records: count, last_arrival: now }),
                 }
                 state.pending = state.pending.saturating_add(u32::try_from(records.len()).unwrap_or(u32::MAX));
                 self.applies.extend(records.into_iter().map(|record| (peer, Apply::Record(record))));
@@ -477,7 +487,7 @@ impl Replica {
                     // too much. Our next summary tells the peer what we really hold.
                     state.snapshots_finished += 1;
                     self.statistics.snapshots_incomplete += 1;
-                    self.send_summary(peer);
+                    self.send_summary(now, peer);
                 }
             }
         }
@@ -521,7 +531,7 @@ impl Replica {
         for peer in peers {
             // Every peer hears at once that we hold much more, so none sends it again.
             if snapshot_arrived {
-                self.send_summary(peer);
+                self.send_summary(now, peer);
             }
             self.pump(now, peer, source);
         }
@@ -541,7 +551,7 @@ impl Replica {
             if let Some(state) = self.peers.get_mut(&peer) {
                 state.summary_due = now + self.settings.summary_interval;
             }
-            self.send_summary(peer);
+            self.send_summary(now, peer);
             self.pump(now, peer, source);
         }
     }
@@ -601,11 +611,17 @@ impl Replica {
         self.transmits.retain(|(target, _)| *target != peer);
     }
 
-    fn send_summary(&mut self, peer: PeerId) {
+    fn send_summary(&mut self, now: Instant, peer: PeerId) {
         let Some(state) = self.peers.get(&peer) else { return };
         let credit = self.settings.window_envelopes.saturating_sub(state.pending);
         let snapshots = state.snapshots_finished;
-        self.transmits.push_back((peer, Message::Summary { version_vector: self.local.clone(), credit, snapshots }));
+        // A snapshot from this very peer does not count (it must be free to send a new one), nor
+        // one whose records stopped coming (its end was lost).
+        let fresh = |incoming: &IncomingSnapshot| now < incoming.last_arrival + self.settings.summary_interval * 2;
+        let receiving =
+            self.peers.iter().any(|(&other, state)| other != peer && state.incoming.as_ref().is_some_and(fresh));
+        let summary = Message::Summary { version_vector: self.local.clone(), credit, snapshots, receiving };
+        self.transmits.push_back((peer, summary));
     }
 
     fn flush_credit(&mut self) {
@@ -627,7 +643,13 @@ impl Replica {
     /// changes it lacks, oldest first per origin.
     fn pump(&mut self, now: Instant, peer: PeerId, source: &impl Source) {
         let Some(state) = self.peers.get(&peer) else { return };
-        if state.snapshot.is_none() && (state.brand_new || self.behind_log(&state.known)) {
+        let wants_snapshot = state.brand_new || self.behind_log(&state.known);
+        if wants_snapshot && state.snapshot.is_none() && state.receiving {
+            // Another peer is bootstrapping it: neither a second snapshot nor the whole history
+            // from the log. Its next summaries show what it lacks after that.
+            return;
+        }
+        if wants_snapshot && state.snapshot.is_none() {
             let version_vector = self.local.contiguous_prefix();
             let Some(state) = self.peers.get_mut(&peer) else { return };
             state.brand_new = false;
