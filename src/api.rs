@@ -559,6 +559,11 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response())
 }
 
+/// A peer name as a Prometheus label value: quotes, backslashes and newlines become `_`.
+fn metric_label(name: &str) -> String {
+    name.replace(['"', '\\', '\n'], "_")
+}
+
 /// Lag per connected peer, and the transport's counters (connections, refusals by reason, bad
 /// frames, bytes and frames on the wire).
 fn render_peer_metrics(
@@ -573,10 +578,28 @@ fn render_peer_metrics(
         "# HELP {name} Changes one side holds that the other lacks, per connected peer.\n# TYPE {name} gauge"
     );
     for peer in peers {
-        let label = peer.info.name.replace(['"', '\\', '\n'], "_");
+        let label = metric_label(&peer.info.name);
         if let (Some(peer_lacks), Some(we_lack)) = (peer.peer_lacks, peer.we_lack) {
             let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"peer_lacks\"}} {peer_lacks}");
             let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"we_lack\"}} {we_lack}");
+        }
+    }
+    let traffic: [(&str, &str, fn(&crate::replication::PeerTraffic) -> u64); 5] = [
+        ("concord_peer_changes_sent_total", "Changes sent to each peer.", |traffic| traffic.changes_sent),
+        ("concord_peer_changes_received_total", "Changes received from each peer.", |traffic| traffic.changes_received),
+        ("concord_peer_snapshot_records_sent_total", "Documents sent to each peer in snapshots.", |traffic| {
+            traffic.snapshot_records_sent
+        }),
+        ("concord_peer_sent_bytes_total", "Message bytes sent to each peer.", |traffic| traffic.bytes_sent),
+        ("concord_peer_received_bytes_total", "Message bytes received from each peer.", |traffic| {
+            traffic.bytes_received
+        }),
+    ];
+    for (name, help, value) in traffic {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+        for peer in peers {
+            let label = metric_label(&peer.info.name);
+            let _ = writeln!(text, "{name}{{peer=\"{label}\"}} {}", value(&peer.traffic));
         }
     }
     let connected = peers.iter().filter(|peer| peer.connected).count();

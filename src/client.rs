@@ -89,20 +89,22 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 Output::Json => println!("{}", status["peers"]),
                 Output::Table => {
                     println!(
-                        "{:<20} {:<24} {:<34} {:<12} {:<8} {:>10} {:>10}",
-                        "NAME", "ADDRESS", "NODE", "STATE", "MEMBER", "THEY LACK", "WE LACK"
+                        "{:<20} {:<24} {:<34} {:<12} {:<8} {:>10} {:>10} {:>10} {:>10}",
+                        "NAME", "ADDRESS", "NODE", "STATE", "MEMBER", "THEY LACK", "WE LACK", "SENT", "RECEIVED"
                     );
                     for peer in status["peers"].as_array().into_iter().flatten() {
                         let state = if peer["connected"] == Value::Bool(true) { "connected" } else { "disconnected" };
                         println!(
-                            "{:<20} {:<24} {:<34} {:<12} {:<8} {:>10} {:>10}",
+                            "{:<20} {:<24} {:<34} {:<12} {:<8} {:>10} {:>10} {:>10} {:>10}",
                             peer["name"].as_str().unwrap_or(""),
                             peer["address"].as_str().unwrap_or(""),
                             peer["node_id"].as_str().unwrap_or(""),
                             state,
                             peer["state"].as_str().unwrap_or("-"),
                             peer["peer_lacks"],
-                            peer["we_lack"]
+                            peer["we_lack"],
+                            peer["traffic"]["changes_sent"],
+                            peer["traffic"]["changes_received"]
                         );
                     }
                 }

@@ -69,6 +69,17 @@ async fn three_nodes_with_concurrent_writers_converge_over_quic() {
     let metrics = first.metrics().await;
     assert_eq!(metric(&metrics, "concord_peers"), 2, "{metrics}");
     assert!(metrics.contains("concord_peer_lag_changes{peer=\"second\",direction=\"we_lack\"} 0"), "{metrics}");
+    // Per-peer traffic: first sent its own writes to each peer and received theirs.
+    for peer in ["second", "third"] {
+        for name in ["concord_peer_changes_sent_total", "concord_peer_changes_received_total"] {
+            let value = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}{{peer=\"{peer}\"}} ")))
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0);
+            assert!(value > 0, "{name} for {peer}: {metrics}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
