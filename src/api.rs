@@ -584,7 +584,8 @@ fn render_peer_metrics(
             let _ = writeln!(text, "{name}{{peer=\"{label}\",direction=\"we_lack\"}} {we_lack}");
         }
     }
-    let traffic: [(&str, &str, fn(&crate::replication::PeerTraffic) -> u64); 5] = [
+    type Field = fn(&crate::replication::PeerTraffic) -> u64;
+    let traffic: [(&str, &str, Field); 5] = [
         ("concord_peer_changes_sent_total", "Changes sent to each peer.", |traffic| traffic.changes_sent),
         ("concord_peer_changes_received_total", "Changes received from each peer.", |traffic| traffic.changes_received),
         ("concord_peer_snapshot_records_sent_total", "Documents sent to each peer in snapshots.", |traffic| {

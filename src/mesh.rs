@@ -90,7 +90,7 @@ impl Outbound for TransportOutbound {
     }
 
     fn connect(&mut self, address: SocketAddr) {
-        if let Err(error) = self.endpoint.connect(address) {
+        if let Err(error) = self.endpoint.connect_learned(address) {
             tracing::debug!(%address, %error, "not dialing an exchanged peer address");
         }
     }
@@ -346,7 +346,7 @@ impl MembershipTask {
 
     fn dial(&self, member: &MemberIdentity) {
         if let Some(address) = member.address
-            && let Err(error) = self.endpoint.connect(address)
+            && let Err(error) = self.endpoint.connect_learned(address)
         {
             tracing::debug!(%address, %error, "not dialing a member");
         }

@@ -63,7 +63,17 @@ pub enum ConnectError {
     /// `shutdown` was called.
     #[error("the endpoint is shut down")]
     ShutDown,
+    /// Already dialing [`DIAL_TARGETS_MAX`] addresses.
+    #[error("already dialing {DIAL_TARGETS_MAX} addresses")]
+    TooManyTargets,
 }
+
+/// The most addresses dialed at once (seeds and learned ones together).
+pub const DIAL_TARGETS_MAX: usize = 1024;
+
+/// How many failed attempts in a row end the dialing of a learned address (about two minutes
+/// with the default backoff). A peer that comes back is learned again, or dials us.
+pub const LEARNED_FAILURES_MAX: u64 = 12;
 
 /// A QUIC endpoint that accepts and dials cluster peers. Cheap to clone; all clones are the same
 /// endpoint.
@@ -288,11 +298,33 @@ impl Endpoint {
     /// exponential backoff plus jitter, until `shutdown`. A no-op if `address` is already being
     /// dialed. Stops by itself if `address` turns out to be this node.
     pub fn connect(&self, address: SocketAddr) -> Result<(), ConnectError> {
+        self.dial(address, None)
+    }
+
+    /// Like [`Endpoint::connect`], for an address learned from a peer (which may be stale: a
+    /// node that restarted on another port, or one that is gone): dialing stops after
+    /// [`LEARNED_FAILURES_MAX`] failed attempts in a row, so dead addresses do not pile up.
+    pub fn connect_learned(&self, address: SocketAddr) -> Result<(), ConnectError> {
+        self.dial(address, Some(LEARNED_FAILURES_MAX))
+    }
+
+    fn dial(&self, address: SocketAddr, failures_max: Option<u64>) -> Result<(), ConnectError> {
         let context = self.shared.context().ok_or(ConnectError::ShutDown)?;
-        if self.shared.dial_targets().insert(address) {
-            self.shared.runtime.spawn(dial_loop(context, address));
+        let mut targets = self.shared.dial_targets();
+        if targets.contains(&address) {
+            return Ok(());
         }
+        if targets.len() >= DIAL_TARGETS_MAX {
+            return Err(ConnectError::TooManyTargets);
+        }
+        targets.insert(address);
+        self.shared.runtime.spawn(dial_loop(context, address, failures_max));
         Ok(())
+    }
+
+    /// How many addresses are being dialed now (seeds and learned ones).
+    pub fn dialing(&self) -> usize {
+        self.shared.dial_targets().len()
     }
 
     /// The connected peers now, by peer id.
@@ -402,7 +434,7 @@ async fn accept_one(context: TaskContext, incoming: quinn::Incoming, permit: Own
 /// Dials one address until the endpoint drains: after each connection or failed attempt it
 /// waits with backoff, and while another connection to the same node is up it waits for that
 /// one to end instead of dialing a duplicate.
-async fn dial_loop(context: TaskContext, address: SocketAddr) {
+async fn dial_loop(context: TaskContext, address: SocketAddr, failures_max: Option<u64>) {
     let shared = context.shared.clone();
     let mut phase = shared.phase.subscribe();
     let mut backoff = Backoff::new(shared.timing.redial_delay_min, shared.timing.redial_delay_max);
@@ -461,6 +493,10 @@ async fn dial_loop(context: TaskContext, address: SocketAddr) {
                     debug!(%address, attempts, "still no answer; will keep redialing");
                 }
             }
+        }
+        if failures_max.is_some_and(|maximum| failures_in_a_row >= maximum) {
+            info!(%address, failures_in_a_row, "giving up on a learned address");
+            break;
         }
         let delay = backoff.next_delay(random_u64());
         tokio::select! {

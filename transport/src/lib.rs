@@ -90,7 +90,7 @@ pub use bytes::Bytes;
 pub use certificates::{NodeCertificates, Validity, create_cluster_ca, issue_node_certificate};
 pub use config::{EndpointConfig, FRAME_BYTES_MAX_LIMIT, Limits, Timing};
 pub use counters::{CountersSnapshot, RefusalReason};
-pub use endpoint::{BindError, ConnectError, Endpoint};
+pub use endpoint::{BindError, ConnectError, DIAL_TARGETS_MAX, Endpoint, LEARNED_FAILURES_MAX};
 pub use events::{CloseCode, Direction, DisconnectReason, PeerEvent, PeerId, PeerInfo};
 pub use handshake::{Hello, PROTOCOL_VERSION};
 pub use peers::SendError;

@@ -386,3 +386,36 @@ async fn disconnect_closes_one_connection_and_the_dialer_comes_back() {
     dialer.shutdown().await;
     listener.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_address_that_never_answers_is_given_up_and_dial_targets_are_bounded() {
+    crate::tests::support::init();
+    let cluster = Cluster::new("test-cluster");
+    let mut config = cluster.config("dialer", 1);
+    config.timing.handshake_timeout = Duration::from_millis(50);
+    config.timing.redial_delay_min = Duration::from_millis(5);
+    config.timing.redial_delay_max = Duration::from_millis(10);
+    let (endpoint, _events) = bind(config);
+    // A socket that never answers: the address stays silent for the whole test.
+    let silent = std::net::UdpSocket::bind(localhost(0)).unwrap();
+    let silent_address = silent.local_addr().unwrap();
+    endpoint.connect_learned(silent_address).unwrap();
+    eventually("the learned address to be given up", || endpoint.dialing() == 0).await;
+    assert_eq!(endpoint.counters().reconnects, crate::endpoint::LEARNED_FAILURES_MAX - 1);
+    // A seed is dialed for as long as the endpoint runs.
+    endpoint.connect(silent_address).unwrap();
+    tokio::time::sleep(Duration::from_millis(50) * u32::try_from(crate::endpoint::LEARNED_FAILURES_MAX).unwrap() * 2)
+        .await;
+    assert_eq!(endpoint.dialing(), 1);
+    // However many addresses peers mention, the dialer holds at most DIAL_TARGETS_MAX.
+    let mut refused = 0;
+    for port in 1..=u16::try_from(crate::endpoint::DIAL_TARGETS_MAX).unwrap() + 10 {
+        let address = std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)), port);
+        if let Err(crate::endpoint::ConnectError::TooManyTargets) = endpoint.connect_learned(address) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 11, "one target was already taken by the seed");
+    assert!(endpoint.dialing() <= crate::endpoint::DIAL_TARGETS_MAX);
+    endpoint.shutdown().await;
+}
