@@ -224,7 +224,9 @@ async fn a_member_that_sends_bytes_that_are_not_replication_messages_is_disconne
     ];
     for (case, payload) in cases {
         let before = target.first.metrics().await;
-        let (code, reason) = send_as_member(&target, Bytes::from(payload), |_| {}).await;
+        // On the replication channel, so it reaches the message decoder.
+        let frame = [&[concord::mesh::CHANNEL_REPLICATION][..], &payload].concat();
+        let (code, reason) = send_as_member(&target, Bytes::from(frame), |_| {}).await;
         assert_eq!(code, CloseCode::Requested as u64, "{case}: closed by the node ({reason})");
         assert!(reason.contains("undecodable message"), "{case}: the close says why: {reason}");
         target.assert_still_serving(case, Some("member")).await;
