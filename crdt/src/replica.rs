@@ -98,6 +98,10 @@ use crate::version_vector::VersionVector;
 /// (the end was lost): see `Peer::unconfirmed`.
 const UNCONFIRMED_SUMMARIES: u32 = 3;
 
+/// How many windows of envelopes a peer may have pending here before it counts as breaking the
+/// protocol (see `check_credit`).
+const PENDING_WINDOWS_MAX: u32 = 4;
+
 /// The node's name for a connected peer (one per connection).
 pub type PeerId = u64;
 
@@ -116,12 +120,15 @@ pub enum Message {
     /// (applied durably, or dropped as incomplete): a summary that predates a snapshot's end
     /// does not yet show what it brought. `receiving` says the sender is taking a snapshot from
     /// some peer now: a brand-new node joining several peers is bootstrapped by one of them.
-    Summary { version_vector: VersionVector, credit: u32, snapshots: u32, receiving: bool },
+    /// `epoch` numbers the sender's summaries on this connection, from 1 (see `Credit`).
+    Summary { version_vector: VersionVector, credit: u32, snapshots: u32, receiving: bool, epoch: u32 },
     /// Envelopes the receiver lacks.
     Changes { envelopes: Vec<Envelope> },
     /// The receiver may send this many more envelopes; `durable` names the ones it made durable
     /// (or already held), so writers waiting for acknowledgements by peers can count them.
-    Credit { envelopes: u32, durable: Vec<(OriginId, u64)> },
+    /// `epoch` is the sender's latest summary: a grant from before a summary is already counted
+    /// in that summary's credit, so the peer ignores it (no double grant).
+    Credit { envelopes: u32, durable: Vec<(OriginId, u64)>, epoch: u32 },
     /// Peer exchange: addresses where the sender's peers listen. The node dials those it is not
     /// connected to; the replication core ignores this message.
     Peers { addresses: Vec<String> },
@@ -304,6 +311,10 @@ struct Peer {
     pending: u32,
     /// Credit we owe it now (durable or duplicate), sent with the next transmit round.
     owed: u32,
+    /// Summaries we sent it on this connection: our grants' epoch.
+    summaries_sent: u32,
+    /// The epoch of the latest summary it sent us that we applied.
+    peer_epoch: u32,
     /// Which of the envelopes it sent are durable here since the last credit we sent it.
     owed_durable: Vec<(OriginId, u64)>,
     /// When it is due its next summary.
@@ -396,6 +407,8 @@ impl Replica {
             credit: 0,
             pending: 0,
             owed: 0,
+            summaries_sent: 0,
+            peer_epoch: 0,
             owed_durable: Vec::new(),
             summary_due: now + self.settings.summary_interval,
         };
@@ -406,7 +419,7 @@ impl Replica {
     /// Forgets the peer. Envelopes it sent that are still being applied are kept: they are
     /// valid changes whoever delivered them.
     pub fn handle_peer_disconnected(&mut self, _now: Instant, peer: PeerId) {
-        self.peers.remove(&peer);
+        self.forget(peer);
     }
 
     pub fn handle_peer_message(
@@ -419,7 +432,12 @@ impl Replica {
         let window = self.settings.window_envelopes;
         let state = self.peers.get_mut(&peer).ok_or(ProtocolError::UnknownPeer(peer))?;
         match message {
-            Message::Summary { version_vector, credit, snapshots, receiving } => {
+            Message::Summary { version_vector, credit, snapshots, receiving, epoch } => {
+                if epoch < state.peer_epoch {
+                    // Overtaken by a newer summary: nothing in it is news.
+                    return Ok(());
+                }
+                state.peer_epoch = epoch;
                 state.known = version_vector;
                 state.unconfirmed_summaries = state.unconfirmed_summaries.saturating_add(1);
                 let given_up = state.unconfirmed_summaries > UNCONFIRMED_SUMMARIES
@@ -438,8 +456,10 @@ impl Replica {
                 state.credit = credit.min(window);
                 self.pump(now, peer, source);
             }
-            Message::Credit { envelopes, durable } => {
-                state.credit = state.credit.saturating_add(envelopes).min(window);
+            Message::Credit { envelopes, durable, epoch } => {
+                if epoch >= state.peer_epoch {
+                    state.credit = state.credit.saturating_add(envelopes).min(window);
+                }
                 // Bounded by the frame size; the node keeps only what a waiting writer needs.
                 self.acknowledged.extend(durable.into_iter().map(|(origin, sequence)| (peer, origin, sequence)));
                 self.pump(now, peer, source);
@@ -594,9 +614,11 @@ impl Replica {
 
     /// A peer that sent more than the credit it was granted is forgotten, with an error.
     fn check_credit(&mut self, peer: PeerId) -> Result<(), ProtocolError> {
-        // A peer may overrun by what was in flight when a summary reset its credit, so the
-        // bound is two windows.
-        let granted = self.settings.window_envelopes.saturating_mul(2);
+        // A summary grants credit without knowing what is in flight, so an honest peer may
+        // overrun the window by up to a window per summary that crossed its envelopes: one
+        // normally (summaries are seconds apart, round trips milliseconds), a few when round
+        // trips approach the summary interval. Beyond four windows it is broken or hostile.
+        let granted = self.settings.window_envelopes.saturating_mul(PENDING_WINDOWS_MAX);
         let pending = self.peers.get(&peer).map_or(0, |state| state.pending);
         if pending > granted {
             self.forget(peer);
@@ -620,7 +642,10 @@ impl Replica {
         let fresh = |incoming: &IncomingSnapshot| now < incoming.last_arrival + self.settings.summary_interval * 2;
         let receiving =
             self.peers.iter().any(|(&other, state)| other != peer && state.incoming.as_ref().is_some_and(fresh));
-        let summary = Message::Summary { version_vector: self.local.clone(), credit, snapshots, receiving };
+        let Some(state) = self.peers.get_mut(&peer) else { return };
+        state.summaries_sent = state.summaries_sent.saturating_add(1);
+        let epoch = state.summaries_sent;
+        let summary = Message::Summary { version_vector: self.local.clone(), credit, snapshots, receiving, epoch };
         self.transmits.push_back((peer, summary));
     }
 
@@ -628,7 +653,8 @@ impl Replica {
         for (&peer, state) in &mut self.peers {
             if state.owed > 0 {
                 let durable = std::mem::take(&mut state.owed_durable);
-                self.transmits.push_back((peer, Message::Credit { envelopes: state.owed, durable }));
+                let epoch = state.summaries_sent;
+                self.transmits.push_back((peer, Message::Credit { envelopes: state.owed, durable, epoch }));
                 state.owed = 0;
             }
         }

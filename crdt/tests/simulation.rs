@@ -644,7 +644,8 @@ fn catch_up_sends_only_what_is_missing() {
     assert_eq!(simulation.envelopes_sent, 50, "catch-up sends exactly the missing changes, not the dataset");
 }
 
-/// Nodes on a clean network, none connected, for the bootstrap tests.
+/// Nodes on a clean network, none connected, for the bootstrap tests. Every message takes 1 ms,
+/// so each connection delivers in order, as QUIC's one stream per peer does.
 fn quiet_nodes(seed: u64, count: usize) -> Simulation {
     let mut simulation = Simulation::new(
         seed,
@@ -652,7 +653,7 @@ fn quiet_nodes(seed: u64, count: usize) -> Simulation {
         Faults {
             loss_percent: 0,
             duplicate_percent: 0,
-            delay_ms_max: 2,
+            delay_ms_max: 1,
             partitions: false,
             restarts: false,
             trims: false,
@@ -756,4 +757,126 @@ fn a_replica_behind_the_trimmed_log_bootstraps_and_then_bootstraps_others() {
     simulation.connect(0, 2);
     settle(&mut simulation, &[0, 1, 2]);
     simulation.assert_same_views(12);
+}
+
+/// What happens to the exchange in [`exchange_rounds`].
+#[derive(Debug, Clone, Copy)]
+enum Disturbance {
+    None,
+    /// The `index`-th message sent in round `round` is lost.
+    Drop {
+        round: usize,
+        index: usize,
+    },
+    /// The connection drops after `round` (what is in flight is lost) and reopens at once.
+    Reconnect {
+        round: usize,
+    },
+}
+
+/// Two nodes with their own histories meet and exchange in lockstep rounds: what one sends in a
+/// round arrives in the next, and each round is half a summary interval. Returns how many rounds
+/// until both hold the same changes and records with nothing in flight.
+fn exchange_rounds(first_writes: &[(u8, u8)], second_writes: &[(u8, u8)], disturbance: Disturbance) -> usize {
+    let mut simulation = quiet_nodes(1, 2);
+    for (node, writes) in [(0, first_writes), (1, second_writes)] {
+        for (index, &(record, amount)) in writes.iter().enumerate() {
+            let key = RecordKey::new("items", &format!("item-{}", record % 8)).unwrap();
+            let now = simulation.now();
+            let operation = Operation::Increment { field: "n".into(), by: i64::from(amount) + 1 };
+            simulation.nodes[node].write(now, key, operation, index as u64);
+        }
+    }
+    let step = simulation.settings.summary_interval / 2;
+    let now = simulation.now();
+    simulation.nodes[0].replica.handle_peer_connected(now, 1);
+    simulation.nodes[1].replica.handle_peer_connected(now, 0);
+    let mut in_flight: Vec<(usize, Message)> = Vec::new();
+    for round in 1..=1_000 {
+        simulation.elapsed += step;
+        let now = simulation.now();
+        for (to, message) in std::mem::take(&mut in_flight) {
+            let node = &mut simulation.nodes[to];
+            node.replica.handle_peer_message(now, (1 - to) as PeerId, message, &node.storage).unwrap();
+        }
+        for node in &mut simulation.nodes {
+            node.apply_pending(now);
+            if node.replica.poll_timeout().is_some_and(|due| due <= now) {
+                node.replica.handle_timeout(now, &node.storage);
+            }
+        }
+        let mut sent = 0;
+        for from in 0..2 {
+            while let Some((_, message)) = simulation.nodes[from].replica.poll_transmit() {
+                let dropped =
+                    matches!(disturbance, Disturbance::Drop { round: at, index } if at == round && index == sent);
+                sent += 1;
+                if !dropped {
+                    in_flight.push((1 - from, message));
+                }
+            }
+        }
+        if let Disturbance::Reconnect { round: at } = disturbance
+            && at == round
+        {
+            in_flight.clear();
+            for (node, peer) in [(0, 1), (1, 0)] {
+                simulation.nodes[node].replica.handle_peer_disconnected(now, peer);
+            }
+            for (node, peer) in [(0, 1), (1, 0)] {
+                simulation.nodes[node].replica.handle_peer_connected(now, peer);
+            }
+        }
+        let same = simulation.nodes[0].replica.version_vector() == simulation.nodes[1].replica.version_vector()
+            && simulation.nodes[0].storage.records.len() == simulation.nodes[1].storage.records.len();
+        if same && in_flight.iter().all(|(_, message)| matches!(message, Message::Summary { .. })) {
+            return round;
+        }
+    }
+    panic!("no convergence in 1,000 rounds: {first_writes:?} {second_writes:?} {disturbance:?}");
+}
+
+/// The round bound: a summary each way (2 rounds), then per window of credit one round to send
+/// and one for the credit to return, plus two rounds of slack for the last credit and the
+/// snapshot's end. A lost message or a reconnection costs at most one summary interval (two
+/// rounds) to notice and the same exchange again.
+fn round_bound(changes: usize, disturbed: bool) -> usize {
+    let window = Settings::default().window_envelopes.min(16) as usize;
+    let clean = 4 + 2 * changes.div_ceil(window);
+    if disturbed { 2 * clean + 2 } else { clean }
+}
+
+fn writes() -> impl proptest::strategy::Strategy<Value = Vec<(u8, u8)>> {
+    proptest::collection::vec((0u8..8, 0u8..4), 0..120)
+}
+
+proptest::proptest! {
+    #![proptest_config({
+        let mut config = proptest::test_runner::Config::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            config.cases = 1_000;
+        }
+        config
+    })]
+
+    /// Two peers finish an exchange in a bounded number of rounds, from any pair of histories
+    /// (including a brand-new node, which is bootstrapped from a snapshot), after a dropped
+    /// message, and after a reconnection.
+    #[test]
+    fn an_exchange_finishes_in_bounded_rounds(
+        first in writes(),
+        second in writes(),
+        disturbance_kind in 0u8..3,
+        round in 1usize..12,
+        index in 0usize..6,
+    ) {
+        let disturbance = match disturbance_kind {
+            0 => Disturbance::None,
+            1 => Disturbance::Drop { round, index },
+            _ => Disturbance::Reconnect { round },
+        };
+        let rounds = exchange_rounds(&first, &second, disturbance);
+        let bound = round_bound(first.len() + second.len(), !matches!(disturbance, Disturbance::None));
+        proptest::prop_assert!(rounds <= bound, "{rounds} rounds, bound {bound}, {disturbance:?}");
+    }
 }

@@ -330,10 +330,14 @@ mod tests {
 
     #[test]
     fn another_version_is_refused_even_if_the_rest_is_unreadable() {
-        let mut bytes = 2u32.to_be_bytes().to_vec();
+        let future = PROTOCOL_VERSION + 1;
+        let mut bytes = future.to_be_bytes().to_vec();
         bytes.extend_from_slice(b"a future layout");
         let refusal = hello("a", 1).check_peer(&bytes, address()).unwrap_err();
-        assert_eq!(refusal.to_string(), "peer at 127.0.0.1:9 speaks protocol 2, we speak 1");
+        assert_eq!(
+            refusal.to_string(),
+            format!("peer at 127.0.0.1:9 speaks protocol {future}, we speak {PROTOCOL_VERSION}")
+        );
     }
 
     #[test]
