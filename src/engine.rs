@@ -41,6 +41,9 @@ pub const BATCH_JOBS_MAX: usize = 512;
 pub const QUEUE_JOBS_MAX: usize = 4096;
 /// A record with this many incremental changes is compacted when the engine is idle.
 pub const INCREMENTS_COMPACT_AT: u32 = 64;
+
+/// A Yjs update v1 that holds nothing (no structs, no deletions): how a text's creation travels.
+const EMPTY_TEXT_UPDATE: [u8; 2] = [0, 0];
 /// The most feed events one page returns.
 pub const FEED_PAGE_MAX: usize = 512;
 /// The most records one listing page returns, and the most keys it scans.
@@ -883,18 +886,20 @@ impl Engine {
         Ok(Some(document))
     }
 
-    /// Creates an empty text document if none exists. Returns whether it was created. An empty
-    /// Y.Doc has no state to replicate, so creation makes no envelope; the first update does.
+    /// Creates an empty text document if none exists. Returns whether it was created. The
+    /// creation is a change like any other (an empty Yjs update), so the text exists on every
+    /// replica, and their record counts and digests agree before its first edit.
     pub fn create_text(&mut self, key: RecordKey) -> Result<bool, EngineError> {
         if let Some(document) = self.take_text(&key)? {
             self.put_back(key, document);
             return Ok(false);
         }
-        let document = Document { stored: true, ..self.empty_document(DocumentKind::Text) };
-        self.batch.put_document(&key.to_bytes(), &encode_entry(DocumentKind::Text, save(&document.body)));
-        xor_into(&mut self.counters.digest, &document.body.digest(&key));
-        self.counters.record_count += 1;
-        self.counters_dirty = true;
+        let mut document = self.empty_document(DocumentKind::Text);
+        let before = Before::of(&document, &key);
+        let timestamp = self.clock.tick(physical_ms());
+        let envelope = self.local_envelope(&key, DocumentKind::Text, timestamp, EMPTY_TEXT_UPDATE.to_vec());
+        // Not a visible change: no feed event, here or where it is applied.
+        self.stage_change(&mut document, &envelope, before, false);
         self.put_back(key, document);
         Ok(true)
     }

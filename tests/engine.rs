@@ -384,3 +384,20 @@ async fn retention_trims_the_log_and_a_peer_behind_it_is_bootstrapped() {
     let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
     assert_eq!(peers[0].traffic.snapshot_records_sent, 4, "a snapshot of each of its documents");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_text_exists_on_every_replica_before_its_first_edit() {
+    let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let engines =
+        vec![start(directories[0].path(), "engine-0").await, start(directories[1].path(), "engine-1").await];
+    wire(&engines, &[(0, 1)]).await;
+    write(&engines[1], "o1", Operation::Replace(object(json!({"a": 1})))).await;
+    let key = RecordKey::new("notes", "empty").unwrap();
+    let created = engines[0].call(move |engine| engine.create_text(key)).await.unwrap().unwrap();
+    assert!(created);
+    let statuses = wait_for_equal_digests(&engines).await;
+    assert_eq!((statuses[0].record_count, statuses[1].record_count), (2, 2));
+    let key = RecordKey::new("notes", "empty").unwrap();
+    let plain = engines[1].call(move |engine| engine.text_plain(key, "body".into())).await.unwrap().unwrap();
+    assert_eq!(plain.as_deref(), Some(""), "the empty text exists on the other replica");
+}
