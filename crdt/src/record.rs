@@ -178,19 +178,22 @@ impl Record {
     ) -> Result<Option<Vec<u8>>, OperationError> {
         validate(operation)?;
         let heads_before = self.document.get_heads();
-        let mut candidate = self.document.clone();
+        // One transaction rolls back by itself on error, so only an increment (up to three
+        // transactions: a new life, the counter's genesis, the increment) works on a copy.
+        let mut copy = matches!(operation, Operation::Increment { .. }).then(|| self.document.clone());
+        let candidate = copy.as_mut().unwrap_or(&mut self.document);
         candidate.set_actor(origin.actor());
         let options = || CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
         match operation {
             Operation::Delete => {
-                if causal_length(&candidate) % 2 == 1 {
-                    transact(&mut candidate, options(), |transaction| {
+                if causal_length(candidate) % 2 == 1 {
+                    transact(candidate, options(), |transaction| {
                         bump_causal_length(transaction)?;
                         remove_fields(transaction, None)
                     })?;
                 }
             }
-            Operation::Replace(fields) => transact(&mut candidate, options(), |transaction| {
+            Operation::Replace(fields) => transact(candidate, options(), |transaction| {
                 let life = enter_life(transaction)?;
                 let prefix = life_prefix(life);
                 json::update_map_filtered(
@@ -202,7 +205,7 @@ impl Record {
                 )?;
                 tidy(transaction, life)
             })?,
-            Operation::MergePatch(patch) => transact(&mut candidate, options(), |transaction| {
+            Operation::MergePatch(patch) => transact(candidate, options(), |transaction| {
                 let life = enter_life(transaction)?;
                 for (field, value) in patch {
                     json::merge_patch_slot(transaction, &ROOT, stored_key(life, field).into(), value)?;
@@ -210,13 +213,15 @@ impl Record {
                 tidy(transaction, life)
             })?,
             Operation::Increment { by: 0, .. } => {}
-            Operation::Increment { field, by } => increment(&mut candidate, key, field, *by, options)?,
+            Operation::Increment { field, by } => increment(candidate, key, field, *by, options)?,
         }
         if candidate.get_heads() == heads_before {
             return Ok(None);
         }
         let change = candidate.save_after(&heads_before);
-        self.document = candidate;
+        if let Some(copy) = copy {
+            self.document = copy;
+        }
         Ok(Some(change))
     }
 
