@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
+use crdt::body::BodyError;
 use crdt::json::{Conflict, JsonError};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, OperationError, RecordView};
@@ -148,7 +149,7 @@ fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
 }
 
 /// A request body that must be a JSON object: 413 beyond the size limit, 400 with the parser's
-/// message when it is not JSON, 400 when it is JSON but not an object.
+/// message when it is not JSON, 400 when it is JSON but not an object (`crdt::body::object`).
 struct JsonObject(Map<String, Value>);
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
@@ -156,32 +157,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = body_bytes(request, state).await?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(other) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("body must be a JSON object, not {}", kind_of(&other)),
-            )),
-            Err(error) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {error}"))),
-        }
+        crdt::body::object(&bytes).map(JsonObject).map_err(bad_body)
     }
+}
+
+fn bad_body(error: BodyError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, error.to_string())
 }
 
 async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> ApiResult<Bytes> {
     Bytes::from_request(request, state)
         .await
         .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn record_key(collection: &str, id: &str) -> ApiResult<RecordKey> {
@@ -318,17 +305,8 @@ async fn increment_record(
     Query(query): Query<WriteQuery>,
     JsonObject(body): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
-    let field = match body.get("field") {
-        Some(Value::String(field)) => field.clone(),
-        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "body needs \"field\": a string")),
-    };
-    let by = match body.get("by") {
-        None => 1,
-        Some(value) => value
-            .as_i64()
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "\"by\" must be an integer in the i64 range"))?,
-    };
-    write(&state, record_key(&collection, &id)?, Operation::Increment { field, by }, query).await
+    let operation = crdt::body::increment(&body).map_err(bad_body)?;
+    write(&state, record_key(&collection, &id)?, operation, query).await
 }
 
 #[derive(Debug, Deserialize)]

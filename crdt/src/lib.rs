@@ -1,10 +1,12 @@
 //! Concord's pure core: records as automerge documents, collaborative texts as yrs documents,
-//! change envelopes, version vectors and hybrid logical clocks.
+//! change envelopes, version vectors, hybrid logical clocks, the replication core, and HTTP
+//! request bodies as record operations.
 //!
 //! Nothing in this crate touches a socket, the disk or the clock: time and identities are
 //! arguments, so every behaviour here can be driven deterministically by tests and fuzzers.
 //! `cargo tree -p concord-crdt -e normal` shows no tokio, sled or quinn, and a test checks it.
 
+pub mod body;
 pub mod clock;
 pub mod envelope;
 pub mod identity;

@@ -35,6 +35,9 @@ fn main() -> ExitCode {
         "text_update" => harness::text_update,
         "json_operations" => harness::json_operations,
         "version_vector" => harness::version_vector,
+        "replica_messages" => harness::replica_messages,
+        "stored_documents" => harness::stored_documents,
+        "http_bodies" => harness::http_bodies,
         other => {
             eprintln!("unknown target {other:?}");
             return ExitCode::FAILURE;

@@ -1,6 +1,7 @@
 //! The seed generator: writes the committed seed corpus `fuzz/corpus/<target>/` from real
 //! messages made with Concord's own code (encoded envelopes, saved record documents and change
-//! bytes, Yjs updates, JSON bodies, stored version vectors, store keys, operation scripts), and
+//! bytes, Yjs updates, JSON bodies, stored version vectors, store keys, operation scripts,
+//! replication messages, stored document entries, HTTP request bodies), and
 //! checks each seed against its harness as it goes.
 //!
 //! Run from anywhere, on stable: `cargo run --manifest-path fuzz/Cargo.toml --example seeds`.
@@ -17,8 +18,10 @@ use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, Record};
+use crdt::replica::{LogFloors, Message, SnapshotRecord};
 use crdt::text::{TextDocument, TextLimits};
 use crdt::version_vector::VersionVector;
+use serde_bytes::ByteBuf;
 use serde_json::{Map, Value, json};
 use yrs::types::xml::{XmlElementPrelim, XmlFragment, XmlTextPrelim};
 use yrs::{Any, Array, ArrayPrelim, Doc, Map as _, MapPrelim, ReadTxn, StateVector, Text, TextPrelim, Transact};
@@ -258,6 +261,246 @@ fn main() {
     let empty = rmp_serde::to_vec(&VersionVector::new()).expect("a version vector encodes");
     seeds.add("empty-meta", &[&[empty.len() as u8][..], &empty].concat());
     seeds.report();
+
+    // replica_messages: scripts around real messages (see `harness::replica_messages`).
+    let envelopes: Vec<Envelope> = changes
+        .iter()
+        .enumerate()
+        .map(|(index, (_, change))| Envelope {
+            origin: OriginId([1; 16]),
+            node: NodeId([1; 16]),
+            sequence: index as u64 + 1,
+            timestamp: timestamp(index as u64),
+            key: key("fuzz", "a"),
+            kind: DocumentKind::Record,
+            change: change.clone(),
+        })
+        .collect();
+    let saved_record = saved_after.last().map(|(_, saved)| saved.clone()).unwrap_or_default();
+    let snapshot_record =
+        SnapshotRecord { key: key("fuzz", "b"), kind: DocumentKind::Record, parts: vec![ByteBuf::from(saved_record)] };
+    let mut held = VersionVector::new();
+    for sequence in 1..=3 {
+        held.insert(OriginId([1; 16]), sequence);
+    }
+    let mut seeds = Seeds::new("replica_messages", harness::replica_messages);
+    let summary = |version_vector: VersionVector, credit: u32| Message::Summary {
+        version_vector,
+        credit,
+        snapshots: 0,
+        receiving: false,
+    };
+    // A new peer holding nothing: it is bootstrapped with a snapshot, reports credit, catches up.
+    seeds.add(
+        "bootstrap-a-new-peer",
+        &Script::new(0x3f, 5, 2)
+            .connect()
+            .message(0, &summary(VersionVector::new(), 16))
+            .message(0, &Message::Credit { envelopes: 8, durable: vec![] })
+            .message(0, &summary(held.clone(), 16))
+            .durable(255)
+            .bytes,
+    );
+    // A peer sends real changes, the node makes them durable and relays them to another peer.
+    seeds.add(
+        "changes-relayed",
+        &Script::new(0x2f, 2, 0)
+            .connect()
+            .connect()
+            .message(0, &summary(held.clone(), 16))
+            .message(1, &summary(held.clone(), 16))
+            .message(0, &Message::Changes { envelopes: envelopes.clone() })
+            .durable(255)
+            .message(1, &Message::Credit { envelopes: 4, durable: vec![(OriginId([1; 16]), 4)] })
+            .local_write()
+            .timeout(200)
+            .bytes,
+    );
+    // A snapshot arrives whole (records, then its end) and is made durable.
+    seeds.add(
+        "snapshot-received",
+        &Script::new(0x1f, 0, 0)
+            .connect()
+            .message(0, &summary(held.clone(), 16))
+            .message(0, &Message::Snapshot { snapshot: 1, records: vec![snapshot_record.clone()] })
+            .message(0, &Message::SnapshotEnd { snapshot: 1, records: 1, version_vector: held.clone() })
+            .durable(255)
+            .durable(255)
+            .bytes,
+    );
+    // A snapshot whose end counts more records than came: dropped, and a summary says so.
+    seeds.add(
+        "snapshot-incomplete",
+        &Script::new(0x1f, 1, 0)
+            .connect()
+            .message(0, &Message::Snapshot { snapshot: 2, records: vec![snapshot_record.clone(); 2] })
+            .message(0, &Message::SnapshotEnd { snapshot: 2, records: 5, version_vector: held.clone() })
+            .bytes,
+    );
+    // A peer sends more than two windows of changes: refused, then it is unknown.
+    seeds.add(
+        "credit-overrun",
+        &Script::new(0x10, 0, 0)
+            .connect()
+            .message(0, &Message::Changes { envelopes: envelopes.clone() })
+            .message(0, &Message::Changes { envelopes: envelopes.clone() })
+            .message(0, &Message::Peers { addresses: vec!["127.0.0.1:7001".into()] })
+            .bytes,
+    );
+    // The largest sequences: a change at u64::MAX, made durable, and a snapshot end claiming it.
+    // (The peer grants no credit here: with credit, the core sends the change back to the very
+    // peer that holds it, `regressions/replica_messages/resends-u64-max-to-a-peer-that-holds-it`.)
+    let mut everything = VersionVector::new();
+    everything.insert(OriginId([1; 16]), u64::MAX);
+    let mut last = envelopes[0].clone();
+    last.sequence = u64::MAX;
+    seeds.add(
+        "u64-max-sequences",
+        &Script::new(0x3f, 3, 1)
+            .connect()
+            .message(0, &Message::Changes { envelopes: vec![last] })
+            .durable(255)
+            .message(0, &Message::SnapshotEnd { snapshot: 0, records: 0, version_vector: everything })
+            .trim(0, 3)
+            .timeout(255)
+            .bytes,
+    );
+    // The log is trimmed, so a peer that lacks the trimmed changes gets a snapshot.
+    seeds.add(
+        "trimmed-log-snapshot",
+        &Script::new(0x3f, 6, 3).trim(0, 4).connect().message(0, &summary(VersionVector::new(), 16)).bytes,
+    );
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for (index, length) in [32usize, 96, 256].into_iter().enumerate() {
+        let script: Vec<u8> = (0..length)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        seeds.add(&format!("random-{index}"), &script);
+    }
+    seeds.report();
+
+    // stored_documents: document entries with increments as the engine stores them, meta values
+    // and a change-log entry.
+    let mut seeds = Seeds::new("stored_documents", harness::stored_documents);
+    let (_, first_change) = &changes[0];
+    let record_saved = &saved_after[2].1;
+    let later: Vec<&[u8]> = changes[3..].iter().map(|(_, change)| change.as_slice()).collect();
+    seeds.add("record-saved-and-increments", &stored_document(DocumentKind::Record, record_saved, &later));
+    seeds.add("record-new", &stored_document(DocumentKind::Record, &[], &[first_change]));
+    seeds.add("record-saved", &stored_document(DocumentKind::Record, &saved_after[5].1, &[]));
+    let mut stored_text = TextDocument::new(42);
+    let first_update = stored_text.insert_text("text", 0, "stored text").expect("seed text edit");
+    let text_saved = stored_text.save();
+    let second_update = stored_text.insert_text("text", 6, " and more").expect("seed text edit");
+    let third_update = stored_text.delete_text("text", 0, 3).expect("seed text edit");
+    seeds.add(
+        "text-saved-and-increments",
+        &stored_document(DocumentKind::Text, &text_saved, &[&second_update, &third_update]),
+    );
+    seeds.add("text-new", &stored_document(DocumentKind::Text, &[], &[&first_update]));
+    seeds.add("text-created-empty", &stored_document(DocumentKind::Text, &TextDocument::new(1).save(), &[]));
+    seeds.add("meta-version-vector", &[&[1][..], &rmp_serde::to_vec(&vector).expect("encodes")].concat());
+    let floors: LogFloors = [(OriginId([1; 16]), 4), (OriginId([2; 16]), u64::MAX)].into_iter().collect();
+    seeds.add("meta-log-floors", &[&[2][..], &rmp_serde::to_vec(&floors).expect("encodes")].concat());
+    seeds.add("log-entry", &[&[3][..], &envelopes[1].encode()].concat());
+    seeds.report();
+
+    // http_bodies: an endpoint byte (0 PUT, 1 PATCH, 2 increment) and a request body.
+    let mut seeds = Seeds::new("http_bodies", harness::http_bodies);
+    seeds.add("put", &body(0, br#"{"name":"ACME","visits":3,"tags":["a"],"nested":{"x":null}}"#));
+    seeds.add("patch", &body(1, br#"{"name":null,"visits":7,"address":{"city":"Basel","zip":null}}"#));
+    seeds.add("increment", &body(2, br#"{"field":"visits","by":5}"#));
+    seeds.add("increment-default", &body(2, br#"{"field":"new counter"}"#));
+    seeds.add("increment-integer-field", &body(2, br#"{"field":"n","by":-9007199254740985}"#));
+    seeds.add("increment-not-a-counter", &body(2, br#"{"field":"name","by":1}"#));
+    seeds.add("increment-overflow", &body(2, br#"{"field":"visits","by":9007199254740992}"#));
+    seeds.add("increment-by-float", &body(2, br#"{"field":"visits","by":1.0}"#));
+    seeds.add("increment-by-u64", &body(2, br#"{"field":"visits","by":18446744073709551615}"#));
+    seeds.add("increment-no-field", &body(2, br#"{"by":1}"#));
+    seeds.add("increment-empty-field", &body(2, br#"{"field":""}"#));
+    seeds.add("not-an-object", &body(0, b"[1,2]"));
+    seeds.add("null", &body(1, b"null"));
+    seeds.add("string", &body(2, br#""visits""#));
+    seeds.add("malformed", &body(0, br#"{"a":"#));
+    seeds.add("patch-deep", &[&[1][..], nested_object(64).as_bytes()].concat());
+    seeds.report();
+}
+
+/// A `replica_messages` script, step by step (the layout is on `harness::replica_messages`).
+struct Script {
+    bytes: Vec<u8>,
+}
+
+impl Script {
+    /// Settings byte, `local` changes of the node's own in its log, `records` stored documents.
+    fn new(settings: u8, local: u8, records: u8) -> Script {
+        // settings, chunk bytes (16 << 7), then the node's own changes, each with a key byte
+        let mut bytes = vec![settings, 7, local];
+        bytes.extend((0..local).map(|index| index % 4));
+        bytes.push(records);
+        for index in 0..records {
+            // key, kind (record), one part of four bytes
+            bytes.extend([index, 1, 1, 4, 0x85, 0x6f, 0x4a, 0x83]);
+        }
+        Script { bytes }
+    }
+
+    fn step(mut self, step: u8, peer: u8, arguments: &[u8]) -> Script {
+        self.bytes.extend([step, peer]);
+        self.bytes.extend_from_slice(arguments);
+        self
+    }
+
+    fn connect(self) -> Script {
+        self.step(0, 0, &[])
+    }
+
+    /// A real message from peer number `peer`, through `Message::decode`.
+    fn message(self, peer: u8, message: &Message) -> Script {
+        let encoded = message.encode();
+        let length = u16::try_from(encoded.len()).expect("a seed message fits the 2-byte length");
+        self.step(8, peer, &[&length.to_be_bytes()[..], &encoded].concat())
+    }
+
+    fn durable(self, count: u8) -> Script {
+        self.step(9, 0, &[count])
+    }
+
+    fn local_write(self) -> Script {
+        self.step(10, 0, &[1])
+    }
+
+    fn timeout(self, fiftieths: u8) -> Script {
+        self.step(11, 0, &[fiftieths])
+    }
+
+    fn trim(self, origin: u8, floor: u8) -> Script {
+        self.step(12, 0, &[origin, floor])
+    }
+}
+
+/// An `http_bodies` input: the endpoint byte, then the body.
+fn body(endpoint: u8, text: &[u8]) -> Vec<u8> {
+    [&[endpoint][..], text].concat()
+}
+
+/// A `stored_documents` input for a document entry and its increments.
+fn stored_document(kind: DocumentKind, saved: &[u8], increments: &[&[u8]]) -> Vec<u8> {
+    let entry = harness::encode_document_entry(kind, saved);
+    let mut bytes = vec![0];
+    bytes.extend(u16::try_from(entry.len()).expect("a seed entry fits").to_be_bytes());
+    bytes.extend(entry);
+    bytes.push(increments.len() as u8);
+    for increment in increments {
+        bytes.extend(u16::try_from(increment.len()).expect("a seed increment fits").to_be_bytes());
+        bytes.extend_from_slice(increment);
+    }
+    bytes
 }
 
 /// A JSON object whose field nests `levels` objects deep: `{"a":{"a":...{"a":0}...}}`.

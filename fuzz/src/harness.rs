@@ -10,14 +10,20 @@
 //! [`Bytes`], a cursor that reads zeros once the input is exhausted.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+use crdt::body::{BodyError, BodyKind};
 use crdt::clock::Timestamp;
-use crdt::envelope::Envelope;
-use crdt::identity::OriginId;
-use crdt::json::{DEPTH_MAX, JsonError};
+use crdt::envelope::{DocumentKind, Envelope};
+use crdt::identity::{NodeId, OriginId};
+use crdt::json::{COUNTER_MAGNITUDE_MAX, DEPTH_MAX, JsonError};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, OperationError, Record, RecordView};
+use crdt::replica::{
+    Apply, Durable, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings, SnapshotRecord, Source,
+};
 use crdt::text::{TextDocument, TextLimits, validate_update};
 use crdt::version_vector::{OriginRange, VersionVector};
 use serde_json::{Map, Value};
@@ -249,9 +255,12 @@ fn object(value: Value) -> Map<String, Value> {
 /// saved document (`Record::load(saved, [rest])`), 2 and 3 as change bytes for `apply_changes`
 /// on a record with state. (One use per input keeps executions fast; the fuzzer flips the bits.)
 ///
-/// Never a panic. Whatever loads reads without panicking and survives save/load with the same
-/// version and view. A failed apply leaves the version unchanged; a successful one reports
-/// whether the version moved, is idempotent, survives save/load, and leaves the record writable.
+/// The properties are what the node relies on (see [`check_stored_record`]): never a panic;
+/// whatever loads reads without panicking; a save is trusted only when it reloads to the same
+/// heads, and then it reads the same. A failed apply leaves the version unchanged; a successful
+/// one reports whether the version moved, is idempotent, reloads from the bytes the node stores
+/// (the base's save plus the change bytes as an increment) to the same heads and view, travels
+/// in a snapshot, and leaves the record writable.
 pub fn record_changes(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let mut bytes = rest.to_vec();
@@ -262,26 +271,35 @@ pub fn record_changes(data: &[u8]) {
     match mode >> 1 & 3 {
         0 => {
             if let Ok(record) = Record::load(&bytes, &[]) {
-                check_loaded(&record);
+                check_stored_record(&record, None);
             }
         }
         1 => {
             if let Ok(record) = Record::load(saved, &[&bytes]) {
-                check_loaded(&record);
+                check_stored_record(&record, Some((saved, &[&bytes])));
             }
         }
-        _ => apply_to_base(base, &bytes),
+        _ => apply_to_base(base, saved, &bytes),
     }
 }
 
-fn apply_to_base(base: &Record, bytes: &[u8]) {
+fn apply_to_base(base: &Record, saved: &[u8], bytes: &[u8]) {
     let mut record = base.clone();
     let version = record.version();
     match record.apply_changes(bytes) {
         Err(_) => assert_eq!(record.version(), version, "a failed apply_changes changed the record"),
         Ok(changed) => {
             assert_eq!(changed, record.version() != version, "apply_changes misreported whether it changed");
-            check_loaded(&record);
+            // The node stores accepted change bytes as they came, as an increment after the saved
+            // document, and rebuilds the record from exactly those parts after a restart.
+            match Record::load(saved, &[bytes]) {
+                Ok(reloaded) => {
+                    assert_eq!(reloaded.heads(), record.heads(), "the stored parts reload to other heads");
+                    assert_same_reading(&reloaded, &record, "reloading the stored parts");
+                }
+                Err(error) => panic!("accepted change bytes, stored as an increment, do not reload: {error}"),
+            }
+            check_stored_record(&record, Some((saved, &[bytes])));
             match record.apply_changes(bytes) {
                 Ok(again) => assert!(!again, "applying the same change bytes twice changed the record twice"),
                 Err(error) => panic!("change bytes that applied once fail the second time: {error}"),
@@ -302,12 +320,47 @@ fn apply_to_base(base: &Record, bytes: &[u8]) {
     }
 }
 
-/// What must hold of any record that loaded: it reads (or fails to read) without panicking, and
-/// save/load round-trips it.
-fn check_loaded(record: &Record) {
+/// What the node relies on for a record it holds: it reads (or fails to read) without
+/// panicking; its `save()` is trusted only when it reloads to the same heads (the engine's
+/// `compact_some`/`snapshot_reloads` guard: otherwise the increments stay), and such a save then
+/// reads the same. When `stored` names the parts the node keeps (a save the engine wrote, plus
+/// accepted change bytes), a snapshot carries them joined into one part, and a new peer's
+/// `apply_changes` of that part must give the same heads and reading.
+fn check_stored_record(record: &Record, stored: Option<(&[u8], &[&[u8]])>) {
     let _ = record.view();
     let _ = record.is_live();
-    assert_save_load_round_trips(record);
+    assert_save_trusted_only_when_it_reloads(record);
+    if let Some((saved, increments)) = stored {
+        let joined: Vec<u8> = std::iter::once(saved).chain(increments.iter().copied()).flatten().copied().collect();
+        let mut peer = Record::new();
+        match peer.apply_changes(&joined) {
+            Ok(_) => {
+                assert_eq!(peer.heads(), record.heads(), "a snapshot of the record gives a new peer other heads");
+                assert_same_reading(&peer, record, "a snapshot");
+            }
+            Err(error) => panic!("a snapshot of the record does not apply at a new peer: {error}"),
+        }
+    }
+}
+
+/// The engine's compaction guard, as a property: a save that does not load, or loads to other
+/// heads, is never used (fine); one that loads to the same heads must read the same.
+#[track_caller]
+fn assert_save_trusted_only_when_it_reloads(record: &Record) {
+    let Ok(loaded) = Record::load(&record.save(), &[]) else { return };
+    if loaded.heads() == record.heads() {
+        assert_same_reading(&loaded, record, "a save that reloads to the same heads");
+    }
+}
+
+#[track_caller]
+fn assert_same_reading(loaded: &Record, record: &Record, what: &str) {
+    assert_eq!(loaded.is_live(), record.is_live(), "{what} changed liveness");
+    match (loaded.view(), record.view()) {
+        (Ok(loaded), Ok(original)) => assert_eq!(loaded, original, "{what} changed the view"),
+        (Err(_), Err(_)) => {}
+        (loaded, original) => panic!("{what} changed whether the record reads: {loaded:?} vs {original:?}"),
+    }
 }
 
 /// Recomputes the checksum of each uncompressed automerge chunk (document, change or bundle) in
@@ -641,27 +694,32 @@ pub fn base_text() -> &'static Vec<u8> {
 
 /// Arbitrary bytes as a Yjs update (v1) applied with default limits, to an empty document and to
 /// one with content: never a panic; a refused update leaves the digest unchanged and a
-/// `validate_update` refusal is also an `apply_update` refusal; an accepted one survives
-/// save/load with the same digest and texts, is a no-op the second time, and the document then
-/// syncs to a new replica through `diff`. The bytes as a state vector make `diff` fail or answer,
-/// never panic.
+/// `validate_update` refusal is also an `apply_update` refusal. An accepted one is what the node
+/// then relies on: the stored parts (the document's saved state plus the update as an increment)
+/// reload to the same digest and texts, and travel in a snapshot to a new peer with the same
+/// digest; a `save()` is trusted only when it reloads to the same digest (the engine's
+/// compaction guard), and then it must read the same; the update is a no-op the second time; and
+/// `diff` from the empty state vector syncs a new replica to the same digest. The bytes as a
+/// state vector make `diff` fail or answer, never panic.
 pub fn text_update(data: &[u8]) {
     let limits = TextLimits::default();
     let valid = validate_update(data, &limits).is_ok();
 
     let mut empty = TextDocument::new(1);
-    check_text_apply(&mut empty, data, &limits, valid);
+    check_text_apply(&mut empty, &[], data, &limits, valid);
 
     let mut document = match TextDocument::load(2, base_text(), &[], &limits) {
         Ok(document) => document,
         Err(error) => panic!("the base text does not load: {error}"),
     };
-    check_text_apply(&mut document, data, &limits, valid);
+    check_text_apply(&mut document, base_text(), data, &limits, valid);
     let _ = document.diff(data);
 }
 
-fn check_text_apply(document: &mut TextDocument, update: &[u8], limits: &TextLimits, valid: bool) {
-    const NAMES: [&str; 3] = ["text", "title", ""];
+/// The root texts the text harnesses compare.
+const TEXT_NAMES: [&str; 3] = ["text", "title", ""];
+
+fn check_text_apply(document: &mut TextDocument, saved: &[u8], update: &[u8], limits: &TextLimits, valid: bool) {
     let digest = document.digest();
     let changed = match document.apply_update(update, limits) {
         Ok(changed) => changed,
@@ -674,16 +732,7 @@ fn check_text_apply(document: &mut TextDocument, update: &[u8], limits: &TextLim
     if !changed {
         assert_eq!(document.digest(), digest, "an update reported as no change changed the digest");
     }
-
-    let saved = document.save();
-    let loaded = match TextDocument::load(document.client_id(), &saved, &[], limits) {
-        Ok(loaded) => loaded,
-        Err(error) => panic!("a saved text document does not load: {error}"),
-    };
-    assert_eq!(loaded.digest(), document.digest(), "save/load changed the digest");
-    for name in NAMES {
-        assert_eq!(loaded.text(name), document.text(name), "save/load changed root text {name:?}");
-    }
+    check_stored_text(document, saved, &[update], limits);
 
     match document.apply_update(update, limits) {
         Ok(again) => assert!(!again, "applying the same update twice changed the document twice"),
@@ -701,6 +750,40 @@ fn check_text_apply(document: &mut TextDocument, update: &[u8], limits: &TextLim
         Err(error) => panic!("diff from the empty state vector failed: {error}"),
     }
     assert_eq!(replica.digest(), document.digest(), "a replica synced with diff has another digest");
+}
+
+/// What the node relies on for a text it holds as `saved` plus `increments` (the engine's
+/// stored parts): they reload to the same digest and texts; a snapshot (the non-empty parts, each
+/// applied as an update at a new peer) gives the same digest and texts; and `save()` is trusted
+/// only when it reloads to the same digest, in which case it must read the same.
+fn check_stored_text(document: &TextDocument, saved: &[u8], increments: &[&[u8]], limits: &TextLimits) {
+    match TextDocument::load(document.client_id(), saved, increments, limits) {
+        Ok(reloaded) => assert_same_text(&reloaded, document, "reloading the stored parts", true),
+        Err(error) => panic!("the stored parts of an accepted text do not reload: {error}"),
+    }
+    let mut peer = TextDocument::new(4);
+    for part in std::iter::once(saved).chain(increments.iter().copied()).filter(|part| !part.is_empty()) {
+        if let Err(error) = peer.apply_update(part, limits) {
+            panic!("a snapshot part of an accepted text does not apply at a new peer: {error}");
+        }
+    }
+    assert_same_text(&peer, document, "a snapshot", true);
+    if let Ok(loaded) = TextDocument::load(document.client_id(), &document.save(), &[], limits) {
+        assert_same_text(&loaded, document, "a save that reloads to the same digest", false);
+    }
+}
+
+/// `other` must read like `document`; with `same_digest`, it must also have its digest, else the
+/// texts are compared only when the digests are equal (a save with another digest is not used).
+#[track_caller]
+fn assert_same_text(other: &TextDocument, document: &TextDocument, what: &str, same_digest: bool) {
+    let digests_equal = other.digest() == document.digest();
+    assert!(digests_equal || !same_digest, "{what} changed the digest");
+    if digests_equal {
+        for name in TEXT_NAMES {
+            assert_eq!(other.text(name), document.text(name), "{what} changed root text {name:?}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -871,4 +954,771 @@ fn model_contains(
         sequence <= range.contiguous || range.beyond.iter().any(|(&first, &last)| first <= sequence && sequence <= last)
     });
     initially || inserted.get(origin).is_some_and(|sequences| sequences.contains(&sequence))
+}
+
+// ---------------------------------------------------------------------------------------------
+// replica_messages
+// ---------------------------------------------------------------------------------------------
+
+/// The node's durable state as the replication core reads it: the change log and the stored
+/// documents. The harness's node "applies" what the core hands over by storing it here, as the
+/// engine does, and only then reports it durable.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    log: BTreeMap<(OriginId, u64), Envelope>,
+    records: BTreeMap<RecordKey, SnapshotRecord>,
+}
+
+impl Source for MemorySource {
+    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
+        self.log
+            .range((*origin, from)..=(*origin, u64::MAX))
+            .take(limit)
+            .map(|(_, envelope)| envelope.clone())
+            .collect()
+    }
+
+    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
+        let range = match after {
+            Some(key) => self.records.range::<RecordKey, _>((Bound::Excluded(key), Bound::Unbounded)),
+            None => self.records.range::<RecordKey, _>(..),
+        };
+        range.take(limit).map(|(_, record)| record.clone()).collect()
+    }
+}
+
+/// The origin of the harness's own node.
+const LOCAL_ORIGIN: OriginId = OriginId([0xaa; 16]);
+
+/// What the harness knows about one fake peer, to check the core against.
+#[derive(Debug, Default)]
+struct FakePeer {
+    connected: bool,
+    /// Envelopes and records the core may still send it: set by its summaries, raised by its
+    /// credit messages, as the protocol says.
+    credit_to_core: u32,
+    /// What the core granted it: its summaries' credit plus its credit messages since.
+    allowance: u32,
+    /// It never sent more than its allowance on this connection.
+    honest: bool,
+    /// Envelopes and records it sent that the core handed over and the node has not yet
+    /// reported durable (duplicates of what the node holds are not handed over).
+    pending: u64,
+    /// Records sent to it per snapshot number, to check each snapshot's end.
+    snapshot_records: BTreeMap<u32, u64>,
+    /// What it is known to hold: its last summary, plus what it sent and was sent since.
+    known: VersionVector,
+}
+
+/// A key from a small set, so records and envelopes collide.
+fn small_key(bytes: &mut Bytes) -> RecordKey {
+    const IDS: [&str; 4] = ["a", "b", "c", "ACME Corp — Zürich"];
+    match RecordKey::new("fuzz", IDS[bytes.below(IDS.len())]) {
+        Ok(key) => key,
+        Err(error) => panic!("the fuzz keys are valid: {error}"),
+    }
+}
+
+/// One of three origins (the node's own among them), or any origin.
+fn some_origin(bytes: &mut Bytes) -> OriginId {
+    match bytes.below(5) {
+        0 => LOCAL_ORIGIN,
+        1 | 2 => replica_origin(bytes.below(2)),
+        3 => replica_origin(2),
+        _ => {
+            let mut origin = [0; 16];
+            origin.iter_mut().for_each(|byte| *byte = bytes.byte());
+            OriginId(origin)
+        }
+    }
+}
+
+/// A sequence: small, near the top of the range, or any.
+fn some_sequence(bytes: &mut Bytes) -> u64 {
+    match bytes.below(4) {
+        0 | 1 => u64::from(bytes.byte() % 24),
+        2 => u64::MAX - u64::from(bytes.byte() % 3),
+        _ => bytes.u64(),
+    }
+}
+
+/// A version vector as a peer may send it: up to three origins, each with a prefix and up to
+/// three ranges beyond, which need not be well-formed (it comes off the wire).
+fn some_version_vector(bytes: &mut Bytes) -> VersionVector {
+    let mut origins: BTreeMap<OriginId, OriginRange> = BTreeMap::new();
+    for _ in 0..bytes.below(4) {
+        let origin = some_origin(bytes);
+        let mut range = OriginRange { contiguous: some_sequence(bytes), beyond: BTreeMap::new() };
+        for _ in 0..bytes.below(4) {
+            let start = some_sequence(bytes);
+            let end = if bytes.below(4) == 0 {
+                some_sequence(bytes)
+            } else {
+                start.saturating_add(u64::from(bytes.byte() % 4))
+            };
+            range.beyond.insert(start, end);
+        }
+        origins.insert(origin, range);
+    }
+    // `VersionVector` is a struct of one field, encoded as a one-element array.
+    match rmp_serde::to_vec(&(origins,)).map(|encoded| rmp_serde::from_slice::<VersionVector>(&encoded)) {
+        Ok(Ok(vector)) => vector,
+        other => panic!("a version vector built from its parts does not decode: {other:?}"),
+    }
+}
+
+fn some_envelope(bytes: &mut Bytes) -> Envelope {
+    let origin = some_origin(bytes);
+    let sequence = some_sequence(bytes);
+    let key = small_key(bytes);
+    let kind = if bytes.below(4) == 0 { DocumentKind::Text } else { DocumentKind::Record };
+    let length = bytes.below(24);
+    let change = bytes.take(length).to_vec();
+    Envelope { origin, node: NodeId([7; 16]), sequence, timestamp: tick(sequence % 1000), key, kind, change }
+}
+
+fn some_snapshot_record(bytes: &mut Bytes) -> SnapshotRecord {
+    let key = small_key(bytes);
+    let kind = if bytes.below(4) == 0 { DocumentKind::Text } else { DocumentKind::Record };
+    let parts = (0..bytes.below(3))
+        .map(|_| {
+            let length = bytes.below(16);
+            bytes.take(length).to_vec().into()
+        })
+        .collect();
+    SnapshotRecord { key, kind, parts }
+}
+
+/// Whether `inner` holds nothing `outer` lacks, for a well-formed `outer` (each held stretch is
+/// one range there). Written here, not with `VersionVector::missing_from`, which it checks.
+fn covered_by(inner: &VersionVector, outer: &VersionVector) -> bool {
+    inner.origins().all(|(origin, range)| {
+        let held: Vec<(u64, u64)> = outer.get(origin).map(|range| range.ranges().collect()).unwrap_or_default();
+        range.ranges().filter(|(start, end)| start <= end).all(|(start, end)| {
+            let start = start.max(1);
+            start > end || held.iter().any(|&(first, last)| first <= start && end <= last)
+        })
+    })
+}
+
+/// The replication core (`crdt::replica::Replica`) driven by a fake peer and a fake node. Bytes:
+/// a settings byte (window 1-16 envelopes, chunks of 1-8), a byte for the node's own changes in
+/// its log (0-7) and a byte for its stored documents (0-3), then steps: one byte picks the step
+/// (`% 13`: connect a new peer, disconnect one, a Summary, Changes, Credit, Snapshot,
+/// SnapshotEnd or Peers from a peer, a message decoded from raw bytes (2-byte big-endian length),
+/// report handed-out applies durable, a local write, time passes, the log is trimmed), then a
+/// byte for the peer (any peer ever connected, or a new id), then the step's arguments.
+///
+/// Never a panic. A `ProtocolError` only for a peer that is not connected, or that has more
+/// envelopes and records pending here than two windows (and never for one that stayed within
+/// what it was granted). Per input, each peer gets at most `window + 3` messages, none empty, no
+/// chunk over `chunk_envelopes_max`; the core never sends a peer more envelopes and records than
+/// the credit it granted; every envelope sent is one from the log; a snapshot's end counts the
+/// records sent in it and claims no more than the node holds; no envelope goes to a peer known
+/// to hold it (its last summary, plus what it sent and was sent since); every message survives the wire
+/// encoding. What the core hands over to apply from a peer is exactly what it sent that the node
+/// did not hold. `version_vector()` never shrinks, stays well-formed, and grows only by what was
+/// reported durable or by a snapshot end; the log floors never fall and stay at most one past
+/// the gap-free prefix.
+pub fn replica_messages(data: &[u8]) {
+    let mut bytes = Bytes::new(data);
+    let settings_byte = bytes.byte();
+    let settings = Settings {
+        window_envelopes: 1 + u32::from(settings_byte % 16),
+        chunk_envelopes_max: 1 + usize::from(settings_byte >> 4) % 8,
+        chunk_bytes_max: 16 << (bytes.below(8)),
+        summary_interval: Duration::from_secs(5),
+    };
+    let window = settings.window_envelopes;
+    let start = Instant::now();
+    let mut now = start;
+
+    let mut source = MemorySource::default();
+    let mut local = VersionVector::new();
+    let mut next_local = 1u64;
+    for _ in 0..bytes.below(8) {
+        let key = small_key(&mut bytes);
+        let envelope = Envelope {
+            origin: LOCAL_ORIGIN,
+            node: NodeId([1; 16]),
+            sequence: next_local,
+            timestamp: tick(next_local),
+            key,
+            kind: DocumentKind::Record,
+            change: vec![next_local as u8; 3],
+        };
+        local.insert(LOCAL_ORIGIN, next_local);
+        source.log.insert((LOCAL_ORIGIN, next_local), envelope);
+        next_local += 1;
+    }
+    for _ in 0..bytes.below(4) {
+        let record = some_snapshot_record(&mut bytes);
+        source.records.insert(record.key.clone(), record);
+    }
+    let mut replica = Core::new(local, LogFloors::new(), settings.clone(), now);
+    let mut peers: Vec<FakePeer> = Vec::new();
+    // Handed out by `poll_apply`, not yet reported durable: (peer, what).
+    let mut outstanding: Vec<(PeerId, Apply)> = Vec::new();
+
+    let mut steps = 0;
+    while !bytes.is_empty() && steps < 96 {
+        steps += 1;
+        let before = replica.version_vector().clone();
+        let floors_before = replica.log_floors().clone();
+        // What may join the version vector in this step.
+        let mut may_grow = before.clone();
+        let step = bytes.below(13);
+        // The peer a message step comes from: any peer ever connected, or one never connected.
+        let peer_index = bytes.below(peers.len() + 1);
+        let peer_id = peer_index as PeerId;
+        let mut sent: Option<Message> = None;
+        match step {
+            0 => {
+                peers.push(FakePeer { connected: true, honest: true, ..FakePeer::default() });
+                replica.handle_peer_connected(now, peers.len() as PeerId - 1);
+            }
+            1 => {
+                if let Some(peer) = peers.get_mut(peer_index) {
+                    peer.connected = false;
+                }
+                replica.handle_peer_disconnected(now, peer_id);
+            }
+            2 => {
+                let version_vector = some_version_vector(&mut bytes);
+                let credit = match bytes.below(4) {
+                    0 => u32::MAX,
+                    1 => 0,
+                    _ => u32::from(bytes.byte() % 24),
+                };
+                let snapshots = u32::from(bytes.byte() % 4);
+                let receiving = bytes.below(4) == 0;
+                sent = Some(Message::Summary { version_vector, credit, snapshots, receiving });
+            }
+            3 => {
+                let envelopes = (0..bytes.below(40)).map(|_| some_envelope(&mut bytes)).collect();
+                sent = Some(Message::Changes { envelopes });
+            }
+            4 => {
+                let envelopes = if bytes.below(8) == 0 { u32::MAX } else { u32::from(bytes.byte() % 24) };
+                let durable =
+                    (0..bytes.below(4)).map(|_| (some_origin(&mut bytes), some_sequence(&mut bytes))).collect();
+                sent = Some(Message::Credit { envelopes, durable });
+            }
+            5 => {
+                let snapshot = u32::from(bytes.byte() % 4);
+                let records = (0..bytes.below(40)).map(|_| some_snapshot_record(&mut bytes)).collect();
+                sent = Some(Message::Snapshot { snapshot, records });
+            }
+            6 => {
+                let snapshot = u32::from(bytes.byte() % 4);
+                let records = if bytes.below(2) == 0 { u64::from(bytes.byte() % 8) } else { bytes.u64() };
+                sent =
+                    Some(Message::SnapshotEnd { snapshot, records, version_vector: some_version_vector(&mut bytes) });
+            }
+            7 => sent = Some(Message::Peers { addresses: vec!["127.0.0.1:1".into(); bytes.below(3)] }),
+            8 => {
+                let length = usize::from(bytes.byte()) << 8 | usize::from(bytes.byte());
+                if let Ok(message) = Message::decode(bytes.take(length)) {
+                    assert_round_trips(&message);
+                    sent = Some(message);
+                }
+            }
+            9 => {
+                // The node commits what it was handed (a byte-chosen prefix, in order) and
+                // reports it durable, as the engine does after a group commit.
+                let count = bytes.below(outstanding.len() + 1);
+                let mut durable = Vec::new();
+                for (source_peer, apply) in outstanding.drain(..count) {
+                    match apply {
+                        Apply::Change(envelope) => {
+                            may_grow.insert(envelope.origin, envelope.sequence);
+                            durable.push(Durable::Change {
+                                source: Some(source_peer),
+                                origin: envelope.origin,
+                                sequence: envelope.sequence,
+                            });
+                            source.log.entry((envelope.origin, envelope.sequence)).or_insert(envelope);
+                            if let Some(peer) = peers.get_mut(source_peer as usize) {
+                                peer.pending = peer.pending.saturating_sub(1);
+                            }
+                        }
+                        Apply::Record(record) => {
+                            durable.push(Durable::Record { source: source_peer });
+                            source.records.insert(record.key.clone(), record);
+                            if let Some(peer) = peers.get_mut(source_peer as usize) {
+                                peer.pending = peer.pending.saturating_sub(1);
+                            }
+                        }
+                        Apply::SnapshotEnd(version_vector) => {
+                            may_grow.merge(&version_vector);
+                            durable.push(Durable::SnapshotEnd { source: source_peer, version_vector });
+                        }
+                    }
+                }
+                replica.handle_durable(now, &durable, &source);
+            }
+            10 => {
+                let envelope = Envelope {
+                    origin: LOCAL_ORIGIN,
+                    node: NodeId([1; 16]),
+                    sequence: next_local,
+                    timestamp: tick(next_local),
+                    key: small_key(&mut bytes),
+                    kind: DocumentKind::Record,
+                    change: vec![next_local as u8; 2],
+                };
+                let durable = [Durable::Change { source: None, origin: LOCAL_ORIGIN, sequence: next_local }];
+                may_grow.insert(LOCAL_ORIGIN, next_local);
+                source.log.insert((LOCAL_ORIGIN, next_local), envelope);
+                next_local += 1;
+                replica.handle_durable(now, &durable, &source);
+            }
+            11 => {
+                now += Duration::from_millis(u64::from(bytes.byte()) * 50);
+                replica.handle_timeout(now, &source);
+            }
+            _ => {
+                // The engine trims the log within an origin's gap-free prefix and raises its floor.
+                let origins: Vec<(OriginId, u64)> =
+                    replica.version_vector().origins().map(|(origin, range)| (*origin, range.contiguous)).collect();
+                if let Some(&(origin, contiguous)) = origins.get(bytes.below(origins.len().max(1))) {
+                    let floor = contiguous.saturating_add(1).min(u64::from(bytes.byte() % 8).saturating_add(1));
+                    let current = replica.log_floors().get(&origin).copied().unwrap_or(1);
+                    if floor > current {
+                        let trimmed: Vec<(OriginId, u64)> =
+                            source.log.range((origin, 0)..(origin, floor)).map(|(key, _)| *key).collect();
+                        for key in trimmed {
+                            source.log.remove(&key);
+                        }
+                        replica.handle_log_trimmed(origin, floor);
+                    }
+                }
+            }
+        }
+
+        if let Some(message) = sent {
+            deliver_message(&mut replica, &mut peers, peer_id, message, now, &source, window, &mut outstanding);
+        }
+        drain_transmits(&mut replica, &mut peers, &settings, &source);
+        while replica.poll_acknowledged().is_some() {}
+        assert!(replica.poll_apply().is_none(), "the core handed over something to apply outside a peer message");
+
+        let after = replica.version_vector();
+        assert!(covered_by(&before, after), "the version vector shrank");
+        assert!(covered_by(after, &may_grow), "the version vector grew by what was not reported durable");
+        for (origin, range) in after.origins() {
+            assert!(range_well_formed(range), "the version vector of {origin:?} became ill-formed: {range:?}");
+        }
+        for (origin, floor) in &floors_before {
+            assert!(replica.log_floors().get(origin).is_some_and(|now| now >= floor), "a log floor fell");
+        }
+        for (origin, &floor) in replica.log_floors() {
+            let contiguous = after.contiguous(origin);
+            assert!(
+                floor <= contiguous.saturating_add(1),
+                "floor {floor} of {origin:?} is past its prefix {contiguous}"
+            );
+        }
+        let _ = replica.peer_lags();
+        let _ = replica.poll_timeout();
+    }
+}
+
+#[track_caller]
+fn assert_round_trips(message: &Message) {
+    match Message::decode(&message.encode()) {
+        Ok(again) => assert_eq!(&again, message, "a message changed in an encode/decode round trip"),
+        Err(error) => panic!("an encoded message does not decode: {error}"),
+    }
+}
+
+/// Delivers a message from fake peer `peer_id` and checks the core's verdict and what it hands
+/// over to apply.
+#[allow(clippy::too_many_arguments)]
+fn deliver_message(
+    replica: &mut Core,
+    peers: &mut [FakePeer],
+    peer_id: PeerId,
+    message: Message,
+    now: Instant,
+    source: &MemorySource,
+    window: u32,
+    outstanding: &mut Vec<(PeerId, Apply)>,
+) {
+    let connected = peers.get(peer_id as usize).is_some_and(|peer| peer.connected);
+    let held = replica.version_vector().clone();
+    // What the peer's message does to its account, as the protocol says.
+    let mut expected_applies = 0u64;
+    if let Some(peer) = peers.get_mut(peer_id as usize).filter(|_| connected) {
+        let sent = match &message {
+            Message::Changes { envelopes } => {
+                expected_applies =
+                    envelopes.iter().filter(|envelope| !held.contains(&envelope.origin, envelope.sequence)).count()
+                        as u64;
+                Some(envelopes.len())
+            }
+            Message::Snapshot { records, .. } => {
+                expected_applies = records.len() as u64;
+                Some(records.len())
+            }
+            Message::Summary { credit, version_vector, .. } => {
+                peer.credit_to_core = (*credit).min(window);
+                peer.known = version_vector.clone();
+                None
+            }
+            Message::Credit { envelopes, .. } => {
+                peer.credit_to_core = peer.credit_to_core.saturating_add(*envelopes).min(window);
+                None
+            }
+            _ => None,
+        };
+        if let Message::Changes { envelopes } = &message {
+            envelopes.iter().for_each(|envelope| {
+                peer.known.insert(envelope.origin, envelope.sequence);
+            });
+        }
+        if let Some(count) = sent.map(|count| u32::try_from(count).unwrap_or(u32::MAX)) {
+            match peer.allowance.checked_sub(count) {
+                Some(left) => peer.allowance = left,
+                None => {
+                    peer.allowance = 0;
+                    peer.honest = false;
+                }
+            }
+        }
+        peer.pending += expected_applies;
+    }
+    let complete_end = matches!(&message, Message::SnapshotEnd { .. });
+    let result = replica.handle_peer_message(now, peer_id, message, source);
+    let mut applies = 0u64;
+    let mut ends = 0;
+    while let Some((from, apply)) = replica.poll_apply() {
+        assert_eq!(from, peer_id, "an apply is attributed to another peer");
+        match &apply {
+            Apply::SnapshotEnd(version_vector) => {
+                ends += 1;
+                assert!(complete_end, "a snapshot end handed over for a message that is not one");
+                let _ = version_vector;
+            }
+            _ => applies += 1,
+        }
+        outstanding.push((from, apply));
+    }
+    assert!(ends <= 1, "one snapshot end handed over more than once");
+    match result {
+        Err(ProtocolError::UnknownPeer(peer)) => {
+            assert_eq!(peer, peer_id);
+            assert!(!connected, "a connected peer was called unknown");
+        }
+        Err(ProtocolError::CreditExceeded { peer, pending, granted }) => {
+            assert_eq!(peer, peer_id);
+            assert!(connected, "an unknown peer was said to overrun its credit");
+            let fake = &mut peers[peer_id as usize];
+            assert!(!fake.honest, "a peer that stayed within its credit was refused ({pending} > {granted})");
+            assert_eq!(u64::from(pending), fake.pending, "the core counts other pending envelopes than it handed over");
+            assert!(pending > granted && granted == window.saturating_mul(2), "refused within the bound");
+            fake.connected = false;
+            assert_eq!(applies, expected_applies, "the core handed over other envelopes than it lacked");
+        }
+        Ok(()) => {
+            assert!(connected, "a message from an unknown peer was accepted");
+            let fake = &peers[peer_id as usize];
+            assert_eq!(applies, expected_applies, "the core handed over other envelopes than it lacked");
+            assert!(fake.pending <= u64::from(window) * 2, "{} pending from a peer beyond two windows", fake.pending);
+            if fake.honest {
+                assert!(fake.pending <= u64::from(window), "an honest peer has more pending than one window");
+            }
+        }
+    }
+}
+
+/// Drains what the core sends after an input and checks it against the protocol.
+fn drain_transmits(replica: &mut Core, peers: &mut [FakePeer], settings: &Settings, source: &MemorySource) {
+    let mut per_peer: BTreeMap<PeerId, u32> = BTreeMap::new();
+    while let Some((peer_id, message)) = replica.poll_transmit() {
+        let count = per_peer.entry(peer_id).or_default();
+        *count += 1;
+        assert!(*count <= settings.window_envelopes + 3, "peer {peer_id} was sent {count} messages for one input");
+        let Some(peer) = peers.get_mut(peer_id as usize).filter(|peer| peer.connected) else {
+            panic!("a message for peer {peer_id}, which is not connected: {message:?}");
+        };
+        assert_round_trips(&message);
+        match &message {
+            Message::Summary { version_vector, credit, .. } => {
+                assert_eq!(version_vector, replica.version_vector(), "a summary that is not what the node holds");
+                assert!(*credit <= settings.window_envelopes, "a summary grants more than the window");
+                peer.allowance = *credit;
+            }
+            Message::Credit { envelopes, durable } => {
+                assert!(*envelopes > 0 && durable.len() <= *envelopes as usize, "a credit message that grants nothing");
+                peer.allowance = peer.allowance.saturating_add(*envelopes);
+            }
+            Message::Changes { envelopes } => {
+                spend(peer, envelopes.len(), settings, "envelopes");
+                let mut last: BTreeMap<OriginId, u64> = BTreeMap::new();
+                for envelope in envelopes {
+                    assert!(
+                        source.log.get(&(envelope.origin, envelope.sequence)) == Some(envelope),
+                        "an envelope sent that is not in the log"
+                    );
+                    assert!(
+                        !peer.known.contains(&envelope.origin, envelope.sequence),
+                        "sent ({:?}, {}) to a peer known to hold it",
+                        envelope.origin,
+                        envelope.sequence
+                    );
+                    peer.known.insert(envelope.origin, envelope.sequence);
+                    let previous = last.insert(envelope.origin, envelope.sequence);
+                    assert!(previous.is_none_or(|previous| previous < envelope.sequence), "changes not oldest first");
+                }
+            }
+            Message::Snapshot { snapshot, records } => {
+                spend(peer, records.len(), settings, "records");
+                *peer.snapshot_records.entry(*snapshot).or_default() += records.len() as u64;
+            }
+            Message::SnapshotEnd { snapshot, records, version_vector } => {
+                let sent = peer.snapshot_records.remove(snapshot).unwrap_or(0);
+                assert_eq!(*records, sent, "a snapshot end counts other records than were sent");
+                assert!(covered_by(version_vector, replica.version_vector()), "a snapshot end claims more than held");
+            }
+            Message::Peers { .. } => panic!("the core sent a Peers message"),
+        }
+    }
+}
+
+/// The core sends `count` envelopes or records to a peer: never none, never more than a chunk,
+/// never more than the peer's credit.
+#[track_caller]
+fn spend(peer: &mut FakePeer, count: usize, settings: &Settings, what: &str) {
+    assert!(count > 0 && count <= settings.chunk_envelopes_max, "a message of {count} {what}");
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    assert!(count <= peer.credit_to_core, "sent {count} {what} with credit for {}", peer.credit_to_core);
+    peer.credit_to_core -= count;
+}
+
+// ---------------------------------------------------------------------------------------------
+// stored_documents
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes a stored document entry as the engine writes it (`src/engine.rs`, `DocumentEntry`:
+/// `rmp_serde` of `{kind, saved}` with `saved` as msgpack bin, which `rmp_serde` writes as a
+/// two-element array). The engine's derived decoder also takes the map form, which it never
+/// writes; here that is an error, so such inputs simply stop early.
+pub fn decode_document_entry(bytes: &[u8]) -> Result<(DocumentKind, &[u8]), rmp_serde::decode::Error> {
+    rmp_serde::from_slice::<(DocumentKind, &[u8])>(bytes)
+}
+
+/// Encodes a document entry exactly as the engine does (`tests/fuzz_regressions.rs` checks this
+/// against a copy of the engine's struct): an array of the kind and `saved` as bin.
+pub fn encode_document_entry(kind: DocumentKind, saved: &[u8]) -> Vec<u8> {
+    let mut encoded = vec![0x92];
+    encoded.extend(rmp_serde::to_vec(&kind).unwrap_or_default());
+    let length = saved.len();
+    if let Ok(length) = u8::try_from(length) {
+        encoded.extend([0xc4, length]);
+    } else if let Ok(length) = u16::try_from(length) {
+        encoded.push(0xc5);
+        encoded.extend(length.to_be_bytes());
+    } else {
+        encoded.push(0xc6);
+        encoded.extend(u32::try_from(length).unwrap_or(u32::MAX).to_be_bytes());
+    }
+    encoded.extend_from_slice(saved);
+    encoded
+}
+
+/// What the node reads from its store, which disk damage turns into arbitrary bytes. The first
+/// byte picks what (`% 4`) and bit 2 recomputes automerge chunk checksums:
+/// - 0: a document: a 2-byte big-endian length and that many bytes of document entry, then one
+///   byte for the number of increments (`% 4`), each a 2-byte length and its bytes. A record
+///   loads with `Record::load(saved, increments)`, a text with `TextDocument::load`;
+/// - 1: the meta `version_vector` (`rmp_serde` of `VersionVector`);
+/// - 2: the meta `log_floors` (`rmp_serde` of `LogFloors`, origin to floor);
+/// - 3: a change-log entry (`Envelope::decode`).
+///
+/// Never a panic: a value that does not decode or load is an error. A decoded entry, version
+/// vector, floors or envelope encodes back to itself. A document that loads reads without
+/// panicking and loads again to the same heads (or text digest); its save is trusted only when
+/// it reloads to the same heads or digest, and then it reads the same. A version vector from
+/// disk, merged into an empty one, is well-formed and holds the same sequences.
+pub fn stored_documents(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let mut bytes = Bytes::new(rest);
+    match mode % 4 {
+        0 => {
+            let length = usize::from(bytes.byte()) << 8 | usize::from(bytes.byte());
+            let mut entry = bytes.take(length).to_vec();
+            let mut increments: Vec<Vec<u8>> = (0..bytes.below(4))
+                .map(|_| {
+                    let length = usize::from(bytes.byte()) << 8 | usize::from(bytes.byte());
+                    bytes.take(length).to_vec()
+                })
+                .collect();
+            if mode & 4 != 0 {
+                if let Ok((kind, saved)) = decode_document_entry(&entry) {
+                    let mut saved = saved.to_vec();
+                    fix_chunk_checksums(&mut saved);
+                    entry = encode_document_entry(kind, &saved);
+                }
+                increments.iter_mut().for_each(|increment| fix_chunk_checksums(increment));
+            }
+            stored_document(&entry, &increments);
+        }
+        1 => {
+            let Ok(vector) = rmp_serde::from_slice::<VersionVector>(rest) else { return };
+            let encoded = rmp_serde::to_vec(&vector).unwrap_or_default();
+            assert_eq!(rmp_serde::from_slice::<VersionVector>(&encoded).ok().as_ref(), Some(&vector), "round trip");
+            let mut merged = VersionVector::new();
+            merged.merge(&vector);
+            for (origin, range) in merged.origins() {
+                assert!(range_well_formed(range), "merging a stored vector gave ill-formed ranges for {origin:?}");
+            }
+            let _ =
+                (vector.contiguous_prefix(), merged.count_missing_from(&vector), vector.count_missing_from(&vector));
+            // The node starts its replication core over the stored vector; a new peer that holds
+            // nothing and has credit is then sent what the log holds (here: nothing).
+            let now = Instant::now();
+            let mut core = Core::new(vector, LogFloors::new(), Settings::default(), now);
+            core.handle_peer_connected(now, 1);
+            let summary =
+                Message::Summary { version_vector: VersionVector::new(), credit: 16, snapshots: 0, receiving: false };
+            let _ = core.handle_peer_message(now, 1, summary, &MemorySource::default());
+            let _ = core.peer_lags();
+        }
+        2 => {
+            let Ok(floors) = rmp_serde::from_slice::<LogFloors>(rest) else { return };
+            let encoded = rmp_serde::to_vec(&floors).unwrap_or_default();
+            assert_eq!(rmp_serde::from_slice::<LogFloors>(&encoded).ok().as_ref(), Some(&floors), "round trip");
+        }
+        _ => envelope_decode(rest),
+    }
+}
+
+fn stored_document(entry: &[u8], increments: &[Vec<u8>]) {
+    let Ok((kind, saved)) = decode_document_entry(entry) else { return };
+    let encoded = encode_document_entry(kind, saved);
+    assert_eq!(decode_document_entry(&encoded).ok(), Some((kind, saved)), "a document entry does not round trip");
+    let increments: Vec<&[u8]> = increments.iter().map(Vec::as_slice).collect();
+    match kind {
+        DocumentKind::Record => {
+            let Ok(record) = Record::load(saved, &increments) else { return };
+            match Record::load(saved, &increments) {
+                Ok(again) => assert_eq!(again.heads(), record.heads(), "loading the same parts twice differs"),
+                Err(error) => panic!("stored parts loaded once and then failed: {error}"),
+            }
+            check_stored_record(&record, None);
+        }
+        DocumentKind::Text => {
+            let limits = TextLimits::default();
+            let Ok(document) = TextDocument::load(9, saved, &increments, &limits) else { return };
+            match TextDocument::load(9, saved, &increments, &limits) {
+                Ok(again) => assert_same_text(&again, &document, "loading the same parts twice", true),
+                Err(error) => panic!("stored parts loaded once and then failed: {error}"),
+            }
+            for name in TEXT_NAMES {
+                let _ = document.text(name);
+            }
+            if let Ok(loaded) = TextDocument::load(9, &document.save(), &[], &limits) {
+                assert_same_text(&loaded, &document, "a save that reloads to the same digest", false);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// http_bodies
+// ---------------------------------------------------------------------------------------------
+
+/// A record as the HTTP API meets it: several lives, a counter `visits`, a string `name`.
+pub fn base_http_record() -> &'static Record {
+    &base_record().0
+}
+
+/// Bytes as an HTTP request body, through `crdt::body::operation` (the parsing the API runs).
+/// The first byte picks the endpoint (`% 3`: PUT replace, PATCH merge patch, POST increment),
+/// the rest is the body.
+///
+/// Never a panic. The body is refused exactly when it is not a JSON object (naming the JSON
+/// kind), or, for an increment, when `field` is not a string or `by` is present and not an
+/// integer in the i64 range. A parsed operation, written to a record with history: a replace
+/// reads back exactly (or is refused as too deep, changing nothing); a merge patch matches the
+/// RFC 7386 reference over what the record read before (or is refused as too deep); an
+/// increment of a counter or an absent field adds `by` (or is refused for overflow, changing
+/// nothing), of any other field is refused as not a counter; a refused write changes nothing.
+pub fn http_bodies(data: &[u8]) {
+    let Some((&endpoint, body)) = data.split_first() else { return };
+    let kind = match endpoint % 3 {
+        0 => BodyKind::Replace,
+        1 => BodyKind::MergePatch,
+        _ => BodyKind::Increment,
+    };
+    let parsed = serde_json::from_slice::<Value>(body);
+    let operation = match (crdt::body::operation(kind, body), &parsed) {
+        (Ok(operation), Ok(Value::Object(_))) => operation,
+        (Err(BodyError::Malformed(_)), Err(_)) => return,
+        (Err(BodyError::NotAnObject(named)), Ok(value)) if !value.is_object() => {
+            assert_eq!(named, crdt::body::kind_of(value), "a refusal names the wrong kind");
+            return;
+        }
+        (Err(BodyError::Field), Ok(Value::Object(map))) if kind == BodyKind::Increment => {
+            assert!(!matches!(map.get("field"), Some(Value::String(_))), "a string field was refused");
+            return;
+        }
+        (Err(BodyError::By), Ok(Value::Object(map))) if kind == BodyKind::Increment => {
+            assert!(map.get("by").is_some_and(|by| by.as_i64().is_none()), "an i64 \"by\" was refused");
+            return;
+        }
+        (result, parsed) => panic!("body parsed as {result:?}, JSON says {parsed:?}"),
+    };
+    let mut record = base_http_record().clone();
+    let before = view_of(&record);
+    let version = record.version();
+    let result = record.write(&fuzz_key(), &replica_origin(4), tick(200), &operation);
+    if result.is_err() {
+        assert_eq!(record.version(), version, "a refused write changed the record");
+    }
+    match (&operation, result) {
+        (Operation::Replace(fields), Ok(_)) => assert_reads_exactly(&record, fields, "Replace over history"),
+        (Operation::MergePatch(patch), Ok(_)) => {
+            let start = Value::Object(before.value.unwrap_or_default());
+            let expected = merge_patch_reference(&start, &Value::Object(patch.clone()));
+            assert_reads_exactly(&record, as_object(&expected), "MergePatch over history");
+        }
+        (Operation::Replace(fields) | Operation::MergePatch(fields), Err(error)) => {
+            let within = fields.values().all(|value| nesting(value) <= DEPTH_MAX);
+            assert!(
+                !within && matches!(error, OperationError::Json(JsonError::TooDeep)),
+                "a body within the depth limit was refused: {error}"
+            );
+        }
+        (Operation::Increment { field, by }, result) => {
+            let old = before.value.as_ref().and_then(|value| value.get(field));
+            // An absent field starts at 0; an integer becomes a counter; anything else is not one.
+            let current = match old {
+                None => Some(0),
+                Some(Value::Number(number)) if !number.is_f64() => number.as_i64(),
+                Some(_) => None,
+            };
+            let within = |value: i64| value.checked_abs().is_some_and(|magnitude| magnitude <= COUNTER_MAGNITUDE_MAX);
+            let valid_name = !field.is_empty() && field.len() <= crdt::record::FIELD_BYTES_MAX;
+            match result {
+                Ok(None) if *by == 0 => assert_eq!(record.version(), version, "an increment by 0 changed the record"),
+                Ok(_) => {
+                    let sum = current.and_then(|current| current.checked_add(*by));
+                    assert!(valid_name && sum.is_some_and(within) && within(*by), "increment {by} of {old:?} accepted");
+                    let now = view_of(&record).value.and_then(|value| value.get(field).cloned());
+                    let expected = if *by == 0 && old.is_none() { None } else { sum.map(Value::from) };
+                    assert_eq!(now, expected, "increment by {by} of {old:?}");
+                }
+                Err(OperationError::FieldName) => assert!(!valid_name, "field name {field:?} refused"),
+                Err(OperationError::NotACounter(_)) => assert!(current.is_none(), "{old:?} is not a counter?"),
+                Err(OperationError::Json(JsonError::CounterOverflow { .. })) => {
+                    let sum = current.and_then(|current| current.checked_add(*by));
+                    assert!(!(sum.is_some_and(within) && within(*by)), "increment {by} of {old:?} refused");
+                }
+                Err(error) => panic!("increment {field:?} by {by} of {old:?} failed: {error}"),
+            }
+        }
+        (Operation::Delete, _) => panic!("a body became a delete"),
+    }
 }
