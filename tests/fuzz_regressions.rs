@@ -18,18 +18,6 @@ use std::path::{Path, PathBuf};
 /// have them (debug assertions on, as in `cargo test`); elsewhere either outcome is accepted.
 const KNOWN_OPEN: &[(&str, &str, bool, &str)] = &[
     (
-        "record_changes",
-        "snapshot-joined-parts-lose-a-change",
-        false,
-        "an accepted change, stored as an increment, is lost at a peer that takes the record in a snapshot (parts joined)",
-    ),
-    (
-        "replica_messages",
-        "resends-u64-max-to-a-peer-that-holds-it",
-        false,
-        "OriginRange::missing_from reports u64::MAX missing from a range that holds it, so the core resends it forever",
-    ),
-    (
         "text_update",
         "save-load-changes-digest",
         false,

@@ -89,21 +89,25 @@ impl OriginRange {
     pub fn missing_from(&self, other: &OriginRange) -> Vec<(u64, u64)> {
         let mut missing = Vec::new();
         for (start, end) in self.ranges() {
-            let mut next = start;
+            // The first sequence of this range not yet accounted for; `None` once the other side
+            // holds everything up to u64::MAX.
+            let mut next = Some(start);
             for (other_start, other_end) in other.ranges() {
-                if other_end < next || other_start > end {
+                let Some(from) = next else { break };
+                if other_end < from || other_start > end {
                     continue;
                 }
-                if other_start > next {
-                    missing.push((next, other_start - 1));
+                if other_start > from {
+                    missing.push((from, other_start - 1));
                 }
-                next = other_end.saturating_add(1);
-                if next > end {
+                next = other_end.checked_add(1);
+                if next.is_none_or(|after| after > end) {
+                    next = None;
                     break;
                 }
             }
-            if next <= end {
-                missing.push((next, end));
+            if let Some(from) = next {
+                missing.push((from, end));
             }
         }
         missing
@@ -201,6 +205,16 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn nothing_is_missing_from_a_range_that_holds_the_largest_sequence() {
+        let mut held = OriginRange::default();
+        held.insert(u64::MAX);
+        assert_eq!(held.missing_from(&held.clone()), Vec::<(u64, u64)>::new());
+        let mut more = held.clone();
+        more.insert_range(u64::MAX - 5, u64::MAX);
+        assert_eq!(more.missing_from(&held), vec![(u64::MAX - 5, u64::MAX - 1)]);
+    }
 
     #[test]
     fn the_largest_sequence_is_held_without_overflow() {
