@@ -247,6 +247,11 @@ pub struct Engine {
     pub(crate) store: Store,
     batch: WriteBatch,
     cache: LruCache<RecordKey, Document>,
+    /// Documents changed in the batch not yet committed: the store does not have them yet, so
+    /// the cache must not drop them.
+    dirty: HashSet<RecordKey>,
+    /// Dirty documents the cache evicted, kept until the commit (bounded by the batch).
+    evicted_dirty: std::collections::HashMap<RecordKey, Document>,
     identity: Identity,
     clock: Clock,
     next_sequence: u64,
@@ -379,6 +384,8 @@ pub fn start(
         store,
         batch: WriteBatch::default(),
         cache: LruCache::new(settings.cache_documents),
+        dirty: HashSet::new(),
+        evicted_dirty: Default::default(),
         identity: identity.clone(),
         clock: Clock::new(),
         next_sequence: 1,
@@ -497,6 +504,9 @@ impl Engine {
         let started = Instant::now();
         let operations = self.batch.len();
         self.store.commit(std::mem::take(&mut self.batch)).map_err(|error| EngineError::Storage(error.to_string()))?;
+        // Durable now: the store holds every document the batch changed.
+        self.dirty.clear();
+        self.evicted_dirty.clear();
         self.metrics.observe_commit(started.elapsed(), operations);
         Ok(())
     }
@@ -508,6 +518,9 @@ impl Engine {
     /// Takes the document for `key` out of the cache (loading it from the store on a miss).
     fn take_document(&mut self, key: &RecordKey) -> Result<Option<Document>, EngineError> {
         if let Some(document) = self.cache.pop(key) {
+            return Ok(Some(document));
+        }
+        if let Some(document) = self.evicted_dirty.remove(key) {
             return Ok(Some(document));
         }
         let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
@@ -527,8 +540,16 @@ impl Engine {
         Ok(Some(Document { body, next_increment, stored: true }))
     }
 
+    /// Returns a document to the cache. One the cache evicts while it has uncommitted changes is
+    /// kept aside until the commit: reloading it from the store would lose them (found by the
+    /// chaos harness with a small cache).
     fn put_back(&mut self, key: RecordKey, document: Document) {
-        self.cache.put(key, document);
+        if let Some((evicted, document)) = self.cache.push(key.clone(), document)
+            && evicted != key
+            && self.dirty.contains(&evicted)
+        {
+            self.evicted_dirty.insert(evicted, document);
+        }
     }
 
     /// Applies a local record write and stages it for the group commit.
@@ -664,6 +685,7 @@ impl Engine {
     /// its first change (cheaper than a full save, and it keeps exactly the bytes that were
     /// accepted; see `compact_some`), a stored one gains an increment.
     fn stage_bytes(&mut self, document: &mut Document, key: &RecordKey, kind: DocumentKind, change: &[u8]) {
+        self.dirty.insert(key.clone());
         let key_bytes = key.to_bytes();
         if document.stored {
             self.batch.put_increment(&key_bytes, document.next_increment, change);
@@ -853,6 +875,7 @@ impl Engine {
                 continue;
             }
             self.batch.put_document(&key_bytes, &encode_entry(kind, saved));
+            self.dirty.insert(key.clone());
             for index in 0..document.next_increment {
                 self.batch.remove_increment(&key_bytes, index);
             }

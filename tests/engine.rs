@@ -388,8 +388,7 @@ async fn retention_trims_the_log_and_a_peer_behind_it_is_bootstrapped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_text_exists_on_every_replica_before_its_first_edit() {
     let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let engines =
-        vec![start(directories[0].path(), "engine-0").await, start(directories[1].path(), "engine-1").await];
+    let engines = vec![start(directories[0].path(), "engine-0").await, start(directories[1].path(), "engine-1").await];
     wire(&engines, &[(0, 1)]).await;
     write(&engines[1], "o1", Operation::Replace(object(json!({"a": 1})))).await;
     let key = RecordKey::new("notes", "empty").unwrap();
@@ -400,4 +399,38 @@ async fn an_empty_text_exists_on_every_replica_before_its_first_edit() {
     let key = RecordKey::new("notes", "empty").unwrap();
     let plain = engines[1].call(move |engine| engine.text_plain(key, "body".into())).await.unwrap().unwrap();
     assert_eq!(plain.as_deref(), Some(""), "the empty text exists on the other replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_changed_in_a_batch_survive_eviction_from_a_tiny_cache() {
+    // With one cached document, every group commit of concurrent writes to several records
+    // evicts documents that have uncommitted changes; they must come back with those changes.
+    let directory = tempfile::tempdir().unwrap();
+    let store = store::Store::open(directory.path()).expect("open store");
+    let settings = EngineSettings {
+        name: Some("tiny".into()),
+        cache_documents: NonZeroUsize::new(1).expect("non-zero"),
+        ..EngineSettings::default()
+    };
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+    let mut writers = Vec::new();
+    for writer in 0..32 {
+        let engine = engine.clone();
+        writers.push(tokio::spawn(async move {
+            for round in 0..40 {
+                let key = RecordKey::new("orders", &format!("r{}", (writer + round) % 8)).unwrap();
+                let increment = Operation::Increment { field: "n".into(), by: 1 };
+                engine.call(move |engine| engine.write_record(key, increment)).await.unwrap().unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let mut total = 0;
+    for record in 0..8 {
+        let value = read_value(&engine, &format!("r{record}")).await.expect("the record reads");
+        total += value["n"].as_i64().unwrap();
+    }
+    assert_eq!(total, 32 * 40, "every acknowledged increment counts once");
 }

@@ -1589,14 +1589,13 @@ pub fn stored_documents(data: &[u8]) {
             let now = Instant::now();
             let mut core = Core::new(vector, LogFloors::new(), Settings::default(), now);
             core.handle_peer_connected(now, 1);
-            let summary =
-                Message::Summary {
-                    version_vector: VersionVector::new(),
-                    credit: 16,
-                    snapshots: 0,
-                    receiving: false,
-                    epoch: 1,
-                };
+            let summary = Message::Summary {
+                version_vector: VersionVector::new(),
+                credit: 16,
+                snapshots: 0,
+                receiving: false,
+                epoch: 1,
+            };
             let _ = core.handle_peer_message(now, 1, summary, &MemorySource::default());
             let _ = core.peer_lags();
         }
