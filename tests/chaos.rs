@@ -16,7 +16,8 @@
 //! heal, convergence and the checks come on top. `CONCORD_CHAOS_SEED` fixes the seed (default:
 //! from the clock); the seed is printed first, and the same seed gives the same fault schedule
 //! (which faults, on which nodes and links, for how long). Process timing is not replayed: which
-//! writes land during a fault differs from run to run.
+//! writes land during a fault differs from run to run. `CONCORD_CHAOS_CACHE_DOCUMENTS` sets the
+//! nodes' `cache_documents` (default 512).
 //!
 //! # Setup
 //!
@@ -51,6 +52,8 @@
 //! and SIGCONT it; partition the nodes into two sides (one or two nodes against the rest); and
 //! degrade links (5-25 % loss, 5-25 % duplication, 1-20 ms delay plus up to 40 ms jitter, on some
 //! or all links). A quarter of the kill, pause and partition steps also degrade links meanwhile.
+//! The last fault is a partition left in place while the writers go on, for the heal to undo, so
+//! the time to converge measures a real catch-up.
 //!
 //! # Checks after the heal (all relays clean, every node running)
 //!
