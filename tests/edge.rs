@@ -20,13 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
 use serde_json::{Map, Value, json};
 use support::cluster::{
     certificates, converge, converge_within, peer_address, start_peer, start_peer_listening, until_peer,
 };
 use support::relay::Relay;
-use support::{Node, metric, record_path, temporary_directory};
+use support::{metric, record_path, temporary_directory};
 
 /// Records every node holds before the partition, changed on both sides while it lasts.
 const SHARED_RECORDS: usize = 200;
@@ -182,12 +181,12 @@ async fn an_offline_edge_node_catches_up_both_ways_with_bounded_memory() {
     let expected = workload.expected();
     for node in [&first, &second, &edge] {
         let name = node.status().await["name"].as_str().unwrap().to_owned();
-        let bulk = list_all(node, "bulk").await;
+        let bulk = node.list_all("bulk").await;
         assert_eq!(bulk.len(), expected.len(), "every bulk record is on {name}");
         for (id, value) in &expected {
             assert_eq!(bulk.get(id), Some(value), "bulk/{id} on {name}");
         }
-        let own = list_all(node, "edge").await;
+        let own = node.list_all("edge").await;
         assert_eq!(own.len(), EDGE_RECORDS, "every record the edge wrote offline is on {name}");
         for index in 0..EDGE_RECORDS {
             assert_eq!(own.get(&format!("e{index:03}")), Some(&json!({"index": index})), "edge/e{index:03} on {name}");
@@ -287,27 +286,6 @@ where
     }
     for task in tasks {
         task.await.unwrap();
-    }
-}
-
-/// Every live record of `collection` on `node`, by id, read page by page.
-async fn list_all(node: &Node, collection: &str) -> BTreeMap<String, Value> {
-    let mut records = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut path = format!("/v1/collections/{collection}/records?limit=1000");
-        if let Some(after) = &after {
-            path.push_str(&format!("&after={after}"));
-        }
-        let (status, body) = node.call(Method::GET, &path, None).await;
-        assert_eq!(status, 200, "{path}: {body}");
-        for record in body["records"].as_array().unwrap() {
-            records.insert(record["id"].as_str().unwrap().to_owned(), record["value"].clone());
-        }
-        match body["next"].as_str() {
-            Some(next) => after = Some(next.to_owned()),
-            None => return records,
-        }
     }
 }
 

@@ -70,6 +70,15 @@ pub async fn converge(nodes: &[&Node]) -> Duration {
 
 /// [`converge`] with another hang guard.
 pub async fn converge_within(nodes: &[&Node], guard: Duration) -> Duration {
+    match try_converge_within(nodes, guard).await {
+        Ok(elapsed) => elapsed,
+        Err(report) => panic!("nodes did not converge within the {guard:?} hang guard:{report}"),
+    }
+}
+
+/// Waits until every node reports the same digest and version vector, for at most `guard`;
+/// returns how long it took, or each node's digest and peers if they did not converge.
+pub async fn try_converge_within(nodes: &[&Node], guard: Duration) -> Result<Duration, String> {
     let started = Instant::now();
     while started.elapsed() < guard {
         let mut statuses = Vec::new();
@@ -80,7 +89,7 @@ pub async fn converge_within(nodes: &[&Node], guard: Duration) -> Duration {
             pair[0]["digest"] == pair[1]["digest"] && pair[0]["version_vector"] == pair[1]["version_vector"]
         });
         if same {
-            return started.elapsed();
+            return Ok(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -89,7 +98,7 @@ pub async fn converge_within(nodes: &[&Node], guard: Duration) -> Duration {
         let status = node.status().await;
         report.push_str(&format!("\n{} {} peers {}", status["name"], status["digest"], status["peers"]));
     }
-    panic!("nodes did not converge within the {guard:?} hang guard:{report}");
+    Err(report)
 }
 
 /// The status entry `node` reports for its peer `name`, if any.

@@ -100,6 +100,27 @@ impl Node {
         self.launch().await;
     }
 
+    /// Starts a node that was killed again, with the same data directory and arguments.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the node is still running");
+        self.launch().await;
+    }
+
+    /// SIGSTOP: the process stops where it is, sockets open, until [`Node::resume`].
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("node is running"), "STOP");
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("node is running"), "CONT");
+    }
+
+    /// How the process ended, if it has (a crash, say); `None` while it runs or after [`Node::kill`].
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("node is running").id()
     }
@@ -165,6 +186,27 @@ impl Node {
         response.text().await.expect("metrics body")
     }
 
+    /// Every live record of `collection`, by id, read page by page.
+    pub async fn list_all(&self, collection: &str) -> std::collections::BTreeMap<String, Value> {
+        let mut records = std::collections::BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/collections/{collection}/records?limit=1000");
+            if let Some(after) = &after {
+                path.push_str(&format!("&after={after}"));
+            }
+            let (status, body) = self.call(reqwest::Method::GET, &path, None).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            for record in body["records"].as_array().unwrap() {
+                records.insert(record["id"].as_str().unwrap().to_owned(), record["value"].clone());
+            }
+            match body["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => return records,
+            }
+        }
+    }
+
     /// Runs the CLI against this node; returns (exit success, stdout, stderr).
     pub fn cli(&self, arguments: &[&str]) -> (bool, String, String) {
         let mut command = Command::new(binary());
@@ -204,12 +246,16 @@ pub async fn read_ndjson(response: &mut reqwest::Response, count: usize) -> Vec<
 
 /// A field of `/proc/<pid>/status` given in kB (`VmRSS`, `VmHWM`, ...), in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    try_proc_status_kib(pid, field).unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Like [`proc_status_kib`], or `None` if the process is gone or has no such field (a zombie).
+pub fn try_proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc status"))
 }
 
 /// The value of the unlabelled sample `name` in Prometheus text; fails the test if it is absent.
@@ -231,6 +277,57 @@ pub fn noise(seed: u64, length: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// A small seeded pseudo-random generator (SplitMix64): the same seed gives the same sequence,
+/// so a test that draws its choices from it can be replayed.
+#[derive(Clone, Debug)]
+pub struct Random(u64);
+
+impl Random {
+    pub fn new(seed: u64) -> Random {
+        Random(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut value = self.0;
+        value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        value ^ (value >> 31)
+    }
+
+    /// A value in `0..bound` (0 when `bound` is 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 { 0 } else { self.next_u64() % bound }
+    }
+
+    /// A value in `low..=high`.
+    pub fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high - low + 1)
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u8) -> bool {
+        self.below(100) < u64::from(percent)
+    }
+
+    /// A duration in `low..=high`, in milliseconds.
+    pub fn duration(&mut self, low: Duration, high: Duration) -> Duration {
+        Duration::from_millis(self.between(low.as_millis() as u64, high.as_millis() as u64))
+    }
+
+    /// A random element of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    /// `items` in a random order (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for index in (1..items.len()).rev() {
+            items.swap(index, self.below(index as u64 + 1) as usize);
+        }
+    }
 }
 
 pub fn record_path(collection: &str, id: &str) -> String {
