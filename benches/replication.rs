@@ -47,7 +47,8 @@ fn history(origin_byte: u8, records: u64, count: u64) -> (Vec<Envelope>, BTreeMa
         let key = RecordKey::new("customers", &format!("c{}", index % records)).expect("valid key");
         let record = documents.entry(key.clone()).or_default();
         let timestamp = Timestamp { wall_ms: index, logical: 0 };
-        let operation = if index < records { operation(0) } else { operation(1 + index % 4) };
+        // Every operation changes its record: a create first, then the mix with fresh values.
+        let operation = if index < records { operation(0) } else { operation(index) };
         let Some(change) = record.write(&key, &origin, timestamp, &operation).expect("write") else { continue };
         envelopes.push(Envelope {
             origin,
