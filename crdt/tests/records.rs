@@ -597,7 +597,7 @@ fn writes_that_change_nothing_return_none() {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(config(384))]
+    #![proptest_config(config(1_000))]
 
     /// From a shared base, two replicas write independently, then exchange changes: both, and
     /// observers that receive the two sets in either order, end identical.
@@ -713,7 +713,7 @@ fn concurrent_edits_of_one_field_conflict_with_the_same_winner_everywhere() {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(1_000))]
 
     /// Applying the same change bytes a second time reports no change and changes nothing.
     #[test]
@@ -1092,7 +1092,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
-    #![proptest_config(config(256))]
+    #![proptest_config(config(1_000))]
 
     /// Random writes at random replicas, with partial syncs between them; then every change goes
     /// to every replica in a random order, with duplicates. All end identical.
