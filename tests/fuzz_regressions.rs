@@ -6,36 +6,25 @@
 
 #[path = "../fuzz/src/harness.rs"]
 mod harness;
+#[path = "../fuzz/src/known_open.rs"]
+mod known_open;
 
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-/// Regressions for bugs that are known and not fixed yet:
-/// `(target, file name, needs overflow checks, what is wrong)`. They must still panic, so they
+/// Regressions for bugs that are known and not fixed yet, from `fuzz/known-open.toml` (which
+/// `scripts/fuzz` reads too). They must still panic, with the message the file names, so they
 /// stay honest; once a fix makes one pass, this test says so and the entry is removed, turning
 /// it into an ordinary regression. Entries that need overflow checks only panic in builds that
 /// have them (debug assertions on, as in `cargo test`); elsewhere either outcome is accepted.
-const KNOWN_OPEN: &[(&str, &str, bool, &str)] = &[
-    (
-        "text_update",
-        "save-load-changes-digest",
-        false,
-        "an accepted update: diff from the empty state vector syncs a new replica (a Yjs client) to another digest",
-    ),
-    (
-        "text_update",
-        "save-reorders-formatted-text",
-        false,
-        "a mutated yrs update with formatting: save() reloads to the same digest, but the root text is reordered",
-    ),
-    (
-        "text_update",
-        "save-load-reorders-text",
-        false,
-        "an accepted update: save() reloads to the same digest, so compaction uses it, but the root text is reordered",
-    ),
-];
+fn known_open() -> Vec<known_open::KnownOpen> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("known-open.toml");
+    match known_open::read(&path) {
+        Ok(known) => known,
+        Err(error) => panic!("{error}"),
+    }
+}
 
 fn files_in(folder: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(folder) else { return Vec::new() };
@@ -54,6 +43,7 @@ fn replay(target: &str, harness: fn(&[u8])) {
     assert!(!corpus.is_empty(), "no seed corpus for {target}: run the seed generator (fuzz/README.md)");
     let regressions = files_in(&fuzz.join("regressions").join(target));
 
+    let known = known_open();
     let mut failures = Vec::new();
     for path in corpus.iter().chain(&regressions) {
         let data = match fs::read(path) {
@@ -61,19 +51,33 @@ fn replay(target: &str, harness: fn(&[u8])) {
             Err(error) => panic!("cannot read {}: {error}", path.display()),
         };
         let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-        let known_open = KNOWN_OPEN.iter().find(|(open_target, file, _, _)| *open_target == target && *file == name);
-        let passed = panic::catch_unwind(AssertUnwindSafe(|| harness(&data))).is_ok();
-        match (passed, known_open) {
-            (true, None) | (false, Some(_)) => {}
-            (true, Some((_, _, true, _))) if !cfg!(debug_assertions) => {}
-            (false, None) => failures.push(format!("{} panicked (message above)", path.display())),
-            (true, Some(_)) => failures
-                .push(format!("{} passes now: remove it from KNOWN_OPEN in tests/fuzz_regressions.rs", path.display())),
+        let open = known.iter().find(|open| open.target == target && open.regression == name);
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| harness(&data)));
+        match (outcome, open) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(open)) if open.overflow_checks && !cfg!(debug_assertions) => {}
+            (Ok(()), Some(_)) => {
+                failures.push(format!("{} passes now: remove it from fuzz/known-open.toml", path.display()))
+            }
+            (Err(_), None) => failures.push(format!("{} panicked (message above)", path.display())),
+            (Err(payload), Some(open)) => {
+                let message = known_open::panic_message(payload.as_ref());
+                if !message.contains(&open.panic) {
+                    failures.push(format!(
+                        "{} panics with {message:?}, not with {:?} as fuzz/known-open.toml says",
+                        path.display(),
+                        open.panic
+                    ));
+                }
+            }
         }
     }
-    for (open_target, file, _, _) in KNOWN_OPEN.iter().filter(|(open_target, _, _, _)| *open_target == target) {
-        if !regressions.iter().any(|path| path.file_name().is_some_and(|name| name == *file)) {
-            failures.push(format!("KNOWN_OPEN names {open_target}/{file}, which is not in fuzz/regressions"));
+    for open in known.iter().filter(|open| open.target == target) {
+        if !regressions.iter().any(|path| path.file_name().is_some_and(|name| *name == *open.regression)) {
+            failures.push(format!(
+                "fuzz/known-open.toml names {}/{}, which is not in fuzz/regressions",
+                open.target, open.regression
+            ));
         }
     }
     assert!(
@@ -172,5 +176,48 @@ fn document_entries_are_decoded_as_the_engine_writes_them() {
         let engine = rmp_serde::to_vec(&DocumentEntry { kind, saved: saved.clone() }).unwrap_or_default();
         assert_eq!(harness::encode_document_entry(kind, &saved), engine, "the harness encodes entries differently");
         assert_eq!(harness::decode_document_entry(&engine).ok(), Some((kind, saved.as_slice())));
+    }
+}
+
+#[test]
+fn the_known_open_list_names_real_targets() {
+    let targets = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("fuzz_targets");
+    for open in known_open() {
+        let target = targets.join(format!("{}.rs", open.target));
+        assert!(target.is_file(), "fuzz/known-open.toml names {}, which is not a fuzz target", open.target);
+    }
+}
+
+#[test]
+fn known_open_files_are_checked() {
+    let entry = "[[open]]\ntarget = \"t\"\nregression = \"r\"\npanic = \"p\"\ndescription = \"d\"\n";
+    let parsed = known_open::parse(entry).expect("a well-formed entry");
+    assert_eq!(
+        parsed,
+        vec![known_open::KnownOpen {
+            target: "t".into(),
+            regression: "r".into(),
+            panic: "p".into(),
+            overflow_checks: false,
+            description: "d".into(),
+        }]
+    );
+    assert_eq!(
+        known_open::matching(&parsed, "t", "assertion failed: p and more").map(|open| open.regression.as_str()),
+        Some("r")
+    );
+    assert_eq!(known_open::matching(&parsed, "other", "p"), None);
+    assert_eq!(known_open::matching(&parsed, "t", "q"), None);
+    assert_eq!(known_open::parse("").expect("no entries"), Vec::new());
+    for bad in [
+        entry.replace("panic = \"p\"", "panic = \"\""),
+        entry.replace("description = \"d\"\n", ""),
+        entry.replace("regression", "file"),
+        format!("{entry}overflow_checks = \"yes\"\n"),
+        format!("{entry}{entry}"),
+        format!("{entry}[other]\n"),
+        "open = 1\n".to_owned(),
+    ] {
+        assert!(known_open::parse(&bad).is_err(), "accepted {bad:?}");
     }
 }

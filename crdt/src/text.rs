@@ -57,6 +57,7 @@ mod batch;
 mod bounds;
 mod digest;
 mod nesting;
+mod reading;
 #[cfg(test)]
 mod tests;
 
@@ -179,6 +180,8 @@ pub enum TextError {
     Panicked,
     #[error("the document is busy or was left locked by a failure")]
     Busy,
+    #[error("yrs panicked while rendering the document's content")]
+    RenderingPanicked,
     #[error("the document could not be rebuilt after a failed update: {0}")]
     RecoveryFailed(String),
     #[error("index {index} is past the end of the text ({length} UTF-16 code units)")]
@@ -392,6 +395,22 @@ impl TextDocument {
             return String::new();
         };
         txn.get_text(name).map(|text| text.get_string(&txn)).unwrap_or_default()
+    }
+
+    /// Everything the document shows: each root type that shows something, as `(name, content)`,
+    /// sorted by name. A root reads the same whatever type yrs was told it is (only local edits
+    /// tell it; remote updates leave roots untyped): plain text (as [`TextDocument::text`] gives
+    /// it) when it has no formatting, embeds nor map entries, else a JSON object with its Yjs
+    /// delta and its entries (see `text/reading.rs`).
+    ///
+    /// Two documents with the same digest hold the same structs, but yrs 0.28 may integrate a
+    /// saved state in another order than the updates it came from (found by fuzzing), so the
+    /// same digest does not imply the same text: whoever replaces a document by its save (the
+    /// engine's compaction) must also compare readings. Fails only if the document is locked or
+    /// yrs panics while rendering a nested type.
+    pub fn reading(&self) -> Result<Vec<(String, String)>, TextError> {
+        let txn = self.doc.try_transact().map_err(|_| TextError::Busy)?;
+        catch_unwind(AssertUnwindSafe(|| reading::render(&txn))).map_err(|_| TextError::RenderingPanicked)
     }
 
     /// The whole state as one update v1, held-back structs and pending deletions included, so

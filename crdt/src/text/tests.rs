@@ -1003,3 +1003,84 @@ proptest! {
         prop_assert_eq!(forward.digest(), shuffled.digest());
     }
 }
+
+#[test]
+fn reading_shows_every_root_sorted_by_name() {
+    let mut document = TextDocument::new(1);
+    assert_eq!(document.reading().expect("reading"), Vec::new());
+    document.insert_text("title", 0, "Notes").expect("insert");
+    document.insert_text("text", 0, "hello").expect("insert");
+    // A root that a local edit created but that holds nothing shows nothing.
+    document.insert_text("empty", 0, "").expect("insert");
+    let expected = vec![("text".to_owned(), "hello".to_owned()), ("title".to_owned(), "Notes".to_owned())];
+    assert_eq!(document.reading().expect("reading"), expected);
+    assert_eq!(document.text("text"), "hello");
+
+    // A replica's roots are of no type yet (only remote updates touched them): it reads the same.
+    let replica = TextDocument::load(2, &document.save(), &[], &limits()).expect("load");
+    assert_eq!(replica.reading().expect("reading"), expected);
+    document.delete_text("text", 0, 5).expect("delete");
+    assert_eq!(document.reading().expect("reading"), vec![("title".to_owned(), "Notes".to_owned())]);
+}
+
+#[test]
+fn reading_shows_formatting_embeds_and_entries() {
+    let doc = Doc::with_options(Options { client_id: ClientID::new(3), ..Options::default() });
+    {
+        let text = doc.get_or_insert_text("text");
+        let map = doc.get_or_insert_map("map");
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, "hello world");
+        let bold = HashMap::from([(Arc::from("bold"), Any::Bool(true))]);
+        text.format(&mut txn, 0, 5, bold);
+        text.insert_embed(&mut txn, 11, any_value(r#"{"image":"a.png","width":2}"#));
+        map.insert(&mut txn, "b", 1);
+        map.insert(&mut txn, "a", any_value(r#"{"z":[1,"two"],"y":null}"#));
+    }
+    let mut document = TextDocument::new(1);
+    document.apply_update(&state_of(&doc), &limits()).expect("apply");
+    let reading = document.reading().expect("reading");
+    assert_eq!(
+        reading,
+        vec![
+            ("map".to_owned(), r#"{"delta":[],"entries":{"a":{"y":null,"z":[1,"two"]},"b":1}}"#.to_owned()),
+            (
+                "text".to_owned(),
+                r#"{"delta":[{"attributes":{"bold":true},"insert":"hello"}," world",{"insert":{"image":"a.png","width":2}}]}"#
+                    .to_owned()
+            ),
+        ]
+    );
+    // The plain text leaves the formatting and the embed out; the reading does not.
+    assert_eq!(document.text("text"), "hello world");
+    let reloaded = TextDocument::load(2, &document.save(), &[], &limits()).expect("load");
+    assert_eq!(reloaded.reading().expect("reading"), reading);
+
+    // The same characters formatted elsewhere read differently.
+    let other = Doc::with_options(Options { client_id: ClientID::new(3), ..Options::default() });
+    {
+        let text = other.get_or_insert_text("text");
+        let mut txn = other.transact_mut();
+        text.insert(&mut txn, 0, "hello world");
+        text.format(&mut txn, 6, 5, HashMap::from([(Arc::from("bold"), Any::Bool(true))]));
+    }
+    let mut formatted_elsewhere = TextDocument::new(4);
+    formatted_elsewhere.apply_update(&state_of(&other), &limits()).expect("apply");
+    assert_eq!(formatted_elsewhere.text("text"), "hello world");
+    assert_ne!(formatted_elsewhere.reading().expect("reading")[0].1, reading[1].1);
+}
+
+/// Found by fuzzing (`fuzz/regressions/text_update/save-load-reorders-text`): yrs 0.28 integrates
+/// the save of this accepted update in another order, so the save reloads to the same digest
+/// with the root text reordered. The reading tells them apart, which is what the engine's
+/// compaction guard relies on.
+#[test]
+fn reading_tells_a_reordering_save_apart() {
+    let update: &[u8] = include_bytes!("../../../fuzz/regressions/text_update/save-load-reorders-text");
+    let mut document = TextDocument::new(1);
+    assert!(document.apply_update(update, &limits()).expect("accepted"));
+    let reloaded = TextDocument::load(1, &document.save(), &[], &limits()).expect("the save loads");
+    assert_eq!(reloaded.digest(), document.digest());
+    assert_ne!(reloaded.text("text"), document.text("text"));
+    assert_ne!(reloaded.reading().expect("reading"), document.reading().expect("reading"));
+}
