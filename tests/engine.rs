@@ -433,6 +433,7 @@ async fn documents_changed_in_a_batch_survive_eviction_from_a_tiny_cache() {
         total += value["n"].as_i64().unwrap();
     }
     assert_eq!(total, 32 * 40, "every acknowledged increment counts once");
+}
 
 /// Found by fuzzing (`fuzz/regressions/text_update/save-load-reorders-text`): the save of this
 /// accepted update reloads to the same digest with the root text reordered. Compaction must
