@@ -438,7 +438,7 @@ impl Replica {
                     return Ok(());
                 }
                 state.peer_epoch = epoch;
-                state.known = version_vector;
+                state.known = version_vector.normalized();
                 state.unconfirmed_summaries = state.unconfirmed_summaries.saturating_add(1);
                 let given_up = state.unconfirmed_summaries > UNCONFIRMED_SUMMARIES
                     && state.unconfirmed_until.is_none_or(|until| now >= until);
@@ -494,6 +494,7 @@ impl Replica {
                 return self.check_credit(peer);
             }
             Message::SnapshotEnd { snapshot, records, version_vector } => {
+                let version_vector = version_vector.normalized();
                 let received = match state.incoming {
                     Some(incoming) if incoming.snapshot == snapshot => incoming.records,
                     _ => 0,

@@ -166,7 +166,7 @@ impl VersionVector {
         self.missing_from(other)
             .iter()
             .flat_map(|(_, ranges)| ranges)
-            .fold(0u64, |total, (start, end)| total.saturating_add(end - start).saturating_add(1))
+            .fold(0u64, |total, (start, end)| total.saturating_add(end.saturating_sub(*start)).saturating_add(1))
     }
 
     /// Adds everything `other` holds.
@@ -181,6 +181,29 @@ impl VersionVector {
 
     pub fn is_empty(&self) -> bool {
         self.origins.is_empty()
+    }
+
+    /// The same holdings in canonical form: ranges with `end < start` or starting at 0 dropped,
+    /// overlapping and touching ranges merged, a range that meets the prefix joined to it, and
+    /// origins that hold nothing left out. A version vector decoded from a peer may be any shape;
+    /// the replication core takes it only through this.
+    pub fn normalized(&self) -> VersionVector {
+        let mut normalized = VersionVector::new();
+        for (origin, range) in &self.origins {
+            let mut clean = OriginRange::default();
+            if range.contiguous > 0 {
+                clean.insert_range(1, range.contiguous);
+            }
+            for (&start, &end) in &range.beyond {
+                if start >= 1 && end >= start {
+                    clean.insert_range(start, end);
+                }
+            }
+            if clean.contiguous > 0 || !clean.beyond.is_empty() {
+                normalized.origins.insert(*origin, clean);
+            }
+        }
+        normalized
     }
 
     /// The sequence each origin is held up to without a gap (0 when it is not held from 1).
@@ -205,6 +228,24 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_malformed_version_vector_normalizes_to_what_it_validly_holds() {
+        let origin = OriginId([7; 16]);
+        let mut range = OriginRange { contiguous: 3, beyond: BTreeMap::new() };
+        range.beyond.insert(9, 2); // end before start
+        range.beyond.insert(0, 0); // sequence 0 does not exist
+        range.beyond.insert(2, 6); // overlaps the prefix
+        range.beyond.insert(8, 10);
+        let mut origins = BTreeMap::new();
+        origins.insert(origin, range);
+        origins.insert(OriginId([8; 16]), OriginRange { contiguous: 0, beyond: [(5, 1)].into_iter().collect() });
+        let normalized = VersionVector { origins }.normalized();
+        assert_eq!(normalized.len(), 1);
+        let held = normalized.get(&origin).unwrap();
+        assert_eq!((held.contiguous, held.beyond.clone()), (6, [(8, 10)].into_iter().collect()));
+        assert_eq!(normalized.count_missing_from(&VersionVector::new()), 9);
+    }
 
     #[test]
     fn nothing_is_missing_from_a_range_that_holds_the_largest_sequence() {

@@ -289,6 +289,7 @@ fn main() {
         credit,
         snapshots: 0,
         receiving: false,
+        epoch: 1,
     };
     // A new peer holding nothing: it is bootstrapped with a snapshot, reports credit, catches up.
     seeds.add(
@@ -296,7 +297,7 @@ fn main() {
         &Script::new(0x3f, 5, 2)
             .connect()
             .message(0, &summary(VersionVector::new(), 16))
-            .message(0, &Message::Credit { envelopes: 8, durable: vec![] })
+            .message(0, &Message::Credit { envelopes: 8, durable: vec![], epoch: 1 })
             .message(0, &summary(held.clone(), 16))
             .durable(255)
             .bytes,
@@ -311,7 +312,7 @@ fn main() {
             .message(1, &summary(held.clone(), 16))
             .message(0, &Message::Changes { envelopes: envelopes.clone() })
             .durable(255)
-            .message(1, &Message::Credit { envelopes: 4, durable: vec![(OriginId([1; 16]), 4)] })
+            .message(1, &Message::Credit { envelopes: 4, durable: vec![(OriginId([1; 16]), 4)], epoch: 1 })
             .local_write()
             .timeout(200)
             .bytes,
