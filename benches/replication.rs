@@ -12,8 +12,9 @@ use crdt::clock::Timestamp;
 use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
+use crdt::memory::MemorySource;
 use crdt::record::{Operation, Record};
-use crdt::replica::{Apply, Durable, LogFloors, Message, Replica, Settings, SnapshotRecord, Source};
+use crdt::replica::{Apply, Durable, LogFloors, Message, Replica, Settings};
 use crdt::version_vector::VersionVector;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Map, Value, json};
@@ -108,45 +109,12 @@ fn wire(criterion: &mut Criterion) {
     group.finish();
 }
 
-/// A node in memory: its log, its records and what it holds.
-#[derive(Default)]
-struct MemoryNode {
-    log: BTreeMap<(OriginId, u64), Envelope>,
-    records: BTreeMap<RecordKey, Record>,
-}
-
-impl Source for MemoryNode {
-    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
-        self.log
-            .range((*origin, from)..=(*origin, u64::MAX))
-            .take(limit)
-            .map(|(_, envelope)| envelope.clone())
-            .collect()
-    }
-
-    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
-        let start = match after {
-            Some(key) => std::ops::Bound::Excluded(key),
-            None => std::ops::Bound::Unbounded,
-        };
-        self.records
-            .range::<RecordKey, _>((start, std::ops::Bound::Unbounded))
-            .take(limit)
-            .map(|(key, record)| SnapshotRecord {
-                key: key.clone(),
-                kind: DocumentKind::Record,
-                parts: vec![serde_bytes::ByteBuf::from(record.save())],
-            })
-            .collect()
-    }
-}
-
 /// A node holding `envelopes` (and the records they made) catches up one that shares the first
 /// `shared` of them; the cores exchange in memory and the receiver applies into real records.
 /// Returns how many changes crossed.
 fn catch_up(envelopes: &[Envelope], shared: usize) -> usize {
     let now = Instant::now();
-    let mut nodes = [MemoryNode::default(), MemoryNode::default()];
+    let mut nodes = [MemorySource::<Record>::default(), MemorySource::<Record>::default()];
     let mut held = [VersionVector::new(), VersionVector::new()];
     for (index, envelope) in envelopes.iter().enumerate() {
         for node in if index < shared { &[0, 1][..] } else { &[0][..] } {

@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod identity;
 pub mod json;
 pub mod key;
+pub mod memory;
 pub mod record;
 pub mod replica;
 pub mod text;

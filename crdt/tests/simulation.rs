@@ -14,8 +14,9 @@ use crdt::clock::Timestamp;
 use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
+use crdt::memory::MemorySource;
 use crdt::record::{Operation, Record};
-use crdt::replica::{Apply, Durable, LogFloors, Message, PeerId, Replica, Settings, SnapshotRecord, Source};
+use crdt::replica::{Apply, Durable, LogFloors, Message, PeerId, Replica, Settings};
 use crdt::version_vector::VersionVector;
 use serde_json::json;
 
@@ -40,41 +41,13 @@ impl Random {
     }
 }
 
-/// What a simulated node keeps durably: its change log, its records, what it holds and its log
-/// floors. Everything here is durable the moment it is written.
+/// What a simulated node keeps durably: its change log and records (`memory`), what it holds and
+/// its log floors. Everything here is durable the moment it is written.
 #[derive(Default)]
 struct Storage {
-    log: BTreeMap<(OriginId, u64), Envelope>,
-    records: BTreeMap<RecordKey, Record>,
+    memory: MemorySource<Record>,
     held: VersionVector,
     floors: LogFloors,
-}
-
-impl Source for Storage {
-    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
-        self.log
-            .range((*origin, from)..=(*origin, u64::MAX))
-            .take(limit)
-            .map(|(_, envelope)| envelope.clone())
-            .collect()
-    }
-
-    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
-        let range = match after {
-            Some(key) => {
-                self.records.range::<RecordKey, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
-            }
-            None => self.records.range::<RecordKey, _>(..),
-        };
-        range
-            .take(limit)
-            .map(|(key, record)| SnapshotRecord {
-                key: key.clone(),
-                kind: DocumentKind::Record,
-                parts: vec![serde_bytes::ByteBuf::from(record.save())],
-            })
-            .collect()
-    }
 }
 
 /// One simulated node: the replication core plus what the real node does around it (apply,
@@ -112,7 +85,7 @@ impl SimulatedNode {
     }
 
     fn write(&mut self, now: Instant, key: RecordKey, operation: Operation, wall_ms: u64) {
-        let record = self.storage.records.entry(key.clone()).or_default();
+        let record = self.storage.memory.records.entry(key.clone()).or_default();
         let timestamp = Timestamp { wall_ms, logical: 0 };
         let change = match record.write(&key, &self.origin, timestamp, &operation) {
             Ok(Some(change)) => change,
@@ -130,9 +103,9 @@ impl SimulatedNode {
         };
         self.next_sequence += 1;
         self.storage.held.insert(envelope.origin, envelope.sequence);
-        self.storage.log.insert((envelope.origin, envelope.sequence), envelope.clone());
+        self.storage.memory.log.insert((envelope.origin, envelope.sequence), envelope.clone());
         let durable = [Durable::Change { source: None, origin: envelope.origin, sequence: envelope.sequence }];
-        self.replica.handle_durable(now, &durable, &self.storage);
+        self.replica.handle_durable(now, &durable, &self.storage.memory);
     }
 
     /// Applies what the core handed over, then reports it durable.
@@ -143,14 +116,14 @@ impl SimulatedNode {
                 Apply::Change(envelope) => {
                     let id = (envelope.origin, envelope.sequence);
                     if self.storage.held.insert(id.0, id.1) {
-                        let record = self.storage.records.entry(envelope.key.clone()).or_default();
+                        let record = self.storage.memory.records.entry(envelope.key.clone()).or_default();
                         record.apply_changes(&envelope.change).unwrap();
-                        self.storage.log.insert(id, envelope);
+                        self.storage.memory.log.insert(id, envelope);
                     }
                     durable.push(Durable::Change { source: Some(peer), origin: id.0, sequence: id.1 });
                 }
                 Apply::Record(snapshot) => {
-                    let record = self.storage.records.entry(snapshot.key.clone()).or_default();
+                    let record = self.storage.memory.records.entry(snapshot.key.clone()).or_default();
                     for part in &snapshot.parts {
                         record.apply_changes(part).unwrap();
                     }
@@ -164,7 +137,7 @@ impl SimulatedNode {
             }
         }
         if !durable.is_empty() {
-            self.replica.handle_durable(now, &durable, &self.storage);
+            self.replica.handle_durable(now, &durable, &self.storage.memory);
         }
         while self.replica.poll_acknowledged().is_some() {}
     }
@@ -177,7 +150,7 @@ impl SimulatedNode {
             return;
         }
         for sequence in floor..=last {
-            self.storage.log.remove(&(origin, sequence));
+            self.storage.memory.log.remove(&(origin, sequence));
         }
         self.storage.floors.insert(origin, last + 1);
         self.replica.handle_log_trimmed(origin, last + 1);
@@ -324,13 +297,17 @@ impl Simulation {
                 continue;
             }
             let node = &mut self.nodes[message.to];
-            if node.replica.handle_peer_message(now, message.from as PeerId, message.message, &node.storage).is_err() {
+            if node
+                .replica
+                .handle_peer_message(now, message.from as PeerId, message.message, &node.storage.memory)
+                .is_err()
+            {
                 self.disconnect(pair.0, pair.1);
             }
         }
         for node in &mut self.nodes {
             if node.replica.poll_timeout().is_some_and(|due| due <= now) {
-                node.replica.handle_timeout(now, &node.storage);
+                node.replica.handle_timeout(now, &node.storage.memory);
             }
         }
         self.collect_transmits();
@@ -442,6 +419,7 @@ impl Simulation {
             .map(|node| {
                 let records: Vec<String> = node
                     .storage
+                    .memory
                     .records
                     .iter()
                     .map(|(key, record)| {
@@ -463,12 +441,13 @@ impl Simulation {
         let first = &self.nodes[0];
         self.nodes.iter().all(|node| {
             node.replica.version_vector() == first.replica.version_vector()
-                && node.storage.records.len() == first.storage.records.len()
+                && node.storage.memory.records.len() == first.storage.memory.records.len()
                 && node
                     .storage
+                    .memory
                     .records
                     .iter()
-                    .zip(&first.storage.records)
+                    .zip(&first.storage.memory.records)
                     .all(|((key, record), (other_key, other))| key == other_key && record.version() == other.version())
         })
     }
@@ -476,8 +455,8 @@ impl Simulation {
     fn assert_same_views(&self, seed: u64) {
         let first = &self.nodes[0];
         for (index, node) in self.nodes.iter().enumerate() {
-            for (key, record) in &node.storage.records {
-                let other = &first.storage.records[key];
+            for (key, record) in &node.storage.memory.records {
+                let other = &first.storage.memory.records[key];
                 assert_eq!(record.view().unwrap(), other.view().unwrap(), "seed {seed}: node {index} differs on {key}");
             }
             // Every change anyone made is held by everyone (as an envelope or through a snapshot),
@@ -488,7 +467,7 @@ impl Simulation {
                 for (start, end) in range.ranges() {
                     for sequence in start.max(floor)..=end {
                         assert!(
-                            node.storage.log.contains_key(&(*origin, sequence)),
+                            node.storage.memory.log.contains_key(&(*origin, sequence)),
                             "seed {seed}: node {index} lacks ({origin}, {sequence}) above its floor {floor}"
                         );
                     }
@@ -639,7 +618,7 @@ fn catch_up_sends_only_what_is_missing() {
     while !(simulation.quiet() && simulation.converged()) {
         simulation.step();
     }
-    let value = simulation.nodes[1].storage.records[&key].view().unwrap().value.unwrap();
+    let value = simulation.nodes[1].storage.memory.records[&key].view().unwrap().value.unwrap();
     assert_eq!(value["n"], json!(250));
     assert_eq!(simulation.envelopes_sent, 50, "catch-up sends exactly the missing changes, not the dataset");
 }
@@ -672,7 +651,8 @@ fn settle(simulation: &mut Simulation, nodes: &[usize]) {
         simulation.collect_transmits();
         let same = nodes.iter().all(|&index| {
             simulation.nodes[index].replica.version_vector() == simulation.nodes[nodes[0]].replica.version_vector()
-                && simulation.nodes[index].storage.records.len() == simulation.nodes[nodes[0]].storage.records.len()
+                && simulation.nodes[index].storage.memory.records.len()
+                    == simulation.nodes[nodes[0]].storage.memory.records.len()
         });
         if simulation.in_flight.is_empty() && same {
             return;
@@ -702,11 +682,11 @@ fn a_brand_new_replica_bootstraps_from_snapshots_not_history() {
     assert_eq!(simulation.nodes[0].replica.statistics().snapshots_sent, 1);
     assert_eq!(simulation.nodes[1].replica.statistics().snapshots_received, 1);
     let key = RecordKey::new("items", "item-0").unwrap();
-    assert_eq!(simulation.nodes[1].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(50));
+    assert_eq!(simulation.nodes[1].storage.memory.records[&key].view().unwrap().value.unwrap()["n"], json!(50));
     // The new node holds the history without its envelopes: its floor says so.
     let origin = simulation.nodes[0].origin;
     assert_eq!(simulation.nodes[1].storage.floors.get(&origin), Some(&601));
-    assert!(simulation.nodes[1].storage.log.is_empty());
+    assert!(simulation.nodes[1].storage.memory.log.is_empty());
     // Changes made after the bootstrap flow as changes, both ways.
     simulation.envelopes_sent = 0;
     write_history(&mut simulation, 0, 12, 5);
@@ -717,7 +697,7 @@ fn a_brand_new_replica_bootstraps_from_snapshots_not_history() {
     // Six changes; a summary that crossed them on the wire may have one sent twice.
     assert!((6..20).contains(&simulation.envelopes_sent), "{} envelopes", simulation.envelopes_sent);
     assert_eq!(simulation.records_sent, 12, "no second snapshot");
-    assert_eq!(simulation.nodes[0].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(52));
+    assert_eq!(simulation.nodes[0].storage.memory.records[&key].view().unwrap().value.unwrap()["n"], json!(52));
     simulation.assert_same_views(11);
 }
 
@@ -746,14 +726,14 @@ fn a_replica_behind_the_trimmed_log_bootstraps_and_then_bootstraps_others() {
         simulation.envelopes_sent, 1,
         "the snapshot holds everything node 0 held; then node 1 sends its own change"
     );
-    assert_eq!(simulation.nodes[0].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
+    assert_eq!(simulation.nodes[0].storage.memory.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
     // Node 2 is brand new and meets only node 1, which itself holds part of history only in
     // its documents: it bootstraps node 2 in turn.
     simulation.records_sent = 0;
     simulation.connect(1, 2);
     settle(&mut simulation, &[1, 2]);
     assert_eq!(simulation.records_sent, 8);
-    assert_eq!(simulation.nodes[2].storage.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
+    assert_eq!(simulation.nodes[2].storage.memory.records[&key].view().unwrap().value.unwrap()["n"], json!(138));
     simulation.connect(0, 2);
     settle(&mut simulation, &[0, 1, 2]);
     simulation.assert_same_views(12);
@@ -797,12 +777,12 @@ fn exchange_rounds(first_writes: &[(u8, u8)], second_writes: &[(u8, u8)], distur
         let now = simulation.now();
         for (to, message) in std::mem::take(&mut in_flight) {
             let node = &mut simulation.nodes[to];
-            node.replica.handle_peer_message(now, (1 - to) as PeerId, message, &node.storage).unwrap();
+            node.replica.handle_peer_message(now, (1 - to) as PeerId, message, &node.storage.memory).unwrap();
         }
         for node in &mut simulation.nodes {
             node.apply_pending(now);
             if node.replica.poll_timeout().is_some_and(|due| due <= now) {
-                node.replica.handle_timeout(now, &node.storage);
+                node.replica.handle_timeout(now, &node.storage.memory);
             }
         }
         let mut sent = 0;
@@ -828,7 +808,7 @@ fn exchange_rounds(first_writes: &[(u8, u8)], second_writes: &[(u8, u8)], distur
             }
         }
         let same = simulation.nodes[0].replica.version_vector() == simulation.nodes[1].replica.version_vector()
-            && simulation.nodes[0].storage.records.len() == simulation.nodes[1].storage.records.len();
+            && simulation.nodes[0].storage.memory.records.len() == simulation.nodes[1].storage.memory.records.len();
         if same && in_flight.iter().all(|(_, message)| matches!(message, Message::Summary { .. })) {
             return round;
         }

@@ -10,7 +10,6 @@
 //! [`Bytes`], a cursor that reads zeros once the input is exhausted.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use crdt::json::{COUNTER_MAGNITUDE_MAX, DEPTH_MAX, JsonError};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, OperationError, Record, RecordView};
 use crdt::replica::{
-    Apply, Durable, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings, SnapshotRecord, Source,
+    Apply, Durable, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings, SnapshotRecord,
 };
 use crdt::text::{TextDocument, TextLimits, validate_update};
 use crdt::version_vector::{OriginRange, VersionVector};
@@ -971,31 +970,9 @@ fn model_contains(
 // ---------------------------------------------------------------------------------------------
 
 /// The node's durable state as the replication core reads it: the change log and the stored
-/// documents. The harness's node "applies" what the core hands over by storing it here, as the
-/// engine does, and only then reports it durable.
-#[derive(Debug, Default)]
-pub struct MemorySource {
-    log: BTreeMap<(OriginId, u64), Envelope>,
-    records: BTreeMap<RecordKey, SnapshotRecord>,
-}
-
-impl Source for MemorySource {
-    fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope> {
-        self.log
-            .range((*origin, from)..=(*origin, u64::MAX))
-            .take(limit)
-            .map(|(_, envelope)| envelope.clone())
-            .collect()
-    }
-
-    fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord> {
-        let range = match after {
-            Some(key) => self.records.range::<RecordKey, _>((Bound::Excluded(key), Bound::Unbounded)),
-            None => self.records.range::<RecordKey, _>(..),
-        };
-        range.take(limit).map(|(_, record)| record.clone()).collect()
-    }
-}
+/// documents (as the snapshot records they would travel as). The harness's node "applies" what
+/// the core hands over by storing it here, as the engine does, and only then reports it durable.
+pub type MemorySource = crdt::memory::MemorySource<SnapshotRecord>;
 
 /// The origin of the harness's own node.
 const LOCAL_ORIGIN: OriginId = OriginId([0xaa; 16]);
