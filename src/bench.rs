@@ -231,7 +231,7 @@ fn whole(result: anyhow::Result<Vec<Figure>>) -> (Vec<Figure>, anyhow::Result<()
 /// Sets each figure's ceiling and ratio where one applies.
 fn attach_ceilings(figures: &mut [Figure]) {
     let value_of =
-        |figures: &[Figure], key: &str| figures.iter().find(|figure| figure.key == key).and_then(|f| f.value);
+        |figures: &[Figure], key: &str| figures.iter().find(|figure| figure.key == key).and_then(|figure| figure.value);
     let automerge = value_of(figures, "ceiling.automerge_changes_per_second");
     let sled = value_of(figures, "ceiling.sled_puts_per_second");
     let round_trip_ms = value_of(figures, "ceiling.quic_rtt_us").map(|micros| micros / 1000.0);
@@ -618,9 +618,10 @@ impl Bench {
                     "B",
                 )
                 .note(format!(
-                    "process VmRSS {} → {} MB over {records} records (node and load generator in one process)",
+                    "process VmRSS {} → {} MB over {records} records (node and load generator in one process){}",
                     rss_before >> 20,
-                    rss_after >> 20
+                    rss_after >> 20,
+                    if records < 100_000 { "; the bounded caches are still filling at this N" } else { "" }
                 )),
             );
             figures.push(
@@ -632,7 +633,8 @@ impl Bench {
                 )
                 .note(format!("data dir {} MB, history, log and feed included", disk_after >> 20)),
             );
-            println!("  one node: {:.0} writes/s; filled to {records} records at {:.0}/s", run.rate(), fill.rate());
+            let filled = if fill.acknowledged > 0 { format!(" at {:.0}/s", fill.rate()) } else { String::new() };
+            println!("  one node: {:.0} writes/s; holds {records} records{filled}", run.rate());
 
             let solo_peer = solo.peer.context("the solo node has a peer address")?;
             let started = Instant::now();
@@ -667,14 +669,14 @@ impl Bench {
     }
 
     async fn cluster_nodes(&self, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-        let mut a = self.start("node-a", Vec::new(), true).await?;
-        let a_peer = a.peer.context("node-a has a peer address")?;
-        let mut b = self.start("node-b", vec![a_peer], true).await?;
-        let b_peer = b.peer.context("node-b has a peer address")?;
-        let mut c = self.start("node-c", vec![a_peer, b_peer], true).await?;
-        let result = self.cluster_phases(&a, &b, &mut c, [a_peer, b_peer], figures).await;
+        let mut node_a = self.start("node-a", Vec::new(), true).await?;
+        let peer_a = node_a.peer.context("node-a has a peer address")?;
+        let mut node_b = self.start("node-b", vec![peer_a], true).await?;
+        let peer_b = node_b.peer.context("node-b has a peer address")?;
+        let mut node_c = self.start("node-c", vec![peer_a, peer_b], true).await?;
+        let result = self.cluster_phases(&node_a, &node_b, &mut node_c, [peer_a, peer_b], figures).await;
         let mut stopped = Ok(());
-        for node in [&mut a, &mut b, &mut c] {
+        for node in [&mut node_a, &mut node_b, &mut node_c] {
             stopped = stopped.and(node.stop().await);
         }
         result?;
@@ -683,14 +685,14 @@ impl Bench {
 
     async fn cluster_phases(
         &self,
-        a: &DemoNode,
-        b: &DemoNode,
-        c: &mut DemoNode,
+        node_a: &DemoNode,
+        node_b: &DemoNode,
+        node_c: &mut DemoNode,
         seeds: [std::net::SocketAddr; 2],
         figures: &mut Vec<Figure>,
     ) -> anyhow::Result<()> {
-        self.converge(&[a, b, c]).await?;
-        let apis = [a.api.clone(), b.api.clone(), c.api.clone()];
+        self.converge(&[node_a, node_b, node_c]).await?;
+        let apis = [node_a.api.clone(), node_b.api.clone(), node_c.api.clone()];
         let run = self.hammer(&apis, "throughput", "w", Some(self.settings.throughput_duration), None, true).await;
         figures.push(
             Figure::new("writes.three_nodes_per_second", "acknowledged writes/s, three nodes", run.rate(), "/s").note(
@@ -698,23 +700,23 @@ impl Bench {
             ),
         );
         println!("  three nodes: {:.0} writes/s", run.rate());
-        self.converge(&[a, b, c]).await?;
+        self.converge(&[node_a, node_b, node_c]).await?;
 
         for (rate, name) in [(1000_u64, "1k"), (5000, "5k")] {
-            let measured = self.latency(a, [b, c], rate, name).await?;
+            let measured = self.latency(node_a, [node_b, node_c], rate, name).await?;
             figures.extend(measured);
-            self.converge(&[a, b, c]).await?;
+            self.converge(&[node_a, node_b, node_c]).await?;
         }
 
         // Catch-up of records new to the node.
-        c.stop().await?;
+        node_c.stop().await?;
         let count = self.settings.catch_up_records;
-        let online = [a.api.clone(), b.api.clone()];
+        let online = [node_a.api.clone(), node_b.api.clone()];
         let written = self.hammer(&online, "catch_up", "n", None, Some(count), false).await;
-        self.converge(&[a, b]).await?;
+        self.converge(&[node_a, node_b]).await?;
         let started = Instant::now();
-        *c = self.start("node-c", seeds.to_vec(), true).await?;
-        self.converge(&[a, b, c]).await?;
+        *node_c = self.start("node-c", seeds.to_vec(), true).await?;
+        self.converge(&[node_a, node_b, node_c]).await?;
         let elapsed = started.elapsed();
         figures.push(
             Figure::new(
@@ -733,14 +735,14 @@ impl Bench {
 
         // Catch-up of records changed on both sides.
         let shared = self.settings.catch_up_shared.min(written.acknowledged);
-        c.stop().await?;
-        *c = self.start("node-c", Vec::new(), false).await?;
-        let offline = self.patch_range(&c.api, shared, "offline").await?;
-        c.stop().await?;
-        let online = self.patch_range(&a.api, shared, "online").await?;
+        node_c.stop().await?;
+        *node_c = self.start("node-c", Vec::new(), false).await?;
+        let offline = self.patch_range(&node_c.api, shared, "offline").await?;
+        node_c.stop().await?;
+        let online = self.patch_range(&node_a.api, shared, "online").await?;
         let started = Instant::now();
-        *c = self.start("node-c", seeds.to_vec(), true).await?;
-        self.converge(&[a, b, c]).await?;
+        *node_c = self.start("node-c", seeds.to_vec(), true).await?;
+        self.converge(&[node_a, node_b, node_c]).await?;
         let elapsed = started.elapsed();
         figures.push(
             Figure::new(
