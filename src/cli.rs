@@ -28,6 +28,20 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure the ceilings (sled, QUIC, automerge), then writes/s, replication latency,
+    /// catch-up, bootstrap, memory and disk per record on nodes started on loopback.
+    Bench {
+        /// Smaller counts and shorter phases: under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Records for bootstrap, memory and disk per record (default 1,000,000; 10,000 with
+        /// --quick); catch-up uses as many (half with --quick).
+        #[arg(long)]
+        records: Option<u64>,
+    },
     /// Replace a record with a JSON object: put COLLECTION/ID '{"name":"Ada"}'.
     Put(WriteArgs),
     /// Apply an RFC 7386 JSON Merge Patch to a record.

@@ -80,7 +80,9 @@ fn parse_object(json: &str) -> anyhow::Result<Value> {
 /// Runs one client command.
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Start(_) | Command::Demo { .. } => unreachable!("start and demo are handled by main"),
+        Command::Start(_) | Command::Demo { .. } | Command::Bench { .. } => {
+            unreachable!("start, demo and bench are handled by main")
+        }
         Command::Cert(command) => certificate(command)?,
         Command::Peers(arguments) => {
             let client = Client::new(&arguments)?;

@@ -21,17 +21,18 @@ const NAMES: [&str; 3] = ["hq", "store-1", "store-2"];
 /// How long to wait for convergence before calling the run a failure.
 const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// One node of the demo, running as tasks of this process.
-struct DemoNode {
-    name: &'static str,
-    api: String,
-    peer: Option<SocketAddr>,
+/// One node of the demo, running as tasks of this process. `concord bench` starts its nodes the
+/// same way.
+pub(crate) struct DemoNode {
+    pub(crate) name: &'static str,
+    pub(crate) api: String,
+    pub(crate) peer: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl DemoNode {
-    async fn start(
+    pub(crate) async fn start(
         root: &Path,
         certs: &Path,
         name: &'static str,
@@ -75,7 +76,7 @@ impl DemoNode {
         Ok(DemoNode { name, api, peer, stop: Some(stop), task: Some(task) })
     }
 
-    async fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -3,6 +3,7 @@
 //! this library, so benches and tests can drive the engine directly.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

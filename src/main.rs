@@ -13,7 +13,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Start(_) => "info",
-        Command::Demo { .. } => "error",
+        Command::Demo { .. } | Command::Bench { .. } => "error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -52,6 +52,7 @@ fn main() -> std::process::ExitCode {
                     Err(anyhow::anyhow!("the nodes did not converge"))
                 }
             }
+            Command::Bench { quick, json, records } => concord::bench::run(quick, records, json).await,
             command => client::run(command).await,
         }
     });
