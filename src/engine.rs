@@ -690,7 +690,11 @@ impl Engine {
         if document.stored {
             self.batch.put_increment(&key_bytes, document.next_increment, change);
             document.next_increment += 1;
-            if document.next_increment >= INCREMENTS_COMPACT_AT && self.compaction_queued.insert(key.clone()) {
+            // Every so many increments (not at every one past the mark: a document whose
+            // compaction is refused would pay a whole save per write).
+            if document.next_increment.is_multiple_of(INCREMENTS_COMPACT_AT)
+                && self.compaction_queued.insert(key.clone())
+            {
                 self.compaction.push_back(key.clone());
             }
         } else {
@@ -865,6 +869,13 @@ impl Engine {
                 Body::Text(_) => DocumentKind::Text,
             };
             let saved = save(&document.body);
+            // A save larger than a snapshot record could not travel to a new peer: the document
+            // keeps its increments (each within the bound) instead.
+            if saved.len() > SNAPSHOT_RECORD_BYTES_MAX {
+                tracing::debug!(%key, bytes = saved.len(), "not compacting: the save would not fit a snapshot record");
+                self.put_back(key, document);
+                continue;
+            }
             // Only a snapshot that loads back to the same state may replace the increments:
             // a crafted change can be accepted yet re-encode into a save that does not load
             // (found by fuzzing automerge 0.12 and yrs 0.28). Then the increments stay.

@@ -489,3 +489,24 @@ async fn a_text_whose_save_reads_reordered_is_not_compacted() {
             .expect("engine");
     assert_eq!(read(&engine).await.as_deref(), Some(before.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_larger_than_a_snapshot_record_travels_in_pieces() {
+    // Nine updates of about a megabyte each: over the 8 MiB a snapshot record carries.
+    let directories: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let engines = vec![start(directories[0].path(), "engine-0").await, start(directories[1].path(), "engine-1").await];
+    let mut text = crdt::text::TextDocument::new(7);
+    let chunk = "abcdefghij".repeat(100_000);
+    for index in 0..9u32 {
+        let update = text.insert_text("body", index * 1_000_000, &chunk).unwrap();
+        let key = RecordKey::new("notes", "large").unwrap();
+        engines[0].call(move |engine| engine.apply_text_update(key, update)).await.unwrap().unwrap();
+    }
+    wire(&engines, &[(0, 1)]).await;
+    wait_for_equal_digests(&engines).await;
+    let key = RecordKey::new("notes", "large").unwrap();
+    let plain = engines[1].call(move |engine| engine.text_plain(key, "body".into())).await.unwrap().unwrap();
+    assert_eq!(plain.map(|plain| plain.len()), Some(9_000_000));
+    let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
+    assert!(peers[0].traffic.snapshot_records_sent >= 2, "one document, several records: {:?}", peers[0].traffic);
+}

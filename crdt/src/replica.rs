@@ -194,7 +194,8 @@ pub trait Source {
     /// log does not hold are skipped.
     fn changes(&self, origin: &OriginId, from: u64, limit: usize) -> Vec<Envelope>;
     /// Documents in key order after `after` (from the first when `None`), at most `limit`, as
-    /// they are durably stored. An empty answer means there are no more.
+    /// they are durably stored. A large document may come as several records with the same key,
+    /// in order and all in the same answer. An empty answer means there are no more.
     fn records(&self, after: Option<&RecordKey>, limit: usize) -> Vec<SnapshotRecord>;
 }
 
@@ -716,10 +717,12 @@ impl Replica {
             }
             let mut chunk = Vec::new();
             let mut chunk_bytes = 0;
-            for record in records.into_iter().take(limit) {
+            // All of the answer goes out: a large document's records must not be split across
+            // answers, so the credit may run a few records short (it saturates).
+            for record in records {
                 snapshot.after = Some(record.key.clone());
                 snapshot.records += 1;
-                state.credit -= 1;
+                state.credit = state.credit.saturating_sub(1);
                 chunk_bytes += record.size();
                 chunk.push(record);
                 if chunk_bytes >= self.settings.chunk_bytes_max {

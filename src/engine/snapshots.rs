@@ -20,8 +20,9 @@ use store::Store;
 
 use super::{Before, Body, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
 
-/// A document larger than this is left out of snapshots (with a warning): it would not fit in
-/// a message. Its changes still travel as changes while the log holds them.
+/// The most bytes one snapshot record carries. A larger document travels as several records
+/// with the same key, each a run of its stored parts; compaction never makes one part larger
+/// than this (see `compact_some`), so every stored document can travel.
 pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 8 << 20;
 
 /// The most log entries one trimming step deletes, so trimming never stalls writes for long.
@@ -81,15 +82,40 @@ impl Source for StoreSource<'_> {
                 return Vec::new();
             }
         };
-        keys.iter().filter_map(|key| snapshot_record(self.0, key)).collect()
+        keys.iter().flat_map(|key| snapshot_records(self.0, key)).collect()
     }
 }
 
-/// One stored document as a snapshot record, or `None` (logged) when it cannot be one: its
-/// saved state and its increments as separate parts, applied one by one at the peer. (Joined
-/// into one automerge input, a non-canonical change that loaded alone was lost: found by the
+/// One stored document as snapshot records: its saved state and its increments as separate
+/// parts, applied one by one at the peer, in runs of at most [`SNAPSHOT_RECORD_BYTES_MAX`] bytes
+/// (one record unless the document is large). None, logged, when it cannot travel. (Parts joined
+/// into one automerge input lost a non-canonical change that loaded alone: found by the
 /// `record_changes` fuzzer.)
-fn snapshot_record(store: &Store, key_bytes: &[u8]) -> Option<SnapshotRecord> {
+fn snapshot_records(store: &Store, key_bytes: &[u8]) -> Vec<SnapshotRecord> {
+    snapshot_parts(store, key_bytes).map(|(key, kind, parts)| split_into_records(key, kind, parts)).unwrap_or_default()
+}
+
+/// Runs of parts of at most [`SNAPSHOT_RECORD_BYTES_MAX`] bytes each, as records of `key`.
+fn split_into_records(key: RecordKey, kind: DocumentKind, parts: Vec<ByteBuf>) -> Vec<SnapshotRecord> {
+    let mut records: Vec<SnapshotRecord> = Vec::new();
+    let mut run: Vec<ByteBuf> = Vec::new();
+    let mut run_bytes = 0;
+    for part in parts {
+        if !run.is_empty() && run_bytes + part.len() > SNAPSHOT_RECORD_BYTES_MAX {
+            records.push(SnapshotRecord { key: key.clone(), kind, parts: std::mem::take(&mut run) });
+            run_bytes = 0;
+        }
+        run_bytes += part.len();
+        run.push(part);
+    }
+    if !run.is_empty() {
+        records.push(SnapshotRecord { key, kind, parts: run });
+    }
+    records
+}
+
+/// A stored document's key, kind and non-empty parts, or `None` (logged) when it cannot travel.
+fn snapshot_parts(store: &Store, key_bytes: &[u8]) -> Option<(RecordKey, DocumentKind, Vec<ByteBuf>)> {
     let key = match RecordKey::from_bytes(key_bytes) {
         Ok(key) => key,
         Err(error) => {
@@ -117,12 +143,12 @@ fn snapshot_record(store: &Store, key_bytes: &[u8]) -> Option<SnapshotRecord> {
         .filter(|part| !part.is_empty())
         .map(ByteBuf::from)
         .collect();
-    let record = SnapshotRecord { key, kind: entry.kind, parts };
-    if record.size() > SNAPSHOT_RECORD_BYTES_MAX {
-        tracing::warn!(key = %record.key, bytes = record.size(), "leaving a document too large for a message out of a snapshot");
+    if let Some(part) = parts.iter().find(|part| part.len() > SNAPSHOT_RECORD_BYTES_MAX) {
+        // Not made by this node (compaction keeps parts below the bound): an old store.
+        tracing::warn!(%key, bytes = part.len(), "leaving a document with a part too large for a message out of a snapshot");
         return None;
     }
-    Some(record)
+    Some((key, entry.kind, parts))
 }
 
 impl Engine {
