@@ -145,16 +145,8 @@ pub async fn run(quick: bool, records: Option<u64>, json_path: Option<PathBuf>) 
     );
     let root = tempfile::Builder::new().prefix("concord-bench-").tempdir()?;
     let certs = root.path().join("certs");
-    transport::create_cluster_ca(&certs, "bench")?;
-    for name in NAMES.iter().chain(["ping", "pong"].iter()) {
-        transport::issue_node_certificate(
-            &certs,
-            name,
-            &["127.0.0.1".parse()?],
-            &[],
-            transport::Validity::days_from_now(1),
-        )?;
-    }
+    let names: Vec<&str> = NAMES.iter().chain(["ping", "pong"].iter()).copied().collect();
+    crate::demo::loopback_certificates(&certs, "bench", &names)?;
     let bench = Bench { http: reqwest::Client::new(), root: root.path().to_path_buf(), certs, settings };
 
     let mut figures = Vec::new();

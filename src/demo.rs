@@ -202,20 +202,27 @@ async fn write_at_once(api: &Api, node: &DemoNode) -> anyhow::Result<()> {
 }
 
 /// Runs the demo in `root` (a temporary folder when `None`). Returns whether all converged.
-pub async fn run(root: Option<PathBuf>) -> anyhow::Result<bool> {
-    let temporary = tempfile::Builder::new().prefix("concord-demo-").tempdir()?;
-    let root = root.unwrap_or_else(|| temporary.path().to_path_buf());
-    let certs = root.join("certs");
-    transport::create_cluster_ca(&certs, "demo")?;
-    for name in NAMES {
+/// A fresh cluster CA for `cluster` in `certs`, and a day-long certificate for each of `names`
+/// on 127.0.0.1: what a local cluster (the demo, `concord bench`) needs.
+pub(crate) fn loopback_certificates(certs: &Path, cluster: &str, names: &[&str]) -> anyhow::Result<()> {
+    transport::create_cluster_ca(certs, cluster)?;
+    for name in names {
         transport::issue_node_certificate(
-            &certs,
+            certs,
             name,
             &["127.0.0.1".parse()?],
             &[],
             transport::Validity::days_from_now(1),
         )?;
     }
+    Ok(())
+}
+
+pub async fn run(root: Option<PathBuf>) -> anyhow::Result<bool> {
+    let temporary = tempfile::Builder::new().prefix("concord-demo-").tempdir()?;
+    let root = root.unwrap_or_else(|| temporary.path().to_path_buf());
+    let certs = root.join("certs");
+    loopback_certificates(&certs, "demo", &NAMES)?;
     let api = Api { http: reqwest::Client::new() };
 
     println!("Concord demo: three nodes on loopback, QUIC with mutual TLS under a fresh cluster CA");

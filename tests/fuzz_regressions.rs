@@ -37,7 +37,8 @@ fn files_in(folder: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn replay(target: &str, harness: fn(&[u8])) {
+fn replay(target: &str) {
+    let Some(harness) = harness::by_name(target) else { panic!("no fuzz target named {target}") };
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let corpus = files_in(&fuzz.join("corpus").join(target));
     assert!(!corpus.is_empty(), "no seed corpus for {target}: run the seed generator (fuzz/README.md)");
@@ -91,52 +92,52 @@ fn replay(target: &str, harness: fn(&[u8])) {
 
 #[test]
 fn envelope_decode() {
-    replay("envelope_decode", harness::envelope_decode);
+    replay("envelope_decode");
 }
 
 #[test]
 fn record_key() {
-    replay("record_key", harness::record_key);
+    replay("record_key");
 }
 
 #[test]
 fn record_changes() {
-    replay("record_changes", harness::record_changes);
+    replay("record_changes");
 }
 
 #[test]
 fn record_convergence() {
-    replay("record_convergence", harness::record_convergence);
+    replay("record_convergence");
 }
 
 #[test]
 fn text_update() {
-    replay("text_update", harness::text_update);
+    replay("text_update");
 }
 
 #[test]
 fn json_operations() {
-    replay("json_operations", harness::json_operations);
+    replay("json_operations");
 }
 
 #[test]
 fn version_vector() {
-    replay("version_vector", harness::version_vector);
+    replay("version_vector");
 }
 
 #[test]
 fn replica_messages() {
-    replay("replica_messages", harness::replica_messages);
+    replay("replica_messages");
 }
 
 #[test]
 fn stored_documents() {
-    replay("stored_documents", harness::stored_documents);
+    replay("stored_documents");
 }
 
 #[test]
 fn http_bodies() {
-    replay("http_bodies", harness::http_bodies);
+    replay("http_bodies");
 }
 
 #[test]

@@ -38,21 +38,9 @@ fn main() -> ExitCode {
         eprintln!("usage: replay [--known-open <file>] <target> <file>...");
         return ExitCode::FAILURE;
     };
-    let run: fn(&[u8]) = match target.as_str() {
-        "envelope_decode" => harness::envelope_decode,
-        "record_key" => harness::record_key,
-        "record_changes" => harness::record_changes,
-        "record_convergence" => harness::record_convergence,
-        "text_update" => harness::text_update,
-        "json_operations" => harness::json_operations,
-        "version_vector" => harness::version_vector,
-        "replica_messages" => harness::replica_messages,
-        "stored_documents" => harness::stored_documents,
-        "http_bodies" => harness::http_bodies,
-        other => {
-            eprintln!("unknown target {other:?}");
-            return ExitCode::FAILURE;
-        }
+    let Some(run) = harness::by_name(&target) else {
+        eprintln!("unknown target {target:?}");
+        return ExitCode::FAILURE;
     };
     if known.is_some() {
         // Triage prints one line per panic instead of the default hook's report, so that the

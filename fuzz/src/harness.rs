@@ -76,6 +76,25 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// The harness of the fuzz target called `name`, for the stable-toolchain tools (replay,
+/// minimize) that take a target by name.
+pub fn by_name(name: &str) -> Option<fn(&[u8])> {
+    let run: fn(&[u8]) = match name {
+        "envelope_decode" => envelope_decode,
+        "record_key" => record_key,
+        "record_changes" => record_changes,
+        "record_convergence" => record_convergence,
+        "text_update" => text_update,
+        "json_operations" => json_operations,
+        "version_vector" => version_vector,
+        "replica_messages" => replica_messages,
+        "stored_documents" => stored_documents,
+        "http_bodies" => http_bodies,
+        _ => return None,
+    };
+    Some(run)
+}
+
 /// The key every fuzzed record is written under.
 pub fn fuzz_key() -> RecordKey {
     match RecordKey::new("fuzz", "record-1") {
