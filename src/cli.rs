@@ -129,6 +129,10 @@ pub struct StartArgs {
     /// are bootstrapped from snapshots.
     #[arg(long)]
     pub log_retention_seconds: Option<u64>,
+    /// A collection whose records use the yrs record engine: faster writes, last writer wins per
+    /// field, no counters (repeatable; every node must declare the same ones).
+    #[arg(long = "yrs-collection")]
+    pub yrs_collections: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -67,6 +67,9 @@ pub struct ConfigFile {
     pub body_bytes_max: Option<usize>,
     /// How long the change log keeps changes, in seconds.
     pub log_retention_seconds: Option<u64>,
+    /// Collections on the yrs record engine (last writer wins per field, no counters).
+    #[serde(default)]
+    pub yrs_collections: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +92,8 @@ pub struct NodeConfig {
     pub store_cache_bytes: u64,
     pub body_bytes_max: usize,
     pub log_retention: std::time::Duration,
+    /// Collections on the yrs record engine.
+    pub yrs_collections: Vec<String>,
 }
 
 /// Command-line values that override the config file.
@@ -105,6 +110,7 @@ pub struct Overrides {
     pub certs_dir: Option<PathBuf>,
     pub cluster: Option<String>,
     pub log_retention_seconds: Option<u64>,
+    pub yrs_collections: Vec<String>,
 }
 
 impl NodeConfig {
@@ -156,6 +162,7 @@ impl NodeConfig {
                 .log_retention_seconds
                 .or(file.log_retention_seconds)
                 .map_or(crate::engine::LOG_RETENTION_DEFAULT, std::time::Duration::from_secs),
+            yrs_collections: file.yrs_collections.into_iter().chain(overrides.yrs_collections).collect(),
         };
         if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {
             bail!(

@@ -62,6 +62,7 @@ impl DemoNode {
             store_cache_bytes: store::CACHE_BYTES_DEFAULT,
             body_bytes_max: 1 << 20,
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,
+            yrs_collections: Vec::new(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::node::run_until(config, async move {

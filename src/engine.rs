@@ -20,6 +20,7 @@ use crdt::clock::{Clock, Timestamp};
 use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
+use crdt::map_record::MapRecord;
 use crdt::record::{Operation, OperationError, Record, RecordError, RecordView};
 use crdt::text::{TextDocument, TextError, TextLimits};
 use crdt::version_vector::VersionVector;
@@ -131,15 +132,81 @@ struct StoredCounters {
 enum Body {
     /// Boxed: an automerge document is several KiB inline, a text much less.
     Record(Box<Record>),
+    /// A record of a collection on the yrs record engine.
+    Map(Box<MapRecord>),
     Text(TextDocument),
 }
 
+/// How errors name a document kind.
+fn kind_name(kind: DocumentKind) -> &'static str {
+    match kind {
+        DocumentKind::Record => "record",
+        DocumentKind::MapRecord => "yrs record",
+        DocumentKind::Text => "text",
+    }
+}
+
 impl Body {
+    fn kind(&self) -> DocumentKind {
+        match self {
+            Body::Record(_) => DocumentKind::Record,
+            Body::Map(_) => DocumentKind::MapRecord,
+            Body::Text(_) => DocumentKind::Text,
+        }
+    }
+
     /// Whether the document counts as a live record or text for `record_count`.
     fn is_live(&self) -> bool {
         match self {
             Body::Record(record) => record.is_live(),
+            Body::Map(record) => record.is_live(),
             Body::Text(_) => true,
+        }
+    }
+
+    fn save(&self) -> Vec<u8> {
+        match self {
+            Body::Record(record) => record.save(),
+            Body::Map(record) => record.save(),
+            Body::Text(text) => text.save(),
+        }
+    }
+
+    /// Applies change bytes of `kind` (from a peer, a snapshot or the disk). Returns whether the
+    /// document changed; on error it is unchanged.
+    fn apply(
+        &mut self,
+        key: &RecordKey,
+        kind: DocumentKind,
+        bytes: &[u8],
+        limits: &TextLimits,
+    ) -> Result<bool, EngineError> {
+        let refused = |reason: String| EngineError::BadChange { key: key.clone(), reason };
+        match (self, kind) {
+            (Body::Record(record), DocumentKind::Record) => {
+                record.apply_changes(bytes).map_err(|error| refused(error.to_string()))
+            }
+            (Body::Map(record), DocumentKind::MapRecord) => {
+                record.apply_update(bytes, limits).map_err(|error| refused(error.to_string()))
+            }
+            (Body::Text(text), DocumentKind::Text) => {
+                text.apply_update(bytes, limits).map_err(|error| refused(error.to_string()))
+            }
+            (body, _) => Err(EngineError::WrongKind {
+                key: key.clone(),
+                actual: kind_name(body.kind()),
+                expected: kind_name(kind),
+            }),
+        }
+    }
+
+    /// The record as reads return it; an error for a text.
+    fn view(&self, key: &RecordKey) -> Result<RecordView, EngineError> {
+        let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
+        match self {
+            Body::Record(record) => record.view().map_err(|error: RecordError| corrupt(error.to_string())),
+            Body::Map(record) => record.view().map_err(|error| corrupt(error.to_string())),
+            Body::Text(_) => Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" }),
         }
     }
 
@@ -153,6 +220,10 @@ impl Body {
                 for head in record.heads() {
                     hasher.update(head.as_ref());
                 }
+            }
+            Body::Map(record) => {
+                hasher.update(b"\0map record\0");
+                hasher.update(&record.digest());
             }
             Body::Text(text) => {
                 hasher.update(b"\0text\0");
@@ -265,6 +336,7 @@ pub struct Engine {
     compaction: VecDeque<RecordKey>,
     compaction_queued: HashSet<RecordKey>,
     text_limits: TextLimits,
+    yrs_collections: std::collections::BTreeSet<String>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replication: crate::replication::Replication,
 }
@@ -339,6 +411,9 @@ pub struct EngineSettings {
     pub replication: crdt::replica::Settings,
     /// How long the change log keeps a change (see `snapshots`).
     pub log_retention: std::time::Duration,
+    /// Collections whose new records use the yrs record engine ([`crdt::map_record`]) instead
+    /// of automerge. Every node must declare the same ones.
+    pub yrs_collections: std::collections::BTreeSet<String>,
 }
 
 impl Default for EngineSettings {
@@ -349,6 +424,7 @@ impl Default for EngineSettings {
             text_limits: TextLimits::default(),
             replication: crdt::replica::Settings::default(),
             log_retention: LOG_RETENTION_DEFAULT,
+            yrs_collections: Default::default(),
         }
     }
 }
@@ -398,6 +474,7 @@ pub fn start(
         compaction: VecDeque::new(),
         compaction_queued: HashSet::new(),
         text_limits: settings.text_limits,
+        yrs_collections: settings.yrs_collections,
         metrics,
         replication: crate::replication::Replication {
             replica: crdt::replica::Replica::new(version_vector, log_floors, settings.replication, Instant::now()),
@@ -532,6 +609,10 @@ impl Engine {
             DocumentKind::Record => Body::Record(Box::new(
                 Record::load(&entry.saved, &increments).map_err(|error| corrupt(error.to_string()))?,
             )),
+            DocumentKind::MapRecord => Body::Map(Box::new(
+                MapRecord::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
+                    .map_err(|error| corrupt(error.to_string()))?,
+            )),
             DocumentKind::Text => Body::Text(
                 TextDocument::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
                     .map_err(|error| corrupt(error.to_string()))?,
@@ -552,11 +633,17 @@ impl Engine {
         }
     }
 
+    /// The kind a new record of `key`'s collection is created as: the engine its collection
+    /// declares.
+    fn record_kind(&self, key: &RecordKey) -> DocumentKind {
+        if self.yrs_collections.contains(key.collection()) { DocumentKind::MapRecord } else { DocumentKind::Record }
+    }
+
     /// Applies a local record write and stages it for the group commit.
     pub fn write_record(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
-            None => self.empty_document(DocumentKind::Record),
+            None => self.empty_document(self.record_kind(&key)),
         };
         let outcome = self.write_record_in(&key, &mut document, &operation);
         if document.stored {
@@ -572,15 +659,17 @@ impl Engine {
         operation: &Operation,
     ) -> Result<WriteOutcome, EngineError> {
         let before = Before::of(document, key);
-        let Body::Record(record) = &mut document.body else {
-            return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
-        };
         let timestamp = self.clock.tick(physical_ms());
-        let change = record.write(key, &self.identity.origin, timestamp, operation)?;
-        let view =
-            record.view().map_err(|error| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() })?;
+        let change = match &mut document.body {
+            Body::Record(record) => record.write(key, &self.identity.origin, timestamp, operation)?,
+            Body::Map(record) => record.write(operation, &self.text_limits).map_err(OperationError::from)?,
+            Body::Text(_) => {
+                return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
+            }
+        };
+        let view = document.body.view(key)?;
         let Some(change) = change else { return Ok(WriteOutcome { changed: false, view, envelope: None }) };
-        let envelope = self.local_envelope(key, DocumentKind::Record, timestamp, change);
+        let envelope = self.local_envelope(key, document.body.kind(), timestamp, change);
         self.stage_change(document, &envelope, before, true);
         Ok(WriteOutcome { changed: true, view, envelope: Some(envelope) })
     }
@@ -636,22 +725,7 @@ impl Engine {
 
     fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {
         let before = Before::of(document, &envelope.key);
-        let refused = |reason: String| EngineError::BadChange { key: envelope.key.clone(), reason };
-        let changed = match (&mut document.body, envelope.kind) {
-            (Body::Record(record), DocumentKind::Record) => {
-                record.apply_changes(&envelope.change).map_err(|error| refused(error.to_string()))?
-            }
-            (Body::Text(text), DocumentKind::Text) => {
-                text.apply_update(&envelope.change, &self.text_limits).map_err(|error| refused(error.to_string()))?
-            }
-            (body, _) => {
-                let (actual, expected) = match body {
-                    Body::Record(_) => ("record", "text"),
-                    Body::Text(_) => ("text", "record"),
-                };
-                return Err(EngineError::WrongKind { key: envelope.key.clone(), actual, expected });
-            }
-        };
+        let changed = document.body.apply(&envelope.key, envelope.kind, &envelope.change, &self.text_limits)?;
         self.stage_change(document, envelope, before, changed);
         Ok(changed)
     }
@@ -659,6 +733,7 @@ impl Engine {
     fn empty_document(&self, kind: DocumentKind) -> Document {
         let body = match kind {
             DocumentKind::Record => Body::Record(Box::default()),
+            DocumentKind::MapRecord => Body::Map(Box::new(MapRecord::new(self.identity.origin.text_client_id()))),
             DocumentKind::Text => Body::Text(TextDocument::new(self.identity.origin.text_client_id())),
         };
         Document { body, next_increment: 0, stored: false }
@@ -732,12 +807,7 @@ impl Engine {
     /// The view of a record document, deleted or not; `None` when there is no document.
     fn record_view(&mut self, key: &RecordKey) -> Result<Option<RecordView>, EngineError> {
         let Some(document) = self.take_document(key)? else { return Ok(None) };
-        let result = match &document.body {
-            Body::Record(record) => record
-                .view()
-                .map_err(|error: RecordError| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() }),
-            Body::Text(_) => Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" }),
-        };
+        let result = document.body.view(key);
         self.put_back(key.clone(), document);
         self.metrics.reads.inc();
         result.map(Some)
@@ -800,7 +870,7 @@ impl Engine {
 
     fn feed_event(&mut self, sequence: u64, entry: FeedEntry) -> Result<FeedEvent, EngineError> {
         let (value, version, kind) = match entry.kind {
-            DocumentKind::Record => match self.record_view(&entry.key)? {
+            DocumentKind::Record | DocumentKind::MapRecord => match self.record_view(&entry.key)? {
                 Some(view) => (view.value.map(serde_json::Value::Object), view.version, "record"),
                 None => (None, String::new(), "record"),
             },
@@ -864,11 +934,8 @@ impl Engine {
                 }
             };
             let key_bytes = key.to_bytes();
-            let kind = match document.body {
-                Body::Record(_) => DocumentKind::Record,
-                Body::Text(_) => DocumentKind::Text,
-            };
-            let saved = save(&document.body);
+            let kind = document.body.kind();
+            let saved = document.body.save();
             // A save larger than a snapshot record could not travel to a new peer: the document
             // keeps its increments (each within the bound) instead.
             if saved.len() > SNAPSHOT_RECORD_BYTES_MAX {
@@ -904,6 +971,11 @@ impl Engine {
         match body {
             Body::Record(_) => Record::load(saved, &[])
                 .is_ok_and(|record| Body::Record(Box::new(record)).digest(key) == body.digest(key)),
+            Body::Map(record) => MapRecord::load(self.identity.origin.text_client_id(), saved, &[], &self.text_limits)
+                .is_ok_and(|reloaded| {
+                    reloaded.digest() == record.digest()
+                        && reloaded.view().ok().map(|view| view.value) == record.view().ok().map(|view| view.value)
+                }),
             Body::Text(text) => {
                 let Ok(reloaded) =
                     TextDocument::load(self.identity.origin.text_client_id(), saved, &[], &self.text_limits)
@@ -921,9 +993,10 @@ impl Engine {
 impl Engine {
     fn take_text(&mut self, key: &RecordKey) -> Result<Option<Document>, EngineError> {
         let Some(document) = self.take_document(key)? else { return Ok(None) };
-        if let Body::Record(_) = document.body {
+        if !matches!(document.body, Body::Text(_)) {
+            let actual = kind_name(document.body.kind());
             self.put_back(key.clone(), document);
-            return Err(EngineError::WrongKind { key: key.clone(), actual: "record", expected: "text" });
+            return Err(EngineError::WrongKind { key: key.clone(), actual, expected: "text" });
         }
         Ok(Some(document))
     }
@@ -988,13 +1061,6 @@ impl Engine {
 
     pub fn text_plain(&mut self, key: RecordKey, name: String) -> Result<Option<String>, EngineError> {
         self.with_text(key, |text| text.text(&name))
-    }
-}
-
-fn save(body: &Body) -> Vec<u8> {
-    match body {
-        Body::Record(record) => record.save(),
-        Body::Text(text) => text.save(),
     }
 }
 

@@ -42,6 +42,7 @@ fn main() -> std::process::ExitCode {
                     certs_dir: arguments.certs_dir,
                     cluster: arguments.cluster,
                     log_retention_seconds: arguments.log_retention_seconds,
+                    yrs_collections: arguments.yrs_collections,
                 })?;
                 node::run(config).await
             }

@@ -45,6 +45,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         text_limits: TextLimits::default(),
         replication: crdt::replica::Settings::default(),
         log_retention: config.log_retention,
+        yrs_collections: config.yrs_collections.iter().cloned().collect(),
     };
     let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
     let identity = engine.identity.clone();

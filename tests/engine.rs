@@ -39,6 +39,7 @@ async fn start_with_retention(
             ..Default::default()
         },
         log_retention,
+        ..EngineSettings::default()
     };
     let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
     // The node's timer: anti-entropy summaries when due.
@@ -448,6 +449,7 @@ async fn a_text_whose_save_reads_reordered_is_not_compacted() {
         text_limits: Default::default(),
         replication: Default::default(),
         log_retention: engine::LOG_RETENTION_DEFAULT,
+        ..EngineSettings::default()
     };
     let key = RecordKey::new("docs", "reordered").unwrap();
     let update = include_bytes!("../fuzz/regressions/text_update/save-load-reorders-text").to_vec();
@@ -509,4 +511,139 @@ async fn a_document_larger_than_a_snapshot_record_travels_in_pieces() {
     assert_eq!(plain.map(|plain| plain.len()), Some(9_000_000));
     let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
     assert!(peers[0].traffic.snapshot_records_sent >= 2, "one document, several records: {:?}", peers[0].traffic);
+}
+
+async fn start_with_yrs(directory: &std::path::Path, name: &str) -> EngineHandle {
+    let store = store::Store::open(directory).expect("open store");
+    let settings = EngineSettings {
+        name: Some(name.into()),
+        cache_documents: NonZeroUsize::new(64).expect("non-zero"),
+        replication: crdt::replica::Settings {
+            summary_interval: std::time::Duration::from_millis(100),
+            ..Default::default()
+        },
+        yrs_collections: ["events".to_owned()].into_iter().collect(),
+        ..EngineSettings::default()
+    };
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+    let ticking = engine.clone();
+    tokio::spawn(async move {
+        while ticking.submit(|engine| engine.replication_tick()).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    engine
+}
+
+async fn write_event(engine: &EngineHandle, id: &str, operation: Operation) -> Result<bool, engine::EngineError> {
+    let key = RecordKey::new("events", id).unwrap();
+    engine.call(move |engine| engine.write_record(key, operation)).await.unwrap().map(|outcome| outcome.changed)
+}
+
+async fn read_event(engine: &EngineHandle, id: &str) -> Option<serde_json::Value> {
+    let key = RecordKey::new("events", id).unwrap();
+    let read = engine.call(move |engine| engine.read_record(key)).await.unwrap().unwrap();
+    read.and_then(|read| read.view.value).map(serde_json::Value::Object)
+}
+
+/// A collection declared on the yrs record engine: writes, concurrent patches and deletes on
+/// three engines converge to the same values and digests, counters are refused, the documents
+/// are yrs documents (a node on the automerge engine would refuse them as the wrong kind), they
+/// compact, reload after a restart, and bootstrap a new engine from snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_on_the_yrs_engine_replicates_compacts_and_bootstraps() {
+    let directories: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut engines = Vec::new();
+    for (index, directory) in directories.iter().take(3).enumerate() {
+        engines.push(start_with_yrs(directory.path(), &format!("engine-{index}")).await);
+    }
+    wire(&engines, &[(0, 1), (1, 2), (0, 2)]).await;
+    let mut writers = Vec::new();
+    for (index, engine) in engines.iter().enumerate() {
+        let engine = engine.clone();
+        writers.push(tokio::spawn(async move {
+            for round in 0..100 {
+                let patch = json!({ format!("from{index}"): round, "same": index, "nested": {"round": round} });
+                write_event(&engine, &format!("shared-{}", round % 10), Operation::MergePatch(object(patch)))
+                    .await
+                    .expect("write");
+            }
+            write_event(&engine, &format!("own-{index}"), Operation::Replace(object(json!({"by": index}))))
+                .await
+                .expect("write");
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    write_event(&engines[0], "own-0", Operation::Delete).await.expect("delete");
+    let statuses = wait_for_equal_digests(&engines).await;
+    assert_eq!(statuses[0].record_count, 12, "10 shared, 3 own, 1 deleted");
+    for engine in &engines {
+        assert_eq!(read_event(engine, "own-0").await, None);
+        assert_eq!(read_event(engine, "own-2").await, Some(json!({"by": 2})));
+        let shared = read_event(engine, "shared-3").await.expect("live");
+        assert_eq!(shared, read_event(&engines[0], "shared-3").await.unwrap(), "every engine reads the same");
+        for index in 0..3 {
+            assert_eq!(shared[format!("from{index}")], json!(93), "each engine's own field survives");
+        }
+        assert!(matches!(shared["same"].as_u64(), Some(0..=2)));
+    }
+    // No counters on this engine: a clear refusal, and nothing changes.
+    let refused = write_event(&engines[1], "shared-1", Operation::Increment { field: "n".into(), by: 1 }).await;
+    assert!(refused.unwrap_err().to_string().contains("no counters"));
+
+    // 10 writes to each shared record per engine: 30 increments each, and 70 more compact them.
+    for round in 0..70 {
+        write_event(&engines[0], "shared-5", Operation::MergePatch(object(json!({"late": round})))).await.unwrap();
+    }
+    wait_for_equal_digests(&engines).await;
+
+    // A new engine joins and is bootstrapped from documents.
+    let joiner = start_with_yrs(directories[3].path(), "engine-3").await;
+    let mut all = engines.clone();
+    all.push(joiner.clone());
+    wire(&all, &[(0, 3)]).await;
+    let statuses = wait_for_equal_digests(&[engines[0].clone(), joiner.clone()]).await;
+    assert_eq!(statuses[1].record_count, 12);
+    assert_eq!(read_event(&joiner, "shared-5").await.unwrap()["late"], json!(69));
+    let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
+    let to_joiner = peers.iter().find(|peer| peer.info.name == "engine-3").expect("joiner");
+    assert_eq!(to_joiner.traffic.snapshot_records_sent, 13, "12 live records and the tombstone travel as documents");
+
+}
+
+/// Records on the yrs engine compact after 64 increments and read the same after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yrs_records_compact_and_reload_after_a_restart() {
+    let directory = tempfile::tempdir().unwrap();
+    let settings = || EngineSettings {
+        name: Some("restarting".into()),
+        yrs_collections: ["events".to_owned()].into_iter().collect(),
+        ..EngineSettings::default()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (engine, thread) =
+        engine::start(store::Store::open(directory.path()).unwrap(), settings(), metrics.clone()).unwrap();
+    for round in 0..150 {
+        write_event(&engine, &format!("e{}", round % 2), Operation::MergePatch(object(json!({"round": round, "tag": "x"}))))
+            .await
+            .unwrap();
+    }
+    write_event(&engine, "e1", Operation::Delete).await.unwrap();
+    // Let the idle engine compact: both documents passed 64 increments.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = status(&engine).await;
+    let compactions = metrics.compactions.get();
+    assert!(compactions >= 2, "both documents compacted: {compactions}");
+    drop(engine);
+    thread.join().unwrap().unwrap();
+
+    let (engine, _thread) =
+        engine::start(store::Store::open(directory.path()).unwrap(), settings(), Arc::new(Metrics::default())).unwrap();
+    let after = status(&engine).await;
+    assert_eq!((after.digest, after.record_count), (before.digest, 1));
+    assert_eq!(read_event(&engine, "e0").await, Some(json!({"round": 148, "tag": "x"})));
+    assert_eq!(read_event(&engine, "e1").await, None);
+    assert!(write_event(&engine, "e0", Operation::MergePatch(object(json!({"round": 149})))).await.unwrap());
 }

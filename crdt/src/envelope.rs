@@ -17,6 +17,9 @@ pub enum DocumentKind {
     Record,
     /// A collaborative text: the change bytes are a Yjs update (v1).
     Text,
+    /// A JSON record held as a Y.Map (the yrs record engine, [`crate::map_record`]): the change
+    /// bytes are a Yjs update (v1).
+    MapRecord,
 }
 
 /// One local write as it travels: (origin, sequence) names it uniquely and for ever.

@@ -1,4 +1,5 @@
-//! Concord's pure core: records as automerge documents, collaborative texts as yrs documents,
+//! Concord's pure core: records as automerge documents (or, for high-rate collections, as yrs
+//! maps), collaborative texts as yrs documents,
 //! change envelopes, version vectors, hybrid logical clocks, the replication core, and HTTP
 //! request bodies as record operations.
 //!
@@ -12,6 +13,7 @@ pub mod envelope;
 pub mod identity;
 pub mod json;
 pub mod key;
+pub mod map_record;
 pub mod memory;
 pub mod record;
 pub mod replica;

@@ -75,6 +75,8 @@ pub enum OperationError {
     Json(#[from] JsonError),
     #[error("document error: {0}")]
     Document(#[from] AutomergeError),
+    #[error(transparent)]
+    Map(#[from] crate::map_record::MapRecordError),
 }
 
 /// Why stored or received bytes could not become (part of) a record. The document is unchanged

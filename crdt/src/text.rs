@@ -116,7 +116,7 @@ impl Default for TextLimits {
 
 impl TextLimits {
     /// The nesting depth in force: the setting, at most [`NESTING_DEPTH_CEILING`].
-    fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         self.nesting_depth_max.min(NESTING_DEPTH_CEILING)
     }
 }
@@ -478,13 +478,31 @@ impl TextDocument {
         name: &str,
         change: impl FnOnce(&mut TransactionMut<'_>, &yrs::TextRef) -> Result<(), TextError>,
     ) -> Result<Vec<u8>, TextError> {
+        self.local_edit(|txn| {
+            let text = txn.get_or_insert_text(name);
+            change(txn, &text)
+        })
+    }
+
+    /// Runs `read` in a read transaction on the yrs document.
+    pub(crate) fn read<T>(&self, read: impl FnOnce(&yrs::Transaction<'_>) -> T) -> Result<T, TextError> {
+        let txn = self.doc.try_transact().map_err(|_| TextError::Busy)?;
+        Ok(read(&txn))
+    }
+
+    /// Runs a local edit that adds only scalar content directly to root types (text, or `Any`
+    /// values in a root map) and returns its update. `change` must check everything before it
+    /// touches the document: yrs has no rollback.
+    pub(crate) fn local_edit(
+        &mut self,
+        change: impl FnOnce(&mut TransactionMut<'_>) -> Result<(), TextError>,
+    ) -> Result<Vec<u8>, TextError> {
         let (update, inserted) = {
             let mut txn = self.doc.try_transact_mut().map_err(|_| TextError::Busy)?;
-            let text = txn.get_or_insert_text(name);
-            change(&mut txn, &text)?;
+            change(&mut txn)?;
             (txn.encode_update_v1(), id_set_ranges(txn.insert_set()))
         };
-        // Local edits only ever add text to a root type.
+        // Local edits only ever add scalar content to a root type.
         let placement = Placement { parent_depth: Some(0), is_type: false };
         for (client, ranges) in &inserted {
             for range in ranges {

@@ -19,6 +19,7 @@ use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::json::{COUNTER_MAGNITUDE_MAX, DEPTH_MAX, JsonError};
 use crdt::key::RecordKey;
+use crdt::map_record::MapRecord;
 use crdt::record::{Operation, OperationError, Record, RecordView};
 use crdt::replica::{
     Apply, Durable, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings, SnapshotRecord,
@@ -1076,11 +1077,20 @@ fn some_version_vector(bytes: &mut Bytes) -> VersionVector {
     }
 }
 
+/// A document kind: mostly automerge records, sometimes texts and yrs records.
+fn some_kind(bytes: &mut Bytes) -> DocumentKind {
+    match bytes.below(8) {
+        0 | 1 => DocumentKind::Text,
+        2 => DocumentKind::MapRecord,
+        _ => DocumentKind::Record,
+    }
+}
+
 fn some_envelope(bytes: &mut Bytes) -> Envelope {
     let origin = some_origin(bytes);
     let sequence = some_sequence(bytes);
     let key = small_key(bytes);
-    let kind = if bytes.below(4) == 0 { DocumentKind::Text } else { DocumentKind::Record };
+    let kind = some_kind(bytes);
     let length = bytes.below(24);
     let change = bytes.take(length).to_vec();
     Envelope { origin, node: NodeId([7; 16]), sequence, timestamp: tick(sequence % 1000), key, kind, change }
@@ -1088,7 +1098,7 @@ fn some_envelope(bytes: &mut Bytes) -> Envelope {
 
 fn some_snapshot_record(bytes: &mut Bytes) -> SnapshotRecord {
     let key = small_key(bytes);
-    let kind = if bytes.below(4) == 0 { DocumentKind::Text } else { DocumentKind::Record };
+    let kind = some_kind(bytes);
     let parts = (0..bytes.below(3))
         .map(|_| {
             let length = bytes.below(16);
@@ -1640,6 +1650,16 @@ fn stored_document(entry: &[u8], increments: &[Vec<u8>]) {
                 let _ = document.text(name);
             }
             check_trusted_save(&document, &limits);
+        }
+        DocumentKind::MapRecord => {
+            let limits = TextLimits::default();
+            let Ok(record) = MapRecord::load(9, saved, &increments, &limits) else { return };
+            match MapRecord::load(9, saved, &increments, &limits) {
+                Ok(again) => assert_eq!(again.digest(), record.digest(), "loading the same parts twice differs"),
+                Err(error) => panic!("stored parts loaded once and then failed: {error}"),
+            }
+            let _ = record.view();
+            let _ = record.is_live();
         }
     }
 }

@@ -18,7 +18,7 @@ use crdt::version_vector::VersionVector;
 use serde_bytes::ByteBuf;
 use store::Store;
 
-use super::{Before, Body, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
+use super::{Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
 
 /// The most bytes one snapshot record carries. A larger document travels as several records
 /// with the same key, each a run of its stored parts; compaction never makes one part larger
@@ -170,7 +170,6 @@ impl Engine {
 
     fn merge_snapshot_record(&mut self, document: &mut Document, record: &SnapshotRecord) -> Result<bool, EngineError> {
         let before = Before::of(document, &record.key);
-        let refused = |reason: String| EngineError::BadChange { key: record.key.clone(), reason };
         // A text's saved state may be larger than one update may be; the document bound holds.
         let limits = crdt::text::TextLimits {
             update_bytes_max: self.text_limits.update_bytes_max.max(self.text_limits.document_bytes_max),
@@ -178,21 +177,7 @@ impl Engine {
         };
         let mut changed = false;
         for part in &record.parts {
-            let part_changed = match (&mut document.body, record.kind) {
-                (Body::Record(body), DocumentKind::Record) => {
-                    body.apply_changes(part).map_err(|error| refused(error.to_string()))?
-                }
-                (Body::Text(text), DocumentKind::Text) => {
-                    text.apply_update(part, &limits).map_err(|error| refused(error.to_string()))?
-                }
-                (body, _) => {
-                    let (actual, expected) = match body {
-                        Body::Record(_) => ("record", "text"),
-                        Body::Text(_) => ("text", "record"),
-                    };
-                    return Err(EngineError::WrongKind { key: record.key.clone(), actual, expected });
-                }
-            };
+            let part_changed = document.body.apply(&record.key, record.kind, part, &limits)?;
             // Applied parts are kept as the document's increments whether or not they showed:
             // a part held back for missing dependencies is state all the same.
             self.stage_bytes(document, &record.key, record.kind, part);

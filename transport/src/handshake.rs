@@ -37,8 +37,8 @@ use crate::events::CloseCode;
 
 /// The protocol this build speaks, framing and what the node puts in frames together. Peers
 /// must speak the same one. 2: frames start with a channel byte (replication or membership),
-/// and replication has snapshots.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// and replication has snapshots. 3: envelopes and snapshot records may carry yrs records.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The largest hello frame payload accepted.
 pub const HELLO_BYTES_MAX: usize = 1024;
 
