@@ -51,6 +51,7 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
         .route(&format!("{texts}/{{id}}"), get(get_text).put(create_text))
         .route(&format!("{texts}/{{id}}/update"), get(get_text_update).post(post_text_update))
         .route(&format!("{texts}/{{id}}/state-vector"), get(get_text_state_vector))
+        .route("/v1/batch", axum::routing::post(batch))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/health/ready", get(ready))
@@ -246,6 +247,76 @@ async fn write(
         await_acknowledgements(state, envelope.origin, envelope.sequence, &query).await?;
     }
     Ok(Json(RecordBody::new(&key, outcome.view)))
+}
+
+/// One write's outcome in a batch answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub collection: String,
+    pub id: String,
+    /// The HTTP status the write would have had on its own.
+    pub status: u16,
+    /// The record's version after the write, when it was accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /v1/batch`: up to [`crdt::body::BATCH_WRITES_MAX`] writes in one request and one
+/// engine job, so they share one group commit (see `crdt::body::batch` for the format). Each
+/// write succeeds or fails on its own, as it would alone; the answer lists every outcome in
+/// order, and every accepted write is durable when it arrives. With `acks`, the answer waits
+/// for the peers to hold every accepted write.
+async fn batch(State(state): State<AppState>, Query(query): Query<WriteQuery>, body: Bytes) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let writes = crdt::body::batch(&body).map_err(bad_body)?;
+    let outcomes = state
+        .engine
+        .call(move |engine| {
+            writes
+                .into_iter()
+                .map(|(key, operation)| {
+                    let is_delete = operation == Operation::Delete;
+                    let outcome = engine.write_record(key.clone(), operation);
+                    (key, is_delete, outcome)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    state.metrics.write_latency.observe(started.elapsed());
+    let mut results = Vec::with_capacity(outcomes.len());
+    let mut envelopes = Vec::new();
+    for (key, is_delete, outcome) in outcomes {
+        let (status, version, error) = match outcome {
+            Ok(outcome) if is_delete && !outcome.changed => {
+                (StatusCode::NOT_FOUND, None, Some(ApiError::not_found(&key).message))
+            }
+            Ok(outcome) => {
+                if let Some(envelope) = &outcome.envelope {
+                    envelopes.push((envelope.origin, envelope.sequence));
+                }
+                (StatusCode::OK, Some(outcome.view.version), None)
+            }
+            Err(error) => {
+                let error = ApiError::from(error);
+                (error.status, None, Some(error.message))
+            }
+        };
+        results.push(BatchResult {
+            collection: key.collection().to_owned(),
+            id: key.id().to_owned(),
+            status: status.as_u16(),
+            version,
+            error,
+        });
+    }
+    if query.acks > 0 {
+        for (origin, sequence) in envelopes {
+            await_acknowledgements(&state, origin, sequence, &query).await?;
+        }
+    }
+    Ok(Json(serde_json::json!({ "results": results })))
 }
 
 /// Waits until `query.acks` peers hold the change durably; 504 with the count reached otherwise.

@@ -153,6 +153,7 @@ pub async fn run(quick: bool, records: Option<u64>, json_path: Option<PathBuf>) 
     figures.extend(phase("sled", whole(bench.sled_ceiling().await), SLED_FIGURES));
     figures.extend(phase("QUIC", whole(bench.quic_ceiling().await), QUIC_FIGURES));
     figures.extend(phase("automerge", whole(bench.automerge_ceiling().await), AUTOMERGE_FIGURES));
+    figures.extend(phase("yrs", whole(bench.yrs_ceiling().await), YRS_FIGURES));
     println!("  ceilings measured");
     figures.extend(phase("single-node", bench.single_node().await, SINGLE_NODE_FIGURES));
     figures.extend(phase("three-node", bench.cluster().await, CLUSTER_FIGURES));
@@ -175,8 +176,10 @@ type Expected = (&'static str, &'static str, &'static str);
 const SLED_FIGURES: &[Expected] = &[("ceiling.sled_puts_per_second", "sled batch+flush puts/s", "/s")];
 const QUIC_FIGURES: &[Expected] = &[("ceiling.quic_rtt_us", "QUIC round trip p50", "µs")];
 const AUTOMERGE_FIGURES: &[Expected] = &[("ceiling.automerge_changes_per_second", "automerge changes/s", "/s")];
+const YRS_FIGURES: &[Expected] = &[("ceiling.yrs_changes_per_second", "yrs record changes/s", "/s")];
 const SINGLE_NODE_FIGURES: &[Expected] = &[
     ("writes.one_node_per_second", "acknowledged writes/s, one node", "/s"),
+    ("writes_yrs.one_node_per_second", "acknowledged writes/s, one node, yrs engine", "/s"),
     ("memory.rss_bytes_per_record", "RSS per record", "B"),
     ("disk.bytes_per_record", "disk per record", "B"),
     ("bootstrap.seconds", "bootstrap of a new node", "s"),
@@ -225,10 +228,13 @@ fn attach_ceilings(figures: &mut [Figure]) {
     let value_of =
         |figures: &[Figure], key: &str| figures.iter().find(|figure| figure.key == key).and_then(|figure| figure.value);
     let automerge = value_of(figures, "ceiling.automerge_changes_per_second");
+    let yrs = value_of(figures, "ceiling.yrs_changes_per_second");
     let sled = value_of(figures, "ceiling.sled_puts_per_second");
     let round_trip_ms = value_of(figures, "ceiling.quic_rtt_us").map(|micros| micros / 1000.0);
     for figure in figures.iter_mut() {
-        let (ceiling_key, ceiling) = if figure.key.starts_with("writes.") || figure.key.starts_with("catch_up.") {
+        let (ceiling_key, ceiling) = if figure.key.starts_with("writes_yrs.") {
+            ("ceiling.yrs_changes_per_second", yrs)
+        } else if figure.key.starts_with("writes.") || figure.key.starts_with("catch_up.") {
             ("ceiling.automerge_changes_per_second", automerge)
         } else if figure.key.starts_with("latency.") {
             ("ceiling.quic_rtt_us", round_trip_ms)
@@ -240,7 +246,7 @@ fn attach_ceilings(figures: &mut [Figure]) {
             (Some(value), Some(ceiling)) if ceiling > 0.0 => Some(value / ceiling),
             _ => None,
         };
-        if figure.key.starts_with("writes.")
+        if figure.key.starts_with("writes")
             && let (Some(value), Some(sled)) = (figure.value, sled)
             && sled > 0.0
         {
@@ -489,6 +495,44 @@ impl Bench {
         ])
     }
 
+    /// The same patches through `MapRecord::write`, the yrs record engine.
+    async fn yrs_ceiling(&self) -> anyhow::Result<Vec<Figure>> {
+        let duration = if self.settings.quick { Duration::from_secs(1) } else { Duration::from_secs(3) };
+        let (changes, elapsed) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Duration)> {
+            use crdt::map_record::MapRecord;
+            use crdt::record::Operation;
+            let limits = crdt::text::TextLimits::default();
+            let mut records = Vec::new();
+            for index in 0..1000_u64 {
+                let mut record = MapRecord::new(3);
+                record.write(&Operation::Replace(object(json!({"n": index, "site": "bench"}))), &limits)?;
+                records.push(record);
+            }
+            let started = Instant::now();
+            let mut changes = 0_u64;
+            while started.elapsed() < duration {
+                for _ in 0..100 {
+                    let record = &mut records[(changes % 1000) as usize];
+                    let patch = Operation::MergePatch(object(json!({"n": changes, "note": "a small patch"})));
+                    if record.write(&patch, &limits)?.is_some() {
+                        changes += 1;
+                    }
+                }
+            }
+            Ok((changes, started.elapsed()))
+        })
+        .await??;
+        Ok(vec![
+            Figure::new(
+                "ceiling.yrs_changes_per_second",
+                "yrs record changes/s",
+                changes as f64 / elapsed.as_secs_f64(),
+                "/s",
+            )
+            .note("MapRecord::write of the same patches, one core"),
+        ])
+    }
+
     async fn start(
         &self,
         name: &'static str,
@@ -593,6 +637,18 @@ impl Bench {
                 Figure::new("writes.one_node_per_second", "acknowledged writes/s, one node", run.rate(), "/s")
                     .note(format!("{CLIENTS} HTTP clients, 3 puts : 1 patch, {} refused", run.refused)),
             );
+            let yrs = crate::demo::YRS_COLLECTION;
+            let run = self.hammer(&apis, yrs, "w", Some(self.settings.throughput_duration), None, true).await;
+            figures.push(
+                Figure::new(
+                    "writes_yrs.one_node_per_second",
+                    "acknowledged writes/s, one node, yrs engine",
+                    run.rate(),
+                    "/s",
+                )
+                .note(format!("the same load on a collection of the yrs record engine, {} refused", run.refused)),
+            );
+            println!("  one node, yrs engine: {:.0} writes/s", run.rate());
             let held = self.status(&solo).await?["record_count"].as_u64().unwrap_or(0);
             let missing = self.settings.records.saturating_sub(held);
             let fill = self.hammer(&apis, "fill", "f", None, Some(missing), false).await;

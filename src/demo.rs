@@ -21,6 +21,9 @@ const NAMES: [&str; 3] = ["hq", "store-1", "store-2"];
 /// How long to wait for convergence before calling the run a failure.
 const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The collection the demo's and the bench's nodes keep on the yrs record engine.
+pub const YRS_COLLECTION: &str = "events";
+
 /// One node of the demo, running as tasks of this process. `concord bench` starts its nodes the
 /// same way.
 pub(crate) struct DemoNode {
@@ -62,7 +65,7 @@ impl DemoNode {
             store_cache_bytes: store::CACHE_BYTES_DEFAULT,
             body_bytes_max: 1 << 20,
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,
-            yrs_collections: Vec::new(),
+            yrs_collections: vec![YRS_COLLECTION.to_owned()],
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::node::run_until(config, async move {

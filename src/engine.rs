@@ -756,9 +756,10 @@ impl Engine {
         self.stage_accounting(document, &envelope.key, before, feed);
     }
 
-    /// Stages change bytes `document` already holds: a new document is stored as nothing plus
-    /// its first change (cheaper than a full save, and it keeps exactly the bytes that were
-    /// accepted; see `compact_some`), a stored one gains an increment.
+    /// Stages change bytes `document` already holds: a new document is stored as its first
+    /// change, in the document entry itself (one store insert; cheaper than a full save, and it
+    /// keeps exactly the bytes that were accepted; see `compact_some`), a stored one gains an
+    /// increment.
     fn stage_bytes(&mut self, document: &mut Document, key: &RecordKey, kind: DocumentKind, change: &[u8]) {
         self.dirty.insert(key.clone());
         let key_bytes = key.to_bytes();
@@ -773,9 +774,8 @@ impl Engine {
                 self.compaction.push_back(key.clone());
             }
         } else {
-            self.batch.put_document(&key_bytes, &encode_entry(kind, Vec::new()));
-            self.batch.put_increment(&key_bytes, 0, change);
-            document.next_increment = 1;
+            self.batch.put_document(&key_bytes, &encode_entry(kind, change.to_vec()));
+            document.next_increment = 0;
             document.stored = true;
         }
     }

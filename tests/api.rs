@@ -275,3 +275,74 @@ async fn status_reports_identity_counts_and_an_order_independent_digest() {
         assert!(status[field].as_str().is_some_and(|value| !value.is_empty()), "{field} in {status}");
     }
 }
+
+/// `POST /v1/batch`: many writes in one request, each succeeding or failing on its own, all
+/// accepted ones durable (they survive a kill -9 right after the answer); a malformed batch or
+/// one over the limit is refused whole.
+#[tokio::test]
+async fn a_batch_applies_writes_independently_and_durably() {
+    let directory = temporary_directory();
+    let mut node = Node::start(directory.path()).await;
+    let mut writes: Vec<Value> = (0..200)
+        .map(|index| json!({"op": "put", "collection": "orders", "id": format!("o{index}"), "value": {"n": index}}))
+        .collect();
+    writes.push(json!({"op": "patch", "collection": "orders", "id": "o1", "value": {"paid": true}}));
+    writes.push(json!({"op": "increment", "collection": "orders", "id": "o2", "field": "n", "by": 40}));
+    writes.push(json!({"op": "delete", "collection": "orders", "id": "o3"}));
+    writes.push(json!({"op": "delete", "collection": "orders", "id": "never"}));
+    writes.push(json!({"op": "increment", "collection": "orders", "id": "o1", "field": "paid"}));
+    let (status, body) = node.call(Method::POST, "/v1/batch", Some(Value::Array(writes))).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 205);
+    assert!(results[..203].iter().all(|result| result["status"] == 200 && result["version"].is_string()));
+    assert_eq!((results[203]["status"].as_u64(), results[203]["id"].as_str()), (Some(404), Some("never")));
+    assert_eq!(results[204]["status"], 422);
+    assert!(results[204]["error"].as_str().unwrap().contains("not a number"), "{}", results[204]);
+
+    node.kill();
+    node.start_again().await;
+    assert_eq!(node.get("orders", "o1").await.1["value"], json!({"n": 1, "paid": true}));
+    assert_eq!(node.get("orders", "o2").await.1["value"], json!({"n": 42}));
+    assert_eq!(node.get("orders", "o3").await.0, 404);
+    assert_eq!(node.get("orders", "o199").await.1["value"], json!({"n": 199}));
+    assert_eq!(node.status().await["record_count"], 199);
+
+    let (status, body) = node.call(Method::POST, "/v1/batch", Some(json!({"op": "put"}))).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("JSON array"), "{body}");
+    let bad = json!([{"op": "put", "collection": "orders", "id": "ok", "value": {}}, {"op": "put", "collection": "orders", "id": "x"}]);
+    let (status, body) = node.call(Method::POST, "/v1/batch", Some(bad)).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().starts_with("write 1 of the batch"), "{body}");
+    assert_eq!(node.get("orders", "ok").await.0, 404, "a malformed batch writes nothing");
+    let too_many: Vec<Value> =
+        (0..1001).map(|index| json!({"op": "delete", "collection": "orders", "id": format!("o{index}")})).collect();
+    let (status, body) = node.call(Method::POST, "/v1/batch", Some(Value::Array(too_many))).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("limit is 1000"), "{body}");
+}
+
+/// A collection declared on the yrs engine (`--yrs-collection`) serves the same record API,
+/// without counters (422) and without conflicts.
+#[tokio::test]
+async fn a_yrs_collection_serves_the_record_api_without_counters() {
+    let directory = temporary_directory();
+    let node = Node::start_with(directory.path(), &["--yrs-collection", "events"]).await;
+    let body = node.put("events", "e1", json!({"kind": "click", "at": {"x": 1, "y": 2}, "n": 7})).await;
+    assert_eq!(body["value"], json!({"kind": "click", "at": {"x": 1, "y": 2}, "n": 7}));
+    assert_eq!(body["conflicts"], json!([]));
+    let (status, patched) =
+        node.call(Method::PATCH, &record_path("events", "e1"), Some(json!({"n": null, "at": {"y": 3}}))).await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["value"], json!({"kind": "click", "at": {"x": 1, "y": 3}}));
+    let path = format!("{}/increment", record_path("events", "e1"));
+    let (status, refused) = node.call(Method::POST, &path, Some(json!({"field": "n"}))).await;
+    assert_eq!(status, 422);
+    assert!(refused["error"].as_str().unwrap().contains("no counters"), "{refused}");
+    assert_eq!(node.call(Method::DELETE, &record_path("events", "e1"), None).await.0, 200);
+    assert_eq!(node.get("events", "e1").await.0, 404);
+    // Other collections stay on automerge, counters included.
+    let path = format!("{}/increment", record_path("customers", "c1"));
+    assert_eq!(node.call(Method::POST, &path, Some(json!({"field": "n"}))).await.0, 200);
+}

@@ -119,12 +119,12 @@ impl Record {
     }
 
     /// Rebuilds a record from a saved document followed by incremental change bytes.
-    /// An empty `saved` means a document that starts from nothing (its changes are all in
-    /// `increments`).
+    /// `saved` may also be change bytes (a document stored as its first change), and an empty
+    /// `saved` means a document that starts from nothing (its changes are all in `increments`).
     pub fn load(saved: &[u8], increments: &[&[u8]]) -> Result<Record, RecordError> {
         decode(|| {
-            let mut document = if saved.is_empty() { Automerge::new() } else { Automerge::load(saved)? };
-            for increment in increments {
+            let mut document = Automerge::new();
+            for increment in std::iter::once(&saved).chain(increments).filter(|part| !part.is_empty()) {
                 document.load_incremental(increment)?;
             }
             Ok(Record { document })

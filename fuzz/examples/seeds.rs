@@ -411,7 +411,8 @@ fn main() {
     seeds.add("log-entry", &[&[3][..], &envelopes[1].encode()].concat());
     seeds.report();
 
-    // http_bodies: an endpoint byte (0 PUT, 1 PATCH, 2 increment) and a request body.
+    // http_bodies: an endpoint byte (0 PUT, 1 PATCH, 2 increment, modulo 3; 0xff a batch) and a
+    // request body.
     let mut seeds = Seeds::new("http_bodies", harness::http_bodies);
     seeds.add("put", &body(0, br#"{"name":"ACME","visits":3,"tags":["a"],"nested":{"x":null}}"#));
     seeds.add("patch", &body(1, br#"{"name":null,"visits":7,"address":{"city":"Basel","zip":null}}"#));
@@ -429,6 +430,15 @@ fn main() {
     seeds.add("string", &body(2, br#""visits""#));
     seeds.add("malformed", &body(0, br#"{"a":"#));
     seeds.add("patch-deep", &[&[1][..], nested_object(64).as_bytes()].concat());
+    // 0xff: POST /v1/batch.
+    seeds.add(
+        "batch",
+        &body(
+            0xff,
+            br#"[{"op":"put","collection":"c","id":"1","value":{"a":1}},{"op":"patch","collection":"c","id":"1","value":{"a":null}},{"op":"increment","collection":"c","id":"2","field":"n","by":2},{"op":"delete","collection":"c","id":"3"}]"#,
+        ),
+    );
+    seeds.add("batch-bad-write", &body(0xff, br#"[{"op":"put","collection":"c","id":"1"}]"#));
     seeds.report();
 }
 

@@ -1677,6 +1677,45 @@ pub fn base_http_record() -> &'static Record {
 /// The first byte picks the endpoint (`% 3`: PUT replace, PATCH merge patch, POST increment),
 /// the rest is the body.
 ///
+/// The first byte that sends an `http_bodies` input to `POST /v1/batch`'s parser.
+const BATCH_ENDPOINT: u8 = 0xff;
+
+/// A batch body: never a panic; accepted exactly when it is a JSON array of at most
+/// `BATCH_WRITES_MAX` writes, each of which names a valid key and a known op with its members;
+/// and then each write is what its object says.
+fn batch_body(body: &[u8]) {
+    let parsed = serde_json::from_slice::<Value>(body);
+    match (crdt::body::batch(body), parsed) {
+        (Ok(writes), Ok(Value::Array(items))) => {
+            assert!(items.len() <= crdt::body::BATCH_WRITES_MAX, "an oversized batch was accepted");
+            assert_eq!(writes.len(), items.len(), "a batch lost or gained writes");
+            for ((key, operation), item) in writes.iter().zip(&items) {
+                assert_eq!(item["collection"].as_str(), Some(key.collection()), "a write moved collection");
+                assert_eq!(item["id"].as_str(), Some(key.id()), "a write moved record");
+                let expected = match item["op"].as_str() {
+                    Some("put") => Operation::Replace(as_object(&item["value"]).clone()),
+                    Some("patch") => Operation::MergePatch(as_object(&item["value"]).clone()),
+                    Some("delete") => Operation::Delete,
+                    Some("increment") => Operation::Increment {
+                        field: item["field"].as_str().unwrap_or_default().to_owned(),
+                        by: item.get("by").map_or(Some(1), Value::as_i64).unwrap_or_default(),
+                    },
+                    other => panic!("op {other:?} was accepted"),
+                };
+                assert_eq!(operation, &expected, "a write is not what its object says");
+            }
+        }
+        (Err(BodyError::Malformed(_)), Err(_)) => {}
+        (Err(BodyError::NotABatch(named)), Ok(value)) => assert_eq!(named, crdt::body::kind_of(&value)),
+        (Err(BodyError::BatchTooLarge(count)), Ok(Value::Array(items))) => {
+            assert_eq!(count, items.len());
+            assert!(count > crdt::body::BATCH_WRITES_MAX);
+        }
+        (Err(BodyError::BatchWrite { index, .. }), Ok(Value::Array(items))) => assert!(index < items.len()),
+        (result, parsed) => panic!("batch parsed as {result:?}, JSON says {parsed:?}"),
+    }
+}
+
 /// Never a panic. The body is refused exactly when it is not a JSON object (naming the JSON
 /// kind), or, for an increment, when `field` is not a string or `by` is present and not an
 /// integer in the i64 range. A parsed operation, written to a record with history: a replace
@@ -1686,6 +1725,9 @@ pub fn base_http_record() -> &'static Record {
 /// nothing), of any other field is refused as not a counter; a refused write changes nothing.
 pub fn http_bodies(data: &[u8]) {
     let Some((&endpoint, body)) = data.split_first() else { return };
+    if endpoint == BATCH_ENDPOINT {
+        return batch_body(body);
+    }
     let kind = match endpoint % 3 {
         0 => BodyKind::Replace,
         1 => BodyKind::MergePatch,
