@@ -32,6 +32,9 @@ const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(900);
 const CLIENTS: usize = 64;
 /// Writes in flight at most during the latency phases; the schedule keeps running regardless.
 const LATENCY_IN_FLIGHT_MAX: usize = 512;
+/// Concurrent clients posting batches, and the writes in each batch.
+const BATCH_CLIENTS: usize = 8;
+const BATCH_WRITES: u64 = 100;
 
 /// What one run measures, and for how long.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -180,6 +183,8 @@ const YRS_FIGURES: &[Expected] = &[("ceiling.yrs_changes_per_second", "yrs recor
 const SINGLE_NODE_FIGURES: &[Expected] = &[
     ("writes.one_node_per_second", "acknowledged writes/s, one node", "/s"),
     ("writes_yrs.one_node_per_second", "acknowledged writes/s, one node, yrs engine", "/s"),
+    ("writes_batched.one_node_per_second", "acknowledged writes/s, one node, batches of 100", "/s"),
+    ("writes_yrs_batched.one_node_per_second", "acknowledged writes/s, one node, yrs engine, batches of 100", "/s"),
     ("memory.rss_bytes_per_record", "RSS per record", "B"),
     ("disk.bytes_per_record", "disk per record", "B"),
     ("bootstrap.seconds", "bootstrap of a new node", "s"),
@@ -232,9 +237,9 @@ fn attach_ceilings(figures: &mut [Figure]) {
     let sled = value_of(figures, "ceiling.sled_puts_per_second");
     let round_trip_ms = value_of(figures, "ceiling.quic_rtt_us").map(|micros| micros / 1000.0);
     for figure in figures.iter_mut() {
-        let (ceiling_key, ceiling) = if figure.key.starts_with("writes_yrs.") {
+        let (ceiling_key, ceiling) = if figure.key.starts_with("writes_yrs") {
             ("ceiling.yrs_changes_per_second", yrs)
-        } else if figure.key.starts_with("writes.") || figure.key.starts_with("catch_up.") {
+        } else if figure.key.starts_with("writes") || figure.key.starts_with("catch_up.") {
             ("ceiling.automerge_changes_per_second", automerge)
         } else if figure.key.starts_with("latency.") {
             ("ceiling.quic_rtt_us", round_trip_ms)
@@ -615,6 +620,47 @@ impl Bench {
         Hammered { acknowledged: acknowledged.into_inner(), refused: refused.into_inner(), elapsed: started.elapsed() }
     }
 
+    /// `BATCH_CLIENTS` concurrent clients posting batches of `BATCH_WRITES` writes (3 puts of new
+    /// records to 1 patch) to `POST /v1/batch` until `duration` has passed.
+    async fn hammer_batches(&self, api: &str, collection: &str, duration: Duration) -> Hammered {
+        let next = AtomicU64::new(0);
+        let acknowledged = AtomicU64::new(0);
+        let refused = AtomicU64::new(0);
+        let started = Instant::now();
+        let client = |_worker: usize| {
+            let (next, acknowledged, refused) = (&next, &acknowledged, &refused);
+            async move {
+                while started.elapsed() < duration {
+                    let first = next.fetch_add(BATCH_WRITES, Ordering::Relaxed);
+                    let writes: Vec<Value> = (first..first + BATCH_WRITES)
+                        .map(|index| {
+                            if index % 4 == 3 {
+                                json!({"op": "patch", "collection": collection, "id": format!("b{}", index - 1),
+                                       "value": {"n": index, "patched": true}})
+                            } else {
+                                json!({"op": "put", "collection": collection, "id": format!("b{index}"),
+                                       "value": {"n": index, "site": "bench", "note": "a small record"}})
+                            }
+                        })
+                        .collect();
+                    let response = self.http.post(format!("{api}/v1/batch")).json(&writes).send().await;
+                    let body: Option<Value> = match response {
+                        Ok(response) if response.status() == reqwest::StatusCode::OK => response.json().await.ok(),
+                        _ => None,
+                    };
+                    let succeeded = body
+                        .as_ref()
+                        .and_then(|body| body["results"].as_array())
+                        .map_or(0, |results| results.iter().filter(|result| result["status"] == 200).count() as u64);
+                    acknowledged.fetch_add(succeeded, Ordering::Relaxed);
+                    refused.fetch_add(BATCH_WRITES - succeeded, Ordering::Relaxed);
+                }
+            }
+        };
+        futures::future::join_all((0..BATCH_CLIENTS).map(client)).await;
+        Hammered { acknowledged: acknowledged.into_inner(), refused: refused.into_inner(), elapsed: started.elapsed() }
+    }
+
     /// One node: writes/s, then filled to N records for RSS and disk per record, then a new
     /// node bootstraps from it.
     async fn single_node(&self) -> (Vec<Figure>, anyhow::Result<()>) {
@@ -649,6 +695,17 @@ impl Bench {
                 .note(format!("the same load on a collection of the yrs record engine, {} refused", run.refused)),
             );
             println!("  one node, yrs engine: {:.0} writes/s", run.rate());
+            for (key, label, collection) in [
+                ("writes_batched.one_node_per_second", "acknowledged writes/s, one node, batches of 100", "batched"),
+                ("writes_yrs_batched.one_node_per_second", "acknowledged writes/s, one node, yrs engine, batches of 100", yrs),
+            ] {
+                let run = self.hammer_batches(&solo.api, collection, self.settings.throughput_duration).await;
+                figures.push(Figure::new(key, label, run.rate(), "/s").note(format!(
+                    "{BATCH_CLIENTS} HTTP clients posting /v1/batch of {BATCH_WRITES} writes (3 puts : 1 patch); a write counts once its batch is answered and it succeeded; {} refused",
+                    run.refused
+                )));
+                println!("  {label}: {:.0}/s", run.rate());
+            }
             let held = self.status(&solo).await?["record_count"].as_u64().unwrap_or(0);
             let missing = self.settings.records.saturating_sub(held);
             let fill = self.hammer(&apis, "fill", "f", None, Some(missing), false).await;

@@ -647,3 +647,4 @@ async fn yrs_records_compact_and_reload_after_a_restart() {
     assert_eq!(read_event(&engine, "e1").await, None);
     assert!(write_event(&engine, "e0", Operation::MergePatch(object(json!({"round": 149})))).await.unwrap());
 }
+

@@ -148,19 +148,27 @@ impl Record {
     }
 
     /// Applies change bytes (from an envelope or the disk). Returns whether the document changed;
-    /// applying the same bytes twice changes nothing. On error the document is unchanged.
+    /// applying the same bytes twice changes nothing.
+    ///
+    /// **On error the document may hold part of the bytes** (automerge has no rollback, and
+    /// copying the document first to keep it intact cost more than the apply itself), so a
+    /// caller must throw the record away and rebuild it from what it had stored: the engine
+    /// does.
     ///
     /// Changes whose dependencies have not arrived yet (gossip delivers out of order) are kept,
     /// invisible, until they do; they do not count as a change, and `save` includes them.
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
         let before = self.document.get_heads();
-        let mut candidate = self.document.clone();
-        decode(|| candidate.load_incremental(bytes))?;
-        let changed = candidate.get_heads() != before;
-        // Keep the candidate even when the heads did not move: automerge queues changes that
-        // arrive before their dependencies, and dropping the candidate would lose them for good
-        // (the same bytes are not delivered again), so replicas would never converge.
-        self.document = candidate;
+        decode(|| self.document.load_incremental(bytes))?;
+        Ok(self.document.get_heads() != before)
+    }
+
+    /// Applies change bytes to a copy and keeps it only when they apply: slower than
+    /// [`Record::apply_changes`], for callers that cannot rebuild the record.
+    pub fn apply_changes_intact(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
+        let mut candidate = self.clone();
+        let changed = candidate.apply_changes(bytes)?;
+        *self = candidate;
         Ok(changed)
     }
 

@@ -305,7 +305,7 @@ pub fn record_changes(data: &[u8]) {
 fn apply_to_base(base: &Record, saved: &[u8], bytes: &[u8]) {
     let mut record = base.clone();
     let version = record.version();
-    match record.apply_changes(bytes) {
+    match record.apply_changes_intact(bytes) {
         Err(_) => assert_eq!(record.version(), version, "a failed apply_changes changed the record"),
         Ok(changed) => {
             assert_eq!(changed, record.version() != version, "apply_changes misreported whether it changed");

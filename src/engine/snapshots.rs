@@ -162,9 +162,7 @@ impl Engine {
             None => self.empty_document(record.kind),
         };
         let result = self.merge_snapshot_record(&mut document, &record);
-        if document.stored {
-            self.put_back(key, document);
-        }
+        self.return_document(key, document, &result)?;
         result
     }
 
