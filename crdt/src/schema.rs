@@ -178,12 +178,13 @@ pub fn validate(definition: &Definition, record: &Map<String, Value>) -> Result<
 /// lattice rank lowest.
 pub fn check_field(name: &str, field: &Field, value: &Value) -> Result<(), Violation> {
     field.schema.check(name, value)?;
-    if let (Some(Policy::Ordered(_)), Some(_), false) = (&field.policy, field.schema.kind, value.is_null()) {
-        let policy = field.policy.as_ref().unwrap_or(&Policy::Lww);
-        if policy.lattice_rank(value) == 0 {
-            let message = format!("field {name:?} is {}, which is not in its lattice", describe(value));
-            return Err(violation(name, Rule::Order, message));
-        }
+    if let Some(policy @ Policy::Ordered(_)) = &field.policy
+        && field.schema.kind.is_some()
+        && !value.is_null()
+        && policy.lattice_rank(value) == 0
+    {
+        let message = format!("field {name:?} is {}, which is not in its lattice", describe(value));
+        return Err(violation(name, Rule::Order, message));
     }
     Ok(())
 }

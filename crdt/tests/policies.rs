@@ -139,7 +139,10 @@ fn gossip(writes: &[Vec<Candidate>], steps: &[(usize, usize, bool)], policy: &Po
     replicas.iter().map(|replica| resolve(policy, &replica.received)).collect()
 }
 
-fn replica_schedule(replicas: usize) -> impl Strategy<Value = (Vec<Vec<Candidate>>, Vec<(usize, usize, bool)>)> {
+/// Each replica's own writes, and gossip steps (from, to, reversed).
+type Schedule = (Vec<Vec<Candidate>>, Vec<(usize, usize, bool)>);
+
+fn replica_schedule(replicas: usize) -> impl Strategy<Value = Schedule> {
     (
         prop::collection::vec(prop::collection::vec(candidate(), 0..4), replicas),
         prop::collection::vec((0..replicas, 0..replicas, any::<bool>()), 0..8),
@@ -177,7 +180,7 @@ fn candidates_of(document: &Automerge, timestamps: &BTreeMap<u8, Timestamp>) -> 
             let json = json::read_value(document, value, id, "/f", 0, &mut conflicts).expect("the value reads");
             let origin = NODES[usize::from(actor_byte) - 1];
             let timestamp = timestamps.get(&actor_byte).copied().unwrap_or_default();
-            Candidate::new(json, origin, timestamp, OperationId::from_lamport(*counter, &actor.to_bytes()))
+            Candidate::new(json, origin, timestamp, OperationId::from_lamport(*counter, actor.to_bytes()))
         })
         .collect()
 }
@@ -189,8 +192,11 @@ fn automerge_winner(document: &Automerge) -> Value {
     json::read_value(document, &value, &id, "/f", 0, &mut conflicts).expect("the value reads")
 }
 
-/// One writer's concurrent writes (sequential on the writer: only the last is a candidate).
-fn automerge_scenario(replicas: usize) -> impl Strategy<Value = (Vec<Vec<Value>>, Vec<u64>, Vec<Vec<usize>>, Policy)> {
+/// Each writer's writes (sequential on the writer: only its last is a candidate), each writer's
+/// clock, each replica's delivery order, and the policy.
+type Scenario = (Vec<Vec<Value>>, Vec<u64>, Vec<Vec<usize>>, Policy);
+
+fn automerge_scenario(replicas: usize) -> impl Strategy<Value = Scenario> {
     (
         prop::collection::vec(prop::collection::vec(value(), 1..3), replicas),
         prop::collection::vec(0u64..3, replicas),
