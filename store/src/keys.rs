@@ -24,6 +24,12 @@ pub enum Keyspace {
     Feed,
     /// `m` + name (UTF-8).
     Meta,
+    /// `a` + audit sequence (u64 BE).
+    Audit,
+    /// `c` + conflict sequence (u64 BE).
+    Conflicts,
+    /// `q` + quarantine id (u64 BE).
+    Quarantine,
 }
 
 impl Keyspace {
@@ -35,6 +41,9 @@ impl Keyspace {
             Keyspace::Log => b'l',
             Keyspace::Feed => b'f',
             Keyspace::Meta => b'm',
+            Keyspace::Audit => b'a',
+            Keyspace::Conflicts => b'c',
+            Keyspace::Quarantine => b'q',
         }
     }
 }
@@ -47,12 +56,16 @@ impl fmt::Display for Keyspace {
             Keyspace::Log => "log",
             Keyspace::Feed => "feed",
             Keyspace::Meta => "meta",
+            Keyspace::Audit => "audit",
+            Keyspace::Conflicts => "conflicts",
+            Keyspace::Quarantine => "quarantine",
         })
     }
 }
 
 const LOG_KEY_LENGTH: usize = 1 + 16 + 8;
-const FEED_KEY_LENGTH: usize = 1 + 8;
+/// A prefix byte and a u64: the feed, audit, conflicts and quarantine keys.
+const NUMBERED_KEY_LENGTH: usize = 1 + 8;
 
 pub(crate) fn document(key: &[u8]) -> Vec<u8> {
     let mut encoded = Vec::with_capacity(1 + key.len());
@@ -106,15 +119,26 @@ pub(crate) fn log_sequence(stored: &[u8]) -> Result<u64, ReadError> {
     trailing(stored, LOG_KEY_LENGTH, Keyspace::Log).map(u64::from_be_bytes)
 }
 
-pub(crate) fn feed(sequence: u64) -> [u8; FEED_KEY_LENGTH] {
-    let mut encoded = [0; FEED_KEY_LENGTH];
-    encoded[0] = Keyspace::Feed.prefix();
-    encoded[1..].copy_from_slice(&sequence.to_be_bytes());
-    encoded
+pub(crate) fn feed(sequence: u64) -> [u8; NUMBERED_KEY_LENGTH] {
+    numbered(Keyspace::Feed, sequence)
 }
 
 pub(crate) fn feed_sequence(stored: &[u8]) -> Result<u64, ReadError> {
-    trailing(stored, FEED_KEY_LENGTH, Keyspace::Feed).map(u64::from_be_bytes)
+    number(Keyspace::Feed, stored)
+}
+
+/// The key of entry `number` in a keyspace keyed by a u64 alone (feed, audit, conflicts,
+/// quarantine).
+pub(crate) fn numbered(keyspace: Keyspace, number: u64) -> [u8; NUMBERED_KEY_LENGTH] {
+    let mut encoded = [0; NUMBERED_KEY_LENGTH];
+    encoded[0] = keyspace.prefix();
+    encoded[1..].copy_from_slice(&number.to_be_bytes());
+    encoded
+}
+
+/// The u64 of a key made by [`numbered`] for `keyspace`.
+pub(crate) fn number(keyspace: Keyspace, stored: &[u8]) -> Result<u64, ReadError> {
+    trailing(stored, NUMBERED_KEY_LENGTH, keyspace).map(u64::from_be_bytes)
 }
 
 pub(crate) fn meta(name: &str) -> Vec<u8> {
@@ -144,6 +168,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_keyspace_has_its_own_prefix_byte() {
+        let all = [
+            Keyspace::Documents,
+            Keyspace::Increments,
+            Keyspace::Log,
+            Keyspace::Feed,
+            Keyspace::Meta,
+            Keyspace::Audit,
+            Keyspace::Conflicts,
+            Keyspace::Quarantine,
+        ];
+        for (index, keyspace) in all.iter().enumerate() {
+            assert!(all[..index].iter().all(|other| other.prefix() != keyspace.prefix()), "{keyspace}");
+        }
+    }
+
+    #[test]
     fn increments_of_different_documents_do_not_share_a_prefix() {
         let a = increment(b"a", 0x6200_0000).unwrap_or_default();
         let ab = increment_prefix(b"ab").unwrap_or_default();
@@ -162,7 +203,8 @@ mod tests {
         for length in 0..40 {
             let stored = vec![b'x'; length];
             assert_eq!(log_sequence(&stored).is_ok(), length == LOG_KEY_LENGTH);
-            assert_eq!(feed_sequence(&stored).is_ok(), length == FEED_KEY_LENGTH);
+            assert_eq!(feed_sequence(&stored).is_ok(), length == NUMBERED_KEY_LENGTH);
+            assert_eq!(number(Keyspace::Audit, &stored).is_ok(), length == NUMBERED_KEY_LENGTH);
             assert_eq!(increment_index(&stored, 5).is_ok(), length == 9);
             assert!(increment_index(&stored, usize::MAX - 2).is_err());
         }
@@ -176,6 +218,9 @@ mod tests {
         let origin = [7; 16];
         assert_eq!(log_sequence(&log(&origin, 42)).ok(), Some(42));
         assert_eq!(feed_sequence(&feed(u64::MAX)).ok(), Some(u64::MAX));
+        for keyspace in [Keyspace::Audit, Keyspace::Conflicts, Keyspace::Quarantine] {
+            assert_eq!(number(keyspace, &numbered(keyspace, 258)).ok(), Some(258));
+        }
         let prefix = increment_prefix(b"doc").unwrap_or_default();
         let key = increment(b"doc", 9).unwrap_or_default();
         assert_eq!(increment_index(&key, prefix.len()).ok(), Some(9));

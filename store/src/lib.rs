@@ -15,6 +15,9 @@
 //! | log        | `l` + origin (16 bytes) + sequence (u64 BE)                    | a change-log entry                   |
 //! | feed       | `f` + feed sequence (u64 BE)                                   | a local change-feed entry            |
 //! | meta       | `m` + name                                                     | identity, version vector, counters   |
+//! | audit      | `a` + audit sequence (u64 BE)                                  | an audit-trail entry                 |
+//! | conflicts  | `c` + conflict sequence (u64 BE)                               | a conflict-ledger entry              |
+//! | quarantine | `q` + quarantine id (u64 BE)                                   | a change held back, with its reason  |
 //!
 //! Big-endian integers make sled's byte order the numeric order, and the length in front of the
 //! document key keeps the increments of document `ab` apart from those of document `a`. The meta
@@ -221,6 +224,51 @@ impl Store {
         self.collect(range, limit, |stored, value| Ok(Some((keys::feed_sequence(stored)?, value.to_vec()))))
     }
 
+    /// The audit entry at `sequence`.
+    pub fn audit_entry(&self, sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        self.numbered_entry(Keyspace::Audit, sequence)
+    }
+
+    /// Audit entries with sequence > after, ascending, at most `limit`.
+    pub fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_range(Keyspace::Audit, after, limit)
+    }
+
+    /// The audit entry with the highest sequence, if any.
+    pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_last(Keyspace::Audit)
+    }
+
+    /// The conflict entry at `sequence`.
+    pub fn conflict(&self, sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        self.numbered_entry(Keyspace::Conflicts, sequence)
+    }
+
+    /// Conflict entries with sequence > after, ascending, at most `limit`.
+    pub fn conflict_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_range(Keyspace::Conflicts, after, limit)
+    }
+
+    /// The conflict entry with the highest sequence, if any.
+    pub fn conflict_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_last(Keyspace::Conflicts)
+    }
+
+    /// The quarantined change with id `id`.
+    pub fn quarantined(&self, id: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        self.numbered_entry(Keyspace::Quarantine, id)
+    }
+
+    /// Quarantined changes with id > after, ascending, at most `limit`.
+    pub fn quarantine_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_range(Keyspace::Quarantine, after, limit)
+    }
+
+    /// The quarantined change with the highest id, if any.
+    pub fn quarantine_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+        self.numbered_last(Keyspace::Quarantine)
+    }
+
     /// Applies the batch atomically and then flushes (sled `flush()`), returning only once durable.
     ///
     /// This is the single path that flushes: sled 0.34.7 deadlocks when several tasks call
@@ -247,6 +295,29 @@ impl Store {
     /// The bytes the store's files take on disk, as sled counts them.
     pub fn size_on_disk(&self) -> Result<u64, ReadError> {
         self.read(|| Ok(self.db.size_on_disk()?))
+    }
+
+    fn numbered_entry(&self, keyspace: Keyspace, number: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        self.read(|| Ok(self.db.get(keys::numbered(keyspace, number))?.map(|value| value.to_vec())))
+    }
+
+    fn numbered_range(&self, keyspace: Keyspace, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let range = keys::numbered(keyspace, from)..=keys::numbered(keyspace, u64::MAX);
+        self.collect(range, limit, |stored, value| Ok(Some((keys::number(keyspace, stored)?, value.to_vec()))))
+    }
+
+    fn numbered_last(&self, keyspace: Keyspace) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+        let range = keys::numbered(keyspace, 0)..=keys::numbered(keyspace, u64::MAX);
+        self.read(|| match self.db.range(range).next_back() {
+            Some(entry) => {
+                let (stored, value) = entry?;
+                Ok(Some((keys::number(keyspace, &stored)?, value.to_vec())))
+            }
+            None => Ok(None),
+        })
     }
 
     /// Runs a read under the visibility lock, turning a sled panic into an error.
@@ -332,6 +403,36 @@ impl WriteBatch {
     /// Stores the feed entry at `sequence`.
     pub fn put_feed(&mut self, sequence: u64, value: &[u8]) {
         self.insert(keys::feed(sequence).to_vec(), value);
+    }
+
+    /// Stores the audit entry at `sequence`.
+    pub fn put_audit(&mut self, sequence: u64, value: &[u8]) {
+        self.insert(keys::numbered(Keyspace::Audit, sequence).to_vec(), value);
+    }
+
+    /// Removes the audit entry at `sequence` (retention).
+    pub fn remove_audit(&mut self, sequence: u64) {
+        self.remove(keys::numbered(Keyspace::Audit, sequence).to_vec());
+    }
+
+    /// Stores the conflict entry at `sequence`.
+    pub fn put_conflict(&mut self, sequence: u64, value: &[u8]) {
+        self.insert(keys::numbered(Keyspace::Conflicts, sequence).to_vec(), value);
+    }
+
+    /// Removes the conflict entry at `sequence`.
+    pub fn remove_conflict(&mut self, sequence: u64) {
+        self.remove(keys::numbered(Keyspace::Conflicts, sequence).to_vec());
+    }
+
+    /// Stores the quarantined change with id `id`.
+    pub fn put_quarantine(&mut self, id: u64, value: &[u8]) {
+        self.insert(keys::numbered(Keyspace::Quarantine, id).to_vec(), value);
+    }
+
+    /// Removes the quarantined change with id `id` (dropped, or retried successfully).
+    pub fn remove_quarantine(&mut self, id: u64) {
+        self.remove(keys::numbered(Keyspace::Quarantine, id).to_vec());
     }
 
     /// Stores the meta entry `name`. The name `format` is the store's own: using it makes the

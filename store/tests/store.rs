@@ -212,6 +212,83 @@ fn keyspaces_and_keys_do_not_mix() {
 }
 
 #[test]
+fn audit_conflicts_and_quarantine_keep_numbered_entries_apart() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    assert_eq!(store.audit_last().expect("read"), None);
+    assert_eq!(store.conflict_last().expect("read"), None);
+    assert_eq!(store.quarantine_last().expect("read"), None);
+    let numbered = |name: &str, number: u64| (number, format!("{name} {number}").into_bytes());
+    commit(&store, |batch| {
+        // Out of order: the store returns number order.
+        for sequence in [256, 1, u64::MAX, 3, 2] {
+            batch.put_audit(sequence, &numbered("audit", sequence).1);
+        }
+        for sequence in [2, 1] {
+            batch.put_conflict(sequence, &numbered("conflict", sequence).1);
+        }
+        batch.put_quarantine(7, &numbered("quarantine", 7).1);
+        batch.put_feed(1, b"feed");
+        batch.put_meta("audit_anchor", b"anchor");
+    });
+    drop(store);
+
+    let store = Store::open(&directory).expect("reopen");
+    let audit = |sequences: &[u64]| sequences.iter().map(|&sequence| numbered("audit", sequence)).collect::<Vec<_>>();
+    assert_eq!(store.audit_range(0, 3).expect("read"), audit(&[1, 2, 3]));
+    assert_eq!(store.audit_range(3, 10).expect("read"), audit(&[256, u64::MAX]));
+    assert_eq!(store.audit_range(u64::MAX, 10).expect("read"), vec![]);
+    assert_eq!(store.audit_range(0, 0).expect("read"), vec![]);
+    assert_eq!(store.audit_last().expect("read"), Some(numbered("audit", u64::MAX)));
+    assert_eq!(store.audit_entry(256).expect("read"), Some(numbered("audit", 256).1));
+    assert_eq!(store.audit_entry(4).expect("read"), None);
+
+    assert_eq!(store.conflict_range(0, 10).expect("read"), vec![numbered("conflict", 1), numbered("conflict", 2)]);
+    assert_eq!(store.conflict_range(1, 10).expect("read"), vec![numbered("conflict", 2)]);
+    assert_eq!(store.conflict_last().expect("read"), Some(numbered("conflict", 2)));
+    assert_eq!(store.conflict(1).expect("read"), Some(numbered("conflict", 1).1));
+
+    assert_eq!(store.quarantine_range(0, 10).expect("read"), vec![numbered("quarantine", 7)]);
+    assert_eq!(store.quarantine_range(7, 10).expect("read"), vec![]);
+    assert_eq!(store.quarantined(7).expect("read"), Some(numbered("quarantine", 7).1));
+    assert_eq!(store.quarantined(1).expect("read"), None);
+
+    // The other keyspaces are untouched.
+    assert_eq!(store.feed_range(0, 10).expect("read"), vec![(1, b"feed".to_vec())]);
+    assert_eq!(store.meta("audit_anchor").expect("read"), Some(b"anchor".to_vec()));
+
+    let mut batch = WriteBatch::default();
+    batch.remove_audit(1);
+    batch.remove_audit(2);
+    batch.remove_conflict(2);
+    batch.remove_quarantine(7);
+    assert_eq!(batch.len(), 4);
+    store.commit(batch).expect("commit");
+    assert_eq!(store.audit_range(0, 1).expect("read"), audit(&[3]));
+    assert_eq!(store.conflict_last().expect("read"), Some(numbered("conflict", 1)));
+    assert_eq!(store.quarantine_last().expect("read"), None);
+    assert_eq!(store.quarantine_range(0, 10).expect("read"), vec![]);
+}
+
+#[test]
+fn numbered_keys_of_the_wrong_length_are_corrupt() {
+    let (_temporary, directory) = folder();
+    drop(Store::open(&directory).expect("create"));
+    insert_raw(&directory, &[b'a', 0, 0, 1]);
+    insert_raw(&directory, &[b'c', 0, 0, 0, 0, 0, 0, 0, 1, 9]);
+    insert_raw(&directory, &[b'q', 1]);
+    let store = Store::open(&directory).expect("open");
+    let error = store.audit_range(0, 10).expect_err("a short audit key");
+    assert!(matches!(error, ReadError::Corrupt { keyspace: Keyspace::Audit, .. }), "{error}");
+    assert!(error.to_string().contains("audit keyspace"), "{error}");
+    assert!(matches!(store.audit_last(), Err(ReadError::Corrupt { keyspace: Keyspace::Audit, .. })));
+    assert!(matches!(store.conflict_range(0, 10), Err(ReadError::Corrupt { keyspace: Keyspace::Conflicts, .. })));
+    assert!(matches!(store.conflict_last(), Err(ReadError::Corrupt { keyspace: Keyspace::Conflicts, .. })));
+    assert!(matches!(store.quarantine_range(0, 10), Err(ReadError::Corrupt { keyspace: Keyspace::Quarantine, .. })));
+    assert!(matches!(store.quarantine_last(), Err(ReadError::Corrupt { keyspace: Keyspace::Quarantine, .. })));
+}
+
+#[test]
 fn document_keys_paginate() {
     let (_temporary, directory) = folder();
     let store = Store::open(&directory).expect("create");
