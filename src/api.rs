@@ -47,6 +47,7 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
     Router::new()
         .route(&format!("{records}/{{id}}"), get(get_record).put(put_record).patch(patch_record).delete(delete_record))
         .route(&format!("{records}/{{id}}/increment"), axum::routing::post(increment_record))
+        .route("/v1/collections/{collection}/definition", get(get_definition).put(put_definition))
         .route(records, get(list_records))
         .route(&format!("{texts}/{{id}}"), get(get_text).put(create_text))
         .route(&format!("{texts}/{{id}}/update"), get(get_text_update).post(post_text_update))
@@ -92,7 +93,8 @@ impl From<EngineError> for ApiError {
             {
                 StatusCode::BAD_REQUEST
             }
-            EngineError::Operation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::Operation(_) | EngineError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::SystemCollection(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EngineError::Text(_) | EngineError::BadChange { .. } => StatusCode::BAD_REQUEST,
             EngineError::WrongKind { .. } => StatusCode::CONFLICT,
             EngineError::Stopped | EngineError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -247,6 +249,44 @@ async fn write(
         await_acknowledgements(state, envelope.origin, envelope.sequence, &query).await?;
     }
     Ok(Json(RecordBody::new(&key, outcome.view)))
+}
+
+/// `PUT /v1/collections/{c}/definition`: the body is a definition in JSON, or TOML (anything that
+/// is not a JSON object). It is stored as a replicated record, so every node resolves with it
+/// once they have synced. Answers the definition as stored (canonical JSON).
+async fn put_definition(
+    State(state): State<AppState>,
+    Path(collection): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "definition is not UTF-8"))?;
+    let definition = if text.trim_start().starts_with('{') {
+        crdt::collection::Definition::from_json(text)
+    } else {
+        crdt::collection::Definition::from_toml(text)
+    }
+    .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.to_string()))?;
+    let stored = definition.clone();
+    let name = collection.clone();
+    let outcome = state.engine.call(move |engine| engine.define_collection(&name, &stored)).await??;
+    Ok(Json(serde_json::json!({
+        "collection": collection,
+        "definition": serde_json::from_str::<Value>(&definition.encode()).unwrap_or(Value::Null),
+        "version": outcome.view.version,
+    })))
+}
+
+/// `GET /v1/collections/{c}/definition`: the definition in force on this node, 404 if none.
+async fn get_definition(State(state): State<AppState>, Path(collection): Path<String>) -> ApiResult<Json<Value>> {
+    let name = collection.clone();
+    let definition = state.engine.call(move |engine| engine.definition(&name)).await??;
+    let Some(definition) = definition else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("collection {collection:?} has no definition")));
+    };
+    Ok(Json(serde_json::json!({
+        "collection": collection,
+        "definition": serde_json::from_str::<Value>(&definition.encode()).unwrap_or(Value::Null),
+    })))
 }
 
 /// One write's outcome in a batch answer.

@@ -63,6 +63,28 @@ pub enum Command {
     /// Create the cluster CA or issue node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Define a collection's field policies and schema, or show its definition.
+    #[command(subcommand)]
+    Collection(CollectionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionCommand {
+    /// Store a definition (TOML, or JSON) for collection NAME; it replicates to every node.
+    Define {
+        name: String,
+        /// The definition file (see docs/policies.md).
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show the definition in force for collection NAME.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

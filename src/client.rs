@@ -6,7 +6,7 @@ use futures::StreamExt;
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::cli::{CertCommand, ClientArgs, Command, Output, WriteArgs};
+use crate::cli::{CertCommand, ClientArgs, CollectionCommand, Command, Output, WriteArgs};
 
 /// An HTTP client for one node's API.
 #[derive(Debug)]
@@ -150,6 +150,24 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             print_list(&page, arguments.client.output);
         }
         Command::Watch(arguments) => watch(&arguments.client, arguments.since).await?,
+        Command::Collection(CollectionCommand::Define { name, file, client }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let node = Client::new(&client)?;
+            let request = node.request(Method::PUT, node.url(&["v1", "collections", &name, "definition"])?).body(text);
+            let answer: Value = node.send(request).await?.json().await.context("the node's answer is not JSON")?;
+            match client.output {
+                Output::Json => println!("{answer}"),
+                Output::Table => println!("defined {name}: {}", answer["definition"]),
+            }
+        }
+        Command::Collection(CollectionCommand::Show { name, client }) => {
+            let node = Client::new(&client)?;
+            let answer = node.json(Method::GET, &["v1", "collections", &name, "definition"], None).await?;
+            match client.output {
+                Output::Json => println!("{answer}"),
+                Output::Table => println!("{}", serde_json::to_string_pretty(&answer["definition"])?),
+            }
+        }
         Command::Status(arguments) => {
             let client = Client::new(&arguments)?;
             let status = client.json(Method::GET, &["v1", "status"], None).await?;

@@ -31,7 +31,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
+mod collections;
 mod snapshots;
+
+pub use collections::is_system_collection;
 
 pub(crate) use snapshots::StoreSource;
 pub use snapshots::{LOG_RETENTION_DEFAULT, SNAPSHOT_RECORD_BYTES_MAX};
@@ -67,6 +70,12 @@ pub enum EngineError {
     Text(Box<TextError>),
     #[error("change for {key} does not apply: {reason}")]
     BadChange { key: RecordKey, reason: String },
+    #[error("collection {0:?} is reserved for Concord's own records (names starting with '_')")]
+    SystemCollection(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Invalid(Box<crdt::schema::Violation>),
 }
 
 impl From<OperationError> for EngineError {
@@ -337,6 +346,7 @@ pub struct Engine {
     compaction_queued: HashSet<RecordKey>,
     text_limits: TextLimits,
     yrs_collections: std::collections::BTreeSet<String>,
+    definitions: collections::Definitions,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replication: crate::replication::Replication,
 }
@@ -475,6 +485,7 @@ pub fn start(
         compaction_queued: HashSet::new(),
         text_limits: settings.text_limits,
         yrs_collections: settings.yrs_collections,
+        definitions: Default::default(),
         metrics,
         replication: crate::replication::Replication {
             replica: crdt::replica::Replica::new(version_vector, log_floors, settings.replication, Instant::now()),
@@ -639,8 +650,17 @@ impl Engine {
         if self.yrs_collections.contains(key.collection()) { DocumentKind::MapRecord } else { DocumentKind::Record }
     }
 
-    /// Applies a local record write and stages it for the group commit.
+    /// Applies a local record write and stages it for the group commit. System collections
+    /// (names starting with `_`) are refused: the engine writes those itself.
     pub fn write_record(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+        if is_system_collection(key.collection()) {
+            return Err(EngineError::SystemCollection(key.collection().to_owned()));
+        }
+        self.write_document(key, operation)
+    }
+
+    /// [`Engine::write_record`] without the system-collection check.
+    fn write_document(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
             None => self.empty_document(self.record_kind(&key)),
@@ -658,16 +678,23 @@ impl Engine {
         document: &mut Document,
         operation: &Operation,
     ) -> Result<WriteOutcome, EngineError> {
+        self.check_schema(key, document, operation)?;
+        let whole_fields = self.whole_fields(key.collection())?;
         let before = Before::of(document, key);
         let timestamp = self.clock.tick(physical_ms());
         let change = match &mut document.body {
-            Body::Record(record) => record.write(key, &self.identity.origin, timestamp, operation)?,
+            Body::Record(record) => {
+                let options =
+                    crdt::record::WriteOptions { writer: Some(&self.identity.name), whole_fields: &whole_fields };
+                record.write_with(key, &self.identity.origin, options, timestamp, operation)?
+            }
             Body::Map(record) => record.write(operation, &self.text_limits).map_err(OperationError::from)?,
             Body::Text(_) => {
                 return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
             }
         };
         let view = document.body.view(key)?;
+        let view = self.resolved_view(key, document, view)?;
         let Some(change) = change else { return Ok(WriteOutcome { changed: false, view, envelope: None }) };
         let envelope = self.local_envelope(key, document.body.kind(), timestamp, change);
         self.stage_change(document, &envelope, before, true);
@@ -804,6 +831,7 @@ impl Engine {
     /// After a document changed: the record count, the digest, and the feed entry if any.
     fn stage_accounting(&mut self, document: &Document, key: &RecordKey, before: Before, feed: Option<FeedEntry>) {
         self.counters_dirty = true;
+        self.definitions.changed(key);
         match (before.live, document.body.is_live()) {
             (false, true) => self.counters.record_count += 1,
             (true, false) => self.counters.record_count = self.counters.record_count.saturating_sub(1),
@@ -828,7 +856,7 @@ impl Engine {
     /// The view of a record document, deleted or not; `None` when there is no document.
     fn record_view(&mut self, key: &RecordKey) -> Result<Option<RecordView>, EngineError> {
         let Some(document) = self.take_document(key)? else { return Ok(None) };
-        let result = document.body.view(key);
+        let result = document.body.view(key).and_then(|view| self.resolved_view(key, &document, view));
         self.put_back(key.clone(), document);
         self.metrics.reads.inc();
         result.map(Some)

@@ -648,3 +648,93 @@ async fn yrs_records_compact_and_reload_after_a_restart() {
     assert!(write_event(&engine, "e0", Operation::MergePatch(object(json!({"round": 149})))).await.unwrap());
 }
 
+
+/// Declared field policies on three engines that receive the same concurrent writes in three
+/// different orders: every engine reads the same resolved values, the ones the policies say,
+/// and lists the concurrent values as conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_policies_resolve_concurrent_writes_identically_in_every_delivery_order() {
+    let directories: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut engines = Vec::new();
+    for (index, directory) in directories.iter().enumerate() {
+        engines.push(start(directory.path(), &format!("engine-{index}")).await);
+    }
+    let definition = crdt::collection::Definition::from_toml(
+        r#"
+        [fields.status]
+        policy = "ordered"
+        order = ["draft", "approved", "shipped"]
+        [fields.price]
+        policy = "max"
+        [fields.owner]
+        policy = "priority"
+        priority = ["engine-2", "engine-0"]
+        [fields.tags]
+        policy = "union"
+        [fields.note]
+        policy = "latest"
+        "#,
+    )
+    .unwrap();
+    let defined = engines[0]
+        .call(move |engine| engine.define_collection("orders", &definition))
+        .await
+        .unwrap()
+        .unwrap()
+        .envelope
+        .unwrap();
+    let base = write(
+        &engines[0],
+        "o1",
+        Operation::Replace(object(json!({"status": "draft", "price": 10, "owner": "nobody", "tags": ["a"], "note": "n"}))),
+    )
+    .await;
+    for engine in &engines[1..] {
+        apply(engine, defined.clone()).await;
+        apply(engine, base.clone()).await;
+    }
+    let patches = [
+        json!({"status": "shipped", "price": 5, "owner": "from0", "tags": ["a", "b"], "note": "zero"}),
+        json!({"status": "approved", "price": 50, "owner": "from1", "tags": ["c"], "note": "one"}),
+        json!({"status": "draft", "price": 20, "owner": "from2", "tags": ["d"], "note": "two"}),
+    ];
+    let mut changes = Vec::new();
+    for (engine, patch) in engines.iter().zip(patches) {
+        changes.push(write(engine, "o1", Operation::MergePatch(object(patch))).await);
+        // Distinct wall-clock milliseconds, so `latest` has a clear answer: the last writer.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for (engine, order) in engines.iter().zip([[2, 1], [0, 2], [1, 0]]) {
+        for index in order {
+            apply(engine, changes[index].clone()).await;
+        }
+    }
+    let mut reads = Vec::new();
+    for engine in &engines {
+        let key = RecordKey::new("orders", "o1").unwrap();
+        reads.push(engine.call(move |engine| engine.read_record(key)).await.unwrap().unwrap().unwrap().view);
+    }
+    let expected = object(json!({
+        "status": "shipped",
+        "price": 50,
+        "owner": "from2",
+        "tags": ["a", "b", "c", "d"],
+        "note": "two",
+    }));
+    for read in &reads {
+        assert_eq!(read.value.as_ref().unwrap(), &expected);
+        let fields: Vec<&str> = read.conflicts.iter().map(|conflict| conflict.field.as_str()).collect();
+        assert_eq!(fields, ["/note", "/owner", "/price", "/status", "/tags"]);
+        // engine-2's "draft" equalled the value it had, so it wrote nothing to `status`.
+        let counts: Vec<usize> = read.conflicts.iter().map(|conflict| conflict.values.len()).collect();
+        assert_eq!(counts, [3, 3, 3, 2, 3], "{:?}", read.conflicts);
+    }
+    // A later write supersedes the concurrent values: no conflict, and the written value shows.
+    write(&engines[1], "o1", Operation::MergePatch(object(json!({"status": "approved"})))).await;
+    assert_eq!(read_value(&engines[1], "o1").await.unwrap()["status"], json!("approved"));
+    // The definition itself replicated: every engine shows it.
+    for engine in &engines {
+        let definition = engine.call(|engine| engine.definition("orders")).await.unwrap().unwrap();
+        assert!(definition.is_some());
+    }
+}

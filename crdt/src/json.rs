@@ -180,6 +180,30 @@ pub fn read_slot<D: ReadDoc>(
     }
 }
 
+/// RFC 7386 on one value: objects merge member by member, `null` removes a member, anything
+/// else replaces. Recursive, so callers bound the patch's depth first ([`check_depth`]).
+pub fn merge_patch(current: Option<&Value>, patch: &Map<String, Value>) -> Value {
+    let mut merged = match current {
+        Some(Value::Object(object)) => object.clone(),
+        _ => Map::new(),
+    };
+    for (member, value) in patch {
+        match value {
+            Value::Null => {
+                merged.remove(member);
+            }
+            Value::Object(inner) => {
+                let next = merge_patch(merged.get(member), inner);
+                merged.insert(member.clone(), next);
+            }
+            other => {
+                merged.insert(member.clone(), other.clone());
+            }
+        }
+    }
+    Value::Object(merged)
+}
+
 /// Escapes a key for a JSON Pointer (RFC 6901).
 pub fn escape_pointer(key: &str) -> Cow<'_, str> {
     if key.contains(['~', '/']) { Cow::Owned(key.replace('~', "~0").replace('/', "~1")) } else { Cow::Borrowed(key) }

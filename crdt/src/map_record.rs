@@ -29,7 +29,7 @@
 
 use std::cell::Cell;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use yrs::types::ToJson;
 use yrs::{Any, Map as _, MapRef, Number, Out, ReadTxn, WriteTxn};
 
@@ -237,7 +237,7 @@ impl State {
                     let current = if live { self.field(&key) } else { None };
                     let next = match (operation, value) {
                         (Operation::MergePatch(_), Value::Null) => None,
-                        (Operation::MergePatch(_), Value::Object(patch)) => Some(merge_patch(current, patch)),
+                        (Operation::MergePatch(_), Value::Object(patch)) => Some(json::merge_patch(current, patch)),
                         _ => Some(value.clone()),
                     };
                     match next {
@@ -311,29 +311,6 @@ fn life_prefix(life: u64) -> String {
     format!("{life}:")
 }
 
-/// RFC 7386 on one field's value: objects merge member by member, `null` removes a member.
-fn merge_patch(current: Option<&Value>, patch: &Map<String, Value>) -> Value {
-    let mut merged = match current {
-        Some(Value::Object(object)) => object.clone(),
-        _ => Map::new(),
-    };
-    for (member, value) in patch {
-        match value {
-            Value::Null => {
-                merged.remove(member);
-            }
-            Value::Object(inner) => {
-                let next = merge_patch(merged.get(member), inner);
-                merged.insert(member.clone(), next);
-            }
-            other => {
-                merged.insert(member.clone(), other.clone());
-            }
-        }
-    }
-    Value::Object(merged)
-}
-
 /// JSON to a yrs value: integers stay integers (`Number::Int`), other numbers are `Number`.
 fn json_to_any(value: &Value, depth_max: usize) -> Result<Any, MapRecordError> {
     fn convert(value: &Value, depth: usize, depth_max: usize) -> Result<Any, MapRecordError> {
@@ -390,7 +367,7 @@ fn any_to_json(value: &Any) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Map, json};
 
     const LIMITS: TextLimits = TextLimits { update_bytes_max: 1 << 20, nesting_depth_max: 32, document_bytes_max: 64 << 20 };
 

@@ -186,6 +186,20 @@ impl Record {
         timestamp: Timestamp,
         operation: &Operation,
     ) -> Result<Option<Vec<u8>>, OperationError> {
+        self.write_with(key, origin, WriteOptions::default(), timestamp, operation)
+    }
+
+    /// [`Record::write`], made as `options` say (see [`WriteOptions`]).
+    pub fn write_with(
+        &mut self,
+        key: &RecordKey,
+        origin: &OriginId,
+        options: WriteOptions<'_>,
+        timestamp: Timestamp,
+        operation: &Operation,
+    ) -> Result<Option<Vec<u8>>, OperationError> {
+        let WriteOptions { writer, whole_fields } = options;
+        let whole = |field: &str| whole_fields.iter().any(|whole| whole == field);
         validate(operation)?;
         let heads_before = self.document.get_heads();
         // One transaction rolls back by itself on error, so only an increment (up to three
@@ -193,7 +207,13 @@ impl Record {
         let mut copy = matches!(operation, Operation::Increment { .. }).then(|| self.document.clone());
         let candidate = copy.as_mut().unwrap_or(&mut self.document);
         candidate.set_actor(origin.actor());
-        let options = || CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
+        let options = || {
+            let options = CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
+            match writer {
+                Some(name) => options.with_message(name),
+                None => options,
+            }
+        };
         match operation {
             Operation::Delete => {
                 if causal_length(candidate) % 2 == 1 {
@@ -206,19 +226,41 @@ impl Record {
             Operation::Replace(fields) => transact(candidate, options(), |transaction| {
                 let life = enter_life(transaction)?;
                 let prefix = life_prefix(life);
+                let (whole_given, in_place): (Map<String, Value>, Map<String, Value>) =
+                    fields.clone().into_iter().partition(|(field, _)| whole(field));
                 json::update_map_filtered(
                     transaction,
                     &ROOT,
-                    fields,
+                    &in_place,
                     |field| Cow::Owned(format!("{prefix}{field}")),
-                    |stored| stored.strip_prefix(prefix.as_str()).map(Cow::Borrowed),
+                    |stored| stored.strip_prefix(prefix.as_str()).filter(|field| !whole(field)).map(Cow::Borrowed),
                 )?;
+                for field in whole_fields.iter().filter(|field| !whole_given.contains_key(field.as_str())) {
+                    let stored = stored_key(life, field);
+                    if transaction.get(ROOT, stored.as_str())?.is_some() {
+                        transaction.delete(ROOT, stored.as_str())?;
+                    }
+                }
+                for (field, value) in &whole_given {
+                    write_whole(transaction, &stored_key(life, field), value)?;
+                }
                 tidy(transaction, life)
             })?,
             Operation::MergePatch(patch) => transact(candidate, options(), |transaction| {
                 let life = enter_life(transaction)?;
                 for (field, value) in patch {
-                    json::merge_patch_slot(transaction, &ROOT, stored_key(life, field).into(), value)?;
+                    let stored = stored_key(life, field);
+                    if whole(field) && !value.is_null() {
+                        let merged = match value {
+                            Value::Object(members) => {
+                                json::merge_patch(read_stored(transaction, &stored)?.as_ref(), members)
+                            }
+                            other => other.clone(),
+                        };
+                        write_whole(transaction, &stored, &merged)?;
+                        continue;
+                    }
+                    json::merge_patch_slot(transaction, &ROOT, stored.into(), value)?;
                 }
                 tidy(transaction, life)
             })?,
@@ -265,6 +307,71 @@ impl Record {
     }
 }
 
+/// One of a top-level field's concurrent values, with what conflict resolution needs to know
+/// about the operation that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrentValue {
+    pub value: Value,
+    /// The automerge actor that wrote it: the writing node's origin (16 bytes), or a counter
+    /// genesis actor.
+    pub actor: Vec<u8>,
+    /// The operation's counter: with the actor, automerge's own total order of operations.
+    pub counter: u64,
+}
+
+impl Record {
+    /// The user fields of the current life that hold concurrent values, in key order: what the
+    /// conflict ledger watches.
+    pub fn conflicted_fields(&self) -> Vec<String> {
+        if !self.is_live() {
+            return Vec::new();
+        }
+        let prefix = life_prefix(causal_length(&self.document));
+        self.document
+            .keys(ROOT)
+            .filter(|key| key.starts_with(prefix.as_str()))
+            .filter(|key| self.document.get_all(ROOT, key.as_str()).is_ok_and(|values| values.len() > 1))
+            .filter_map(|key| key.strip_prefix(prefix.as_str()).map(str::to_owned))
+            .collect()
+    }
+
+    /// Every concurrent value of top-level field `field` (of the current life): one when there
+    /// is no conflict, none when the field is absent or the record deleted.
+    pub fn concurrent_values(&self, field: &str) -> Result<Vec<ConcurrentValue>, RecordError> {
+        if !self.is_live() {
+            return Ok(Vec::new());
+        }
+        let stored = stored_key(causal_length(&self.document), field);
+        let all = self.document.get_all(ROOT, stored.as_str()).map_err(JsonError::from)?;
+        let mut values = Vec::with_capacity(all.len());
+        for (value, id) in &all {
+            let mut nested = Vec::new();
+            let json = json::read_value(&self.document, value, id, "", 1, &mut nested)?;
+            let (counter, actor) = match id {
+                automerge::ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
+                automerge::ObjId::Root => (0, Vec::new()),
+            };
+            values.push(ConcurrentValue { value: json, actor, counter });
+        }
+        Ok(values)
+    }
+
+    /// The time (milliseconds, as its writer's clock gave it) and the writing node's name (when
+    /// the change carries one, see [`Record::write_named`]) of the change that made operation
+    /// (`actor`, `counter`), if the document holds it. Walks the history: for conflicts only.
+    pub fn operation_writer(&self, actor: &[u8], counter: u64) -> Option<(u64, Option<String>)> {
+        self.document
+            .get_changes(&[])
+            .into_iter()
+            .find(|change| {
+                change.actor_id().to_bytes() == actor
+                    && change.start_op().get() <= counter
+                    && counter < change.start_op().get() + change.len() as u64
+            })
+            .map(|change| (u64::try_from(change.timestamp()).unwrap_or(0), change.message().map(str::to_owned)))
+    }
+}
+
 /// Runs automerge's decoder on bytes from a peer or the disk. automerge 0.12 panics, instead of
 /// returning an error, on some malformed input whose chunk checksums are valid (one flipped byte
 /// in a saved document's change columns panics in `ChangeGraphCols::load`; the corrupted-chunk
@@ -294,6 +401,36 @@ fn validate(operation: &Operation) -> Result<(), OperationError> {
         Operation::Increment { .. } | Operation::Delete => {}
     }
     Ok(())
+}
+
+/// How a write is made, beyond what it writes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriteOptions<'a> {
+    /// The writing node's name, carried in the change's message, where the `priority` conflict
+    /// policy reads it ([`Record::operation_writer`]).
+    pub writer: Option<&'a str>,
+    /// Top-level fields written whole: a new object or array value replaces the field with a
+    /// fresh object instead of updating the old one member by member, so concurrent writes of
+    /// the field stay separate concurrent values for a policy to resolve (`union`, `max`, ...).
+    pub whole_fields: &'a [String],
+}
+
+/// The JSON value stored under root key `stored`, if any.
+fn read_stored<T: ReadDoc>(transaction: &T, stored: &str) -> Result<Option<Value>, JsonError> {
+    let mut conflicts = Vec::new();
+    json::read_slot(transaction, &ROOT, stored.into(), "", 0, &mut conflicts)
+}
+
+/// Makes root key `stored` hold `value`, written whole (a fresh object for an object or array),
+/// unless it holds that value already.
+fn write_whole<T: Transactable + ReadDoc>(transaction: &mut T, stored: &str, value: &Value) -> Result<(), JsonError> {
+    if read_stored(transaction, stored)?.as_ref() == Some(value) {
+        return Ok(());
+    }
+    match value {
+        Value::Object(_) | Value::Array(_) => json::put_fresh(transaction, &ROOT, stored.into(), value),
+        scalar => json::update_slot(transaction, &ROOT, stored.into(), scalar),
+    }
 }
 
 /// Runs `body` in one transaction on `document`, committing on success and rolling back on error.
