@@ -53,6 +53,9 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
         .route(&format!("{texts}/{{id}}/update"), get(get_text_update).post(post_text_update))
         .route(&format!("{texts}/{{id}}/state-vector"), get(get_text_state_vector))
         .route("/v1/batch", axum::routing::post(batch))
+        .route("/v1/conflicts", get(list_conflicts))
+        .route("/v1/conflicts/resolve", axum::routing::post(resolve_conflict))
+        .route("/v1/conflicts/{sequence}", get(get_conflict))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/health/ready", get(ready))
@@ -287,6 +290,83 @@ async fn get_definition(State(state): State<AppState>, Path(collection): Path<St
         "collection": collection,
         "definition": serde_json::from_str::<Value>(&definition.encode()).unwrap_or(Value::Null),
     })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ConflictsQuery {
+    collection: Option<String>,
+    /// Entries after this ledger sequence (default 0: from the start).
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// A ledger entry as the API shows it: the entry with its sequence.
+fn conflict_json(sequence: u64, entry: &crdt::ledger::LedgerEntry) -> Value {
+    let mut value = serde_json::to_value(entry).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("sequence".into(), Value::from(sequence));
+    }
+    value
+}
+
+/// `GET /v1/conflicts?collection=&since=&limit=`: ledger entries in order; `next` continues.
+async fn list_conflicts(State(state): State<AppState>, Query(query): Query<ConflictsQuery>) -> ApiResult<Json<Value>> {
+    let limit = query.limit.unwrap_or(100);
+    let (entries, next) = state
+        .engine
+        .call(move |engine| engine.conflicts_page(query.collection.as_deref(), query.since, limit))
+        .await??;
+    let conflicts: Vec<Value> = entries.iter().map(|(sequence, entry)| conflict_json(*sequence, entry)).collect();
+    Ok(Json(serde_json::json!({ "conflicts": conflicts, "next": next })))
+}
+
+async fn get_conflict(State(state): State<AppState>, Path(sequence): Path<u64>) -> ApiResult<Json<Value>> {
+    let entry = state.engine.call(move |engine| engine.conflict(sequence)).await??;
+    match entry {
+        Some(entry) => Ok(Json(conflict_json(sequence, &entry))),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no conflict {sequence} in the ledger"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Resolution {
+    collection: String,
+    id: String,
+    field: String,
+    value: Value,
+}
+
+/// The API token's name, or `local` when the node has no tokens.
+fn principal(tokens: &[Token], headers: &HeaderMap) -> String {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    presented
+        .and_then(|presented| {
+            tokens.iter().find(|token| constant_time_equal(token.secret.as_bytes(), presented.as_bytes()))
+        })
+        .map_or_else(|| "local".to_owned(), |token| token.name.clone())
+}
+
+/// `POST /v1/conflicts/resolve {collection, id, field, value}`: writes `value` over the field's
+/// concurrent values and marks this node's ledger entries for it resolved.
+async fn resolve_conflict(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(resolution): Json<Resolution>,
+) -> ApiResult<Json<RecordBody>> {
+    let key = record_key(&resolution.collection, &resolution.id)?;
+    let principal = principal(&state.tokens, &headers);
+    let outcome = state
+        .engine
+        .call({
+            let key = key.clone();
+            move |engine| engine.resolve_conflict(key, &resolution.field, resolution.value, &principal)
+        })
+        .await??;
+    Ok(Json(RecordBody::new(&key, outcome.view)))
 }
 
 /// One write's outcome in a batch answer.

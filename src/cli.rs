@@ -66,6 +66,40 @@ pub enum Command {
     /// Define a collection's field policies and schema, or show its definition.
     #[command(subcommand)]
     Collection(CollectionCommand),
+    /// The conflict ledger: list, show and resolve conflicts.
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCommand {
+    /// List ledger entries in order.
+    Ls {
+        #[arg(long)]
+        collection: Option<String>,
+        /// Entries after this ledger sequence.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one ledger entry with every concurrent value.
+    Show {
+        sequence: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write a value that supersedes a field's concurrent values: resolve COLLECTION/ID FIELD --value JSON.
+    Resolve {
+        key: String,
+        field: String,
+        #[arg(long)]
+        value: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,7 +6,7 @@ use futures::StreamExt;
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::cli::{CertCommand, ClientArgs, CollectionCommand, Command, Output, WriteArgs};
+use crate::cli::{CertCommand, ClientArgs, CollectionCommand, Command, ConflictsCommand, Output, WriteArgs};
 
 /// An HTTP client for one node's API.
 #[derive(Debug)]
@@ -159,6 +159,48 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 Output::Json => println!("{answer}"),
                 Output::Table => println!("defined {name}: {}", answer["definition"]),
             }
+        }
+        Command::Conflicts(ConflictsCommand::Ls { collection, since, limit, client }) => {
+            let node = Client::new(&client)?;
+            let mut url = node.url(&["v1", "conflicts"])?;
+            url.query_pairs_mut().append_pair("since", &since.to_string()).append_pair("limit", &limit.to_string());
+            if let Some(collection) = &collection {
+                url.query_pairs_mut().append_pair("collection", collection);
+            }
+            let page: Value = node.send(node.request(Method::GET, url)).await?.json().await?;
+            match client.output {
+                Output::Json => println!("{page}"),
+                Output::Table => {
+                    for entry in page["conflicts"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:>6}  {}/{}  {}  {}  winner {}  {}",
+                            entry["sequence"],
+                            entry["collection"].as_str().unwrap_or("?"),
+                            entry["id"].as_str().unwrap_or("?"),
+                            entry["field"].as_str().unwrap_or("?"),
+                            entry["policy"]["policy"].as_str().or(entry["policy"].as_str()).unwrap_or("?"),
+                            entry["winner"],
+                            if entry["resolution"].is_null() { "open" } else { "resolved" },
+                        );
+                    }
+                }
+            }
+        }
+        Command::Conflicts(ConflictsCommand::Show { sequence, client }) => {
+            let node = Client::new(&client)?;
+            let entry = node.json(Method::GET, &["v1", "conflicts", &sequence.to_string()], None).await?;
+            match client.output {
+                Output::Json => println!("{entry}"),
+                Output::Table => println!("{}", serde_json::to_string_pretty(&entry)?),
+            }
+        }
+        Command::Conflicts(ConflictsCommand::Resolve { key, field, value, client }) => {
+            let (collection, id) = split_key(&key)?;
+            let value: Value = serde_json::from_str(&value).context("--value is not JSON")?;
+            let node = Client::new(&client)?;
+            let body = json!({ "collection": collection, "id": id, "field": field, "value": value });
+            let record = node.json(Method::POST, &["v1", "conflicts", "resolve"], Some(body)).await?;
+            print_record(&record, client.output);
         }
         Command::Collection(CollectionCommand::Show { name, client }) => {
             let node = Client::new(&client)?;

@@ -32,7 +32,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::metrics::Metrics;
 
 mod collections;
+mod conflicts;
 mod snapshots;
+
+pub use conflicts::CONFLICTS_PAGE_MAX;
 
 pub use collections::is_system_collection;
 
@@ -312,6 +315,10 @@ pub struct Status {
     pub version_vector: serde_json::Value,
     pub digest: String,
     pub peers: Vec<crate::replication::PeerStatus>,
+    /// Entries in this node's conflict ledger.
+    pub conflicts: u64,
+    /// Conflicts recorded per change applied from peers since this start.
+    pub conflict_rate: f64,
 }
 
 /// A listing page.
@@ -347,6 +354,7 @@ pub struct Engine {
     text_limits: TextLimits,
     yrs_collections: std::collections::BTreeSet<String>,
     definitions: collections::Definitions,
+    ledger: conflicts::Ledger,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replication: crate::replication::Replication,
 }
@@ -465,6 +473,7 @@ pub fn start(
         &rmp_serde::to_vec(&StoredIdentity { node: identity.node, name: identity.name.clone() }).unwrap_or_default(),
     );
     store.commit(batch).map_err(|error| EngineError::Storage(error.to_string()))?;
+    let ledger_next = store.conflict_last()?.map_or(1, |(sequence, _)| sequence + 1);
     let (feed_sender, feed) = watch::channel(counters.feed_sequence);
     let engine = Engine {
         store,
@@ -486,6 +495,7 @@ pub fn start(
         text_limits: settings.text_limits,
         yrs_collections: settings.yrs_collections,
         definitions: Default::default(),
+        ledger: conflicts::Ledger { next_sequence: ledger_next },
         metrics,
         replication: crate::replication::Replication {
             replica: crdt::replica::Replica::new(version_vector, log_floors, settings.replication, Instant::now()),
@@ -773,7 +783,11 @@ impl Engine {
 
     fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {
         let before = Before::of(document, &envelope.key);
+        let signatures = conflicts::signatures(document);
         let changed = document.body.apply(&envelope.key, envelope.kind, &envelope.change, &self.text_limits)?;
+        if changed {
+            self.record_conflicts(&envelope.key, document, &signatures)?;
+        }
         self.stage_change(document, envelope, before, changed);
         Ok(changed)
     }
@@ -957,6 +971,8 @@ impl Engine {
             version_vector: serde_json::Value::Object(version_vector),
             digest: hex::encode(self.counters.digest),
             peers: self.peer_statuses(),
+            conflicts: self.ledger.next_sequence.saturating_sub(1),
+            conflict_rate: self.metrics.conflicts.total() as f64 / self.metrics.changes_applied.get().max(1) as f64,
         }
     }
 

@@ -58,6 +58,43 @@ impl Histogram {
     }
 }
 
+/// The most label pairs a [`LabeledCounter`] keeps apart; the rest count under `other`.
+const LABEL_PAIRS_MAX: usize = 1024;
+
+/// A count per pair of labels (such as collection and policy), bounded in size.
+#[derive(Debug, Default)]
+pub struct LabeledCounter(std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>);
+
+impl LabeledCounter {
+    pub fn add(&self, first: &str, second: &str) {
+        let Ok(mut counts) = self.0.lock() else { return };
+        let key = if counts.len() < LABEL_PAIRS_MAX || counts.contains_key(&(first.to_owned(), second.to_owned())) {
+            (first.to_owned(), second.to_owned())
+        } else {
+            ("other".to_owned(), "other".to_owned())
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.lock().map(|counts| counts.values().sum()).unwrap_or(0)
+    }
+
+    fn render(&self, name: &str, help: &str, labels: [&str; 2], output: &mut String) {
+        let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter");
+        let Ok(counts) = self.0.lock() else { return };
+        for ((first, second), count) in counts.iter() {
+            let (first, second) = (escape_label(first), escape_label(second));
+            let _ = writeln!(output, "{name}{{{}=\"{first}\",{}=\"{second}\"}} {count}", labels[0], labels[1]);
+        }
+    }
+}
+
+/// A label value as the exposition format needs it: backslash, quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// Everything the node counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -86,6 +123,10 @@ pub struct Metrics {
     pub members_down: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
+    /// Conflicts recorded in the ledger, by collection and policy.
+    pub conflicts: LabeledCounter,
+    /// Changes from peers applied here (the denominator of the conflict rate).
+    pub changes_applied: Counter,
 }
 
 /// Point-in-time values read when the metrics are scraped.
@@ -170,6 +211,12 @@ impl Metrics {
         for (name, help, value) in gauges {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         }
+        self.conflicts.render(
+            "concord_conflicts_total",
+            "Conflicts recorded in the conflict ledger.",
+            ["collection", "policy"],
+            &mut output,
+        );
         self.write_latency.render(
             "concord_write_latency_seconds",
             "From receiving a write to acknowledging it durable.",

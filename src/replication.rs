@@ -166,7 +166,10 @@ impl Engine {
             Apply::Change(envelope) => {
                 let (origin, sequence, observed) = (envelope.origin, envelope.sequence, envelope.timestamp);
                 match self.apply_envelope(envelope) {
-                    Ok(true) => self.metrics.observe_replication_latency(observed),
+                    Ok(true) => {
+                        self.metrics.observe_replication_latency(observed);
+                        self.metrics.changes_applied.inc();
+                    }
                     Ok(false) => {}
                     Err(error) => {
                         tracing::warn!(peer = source, %origin, sequence, %error, "refused a change from a peer")

@@ -107,3 +107,51 @@ async fn errors_exit_non_zero_with_one_clear_line() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot reach the node") && stderr.trim().lines().count() == 1, "{stderr}");
 }
+
+/// `concord collection define|show` and a schema at work: a write that breaks it is refused
+/// with 422 naming the field and the rule; `concord conflicts ls` and `resolve` answer; the
+/// system collection cannot be written through the record API.
+#[tokio::test]
+async fn collections_are_defined_and_their_schemas_enforced() {
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+    let file = directory.path().join("orders.toml");
+    std::fs::write(
+        &file,
+        "[fields.status]\npolicy = \"ordered\"\norder = [\"draft\", \"approved\", \"shipped\"]\ntype = \"string\"\nrequired = true\n\
+         [fields.price]\npolicy = \"max\"\ntype = \"number\"\nminimum = 0\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = node.cli(&["collection", "define", "orders", "--file", file.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("defined orders"), "{stdout}");
+    let (ok, stdout, _) = node.cli(&["collection", "show", "orders", "--output", "json"]);
+    assert!(ok);
+    let shown: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(shown["definition"]["fields"]["price"]["policy"], json!("max"), "{shown}");
+
+    let (ok, _, stderr) = node.cli(&["put", "orders/o1", r#"{"status":"draft","price":-5}"#]);
+    assert!(!ok);
+    assert!(stderr.contains("422") && stderr.contains("price") && stderr.contains("minimum"), "{stderr}");
+    let (ok, _, stderr) = node.cli(&["put", "orders/o1", r#"{"price":5}"#]);
+    assert!(!ok);
+    assert!(stderr.contains("status") && stderr.contains("required"), "{stderr}");
+    let (ok, _, stderr) = node.cli(&["put", "orders/o1", r#"{"status":"draft","price":5}"#]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = node.cli(&["patch", "orders/o1", r#"{"status":null}"#]);
+    assert!(!ok, "removing a required field is refused");
+    assert!(stderr.contains("required"), "{stderr}");
+
+    let (ok, stdout, _) = node.cli(&["conflicts", "ls", "--output", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(stdout.trim()).unwrap()["conflicts"], json!([]));
+    let (ok, stdout, stderr) = node.cli(&["conflicts", "resolve", "orders/o1", "price", "--value", "7", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(stdout.trim()).unwrap()["value"]["price"], json!(7));
+
+    let (ok, _, stderr) = node.cli(&["put", "_collections/orders", r#"{"definition":"{}"}"#]);
+    assert!(!ok);
+    assert!(stderr.contains("reserved"), "{stderr}");
+    let (ok, _, stderr) = node.cli(&["collection", "define", "orders", "--file", "/nonexistent"]);
+    assert!(!ok && stderr.lines().count() == 1, "{stderr}");
+}

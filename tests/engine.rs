@@ -729,6 +729,47 @@ async fn declared_policies_resolve_concurrent_writes_identically_in_every_delive
         let counts: Vec<usize> = read.conflicts.iter().map(|conflict| conflict.values.len()).collect();
         assert_eq!(counts, [3, 3, 3, 2, 3], "{:?}", read.conflicts);
     }
+    // Each engine's ledger recorded the conflicts it saw merge, resolved by the policies, once
+    // per field although two changes merged into each (the second grew the set of values).
+    for engine in &engines {
+        let (entries, _) = engine.call(|engine| engine.conflicts_page(Some("orders"), 0, 100)).await.unwrap().unwrap();
+        let latest: std::collections::BTreeMap<String, &crdt::ledger::LedgerEntry> =
+            entries.iter().map(|(_, entry)| (entry.field.clone(), entry)).collect();
+        assert_eq!(latest.keys().collect::<Vec<_>>(), ["/note", "/owner", "/price", "/status", "/tags"]);
+        assert_eq!(latest["/price"].winner, json!(50));
+        assert_eq!(latest["/price"].policy.name(), "max");
+        assert_eq!(latest["/tags"].winner, json!(["a", "b", "c", "d"]));
+        assert_eq!(latest["/owner"].candidates.len(), 3);
+        assert!(latest["/owner"].candidates.iter().any(|candidate| candidate.origin == "engine-2"));
+        assert!(entries.len() <= 10, "no entry twice for the same set of values: {}", entries.len());
+    }
+    let fingerprints: Vec<[u8; 32]> = {
+        let mut all = Vec::new();
+        for engine in &engines {
+            let (entries, _) = engine.call(|engine| engine.conflicts_page(None, 0, 100)).await.unwrap().unwrap();
+            let last = entries.iter().rev().find(|(_, entry)| entry.field == "/price").unwrap().1.fingerprint;
+            all.push(last);
+        }
+        all
+    };
+    assert!(fingerprints.windows(2).all(|pair| pair[0] == pair[1]), "the same conflict has the same fingerprint");
+
+    // Manual resolution: a value over the concurrent ones, and the entries marked resolved.
+    let key = RecordKey::new("orders", "o1").unwrap();
+    let resolved = engines[0]
+        .call(move |engine| engine.resolve_conflict(key, "price", json!(42), "operator"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resolved.view.value.unwrap()["price"], json!(42));
+    assert!(resolved.view.conflicts.iter().all(|conflict| conflict.field != "/price"));
+    let (entries, _) = engines[0].call(|engine| engine.conflicts_page(None, 0, 100)).await.unwrap().unwrap();
+    for (_, entry) in entries.iter().filter(|(_, entry)| entry.field == "/price") {
+        let resolution = entry.resolution.as_ref().expect("resolved");
+        assert_eq!((resolution.value.clone(), resolution.principal.as_str()), (json!(42), "operator"));
+    }
+    assert!(entries.iter().filter(|(_, entry)| entry.field == "/note").all(|(_, entry)| !entry.is_resolved()));
+
     // A later write supersedes the concurrent values: no conflict, and the written value shows.
     write(&engines[1], "o1", Operation::MergePatch(object(json!({"status": "approved"})))).await;
     assert_eq!(read_value(&engines[1], "o1").await.unwrap()["status"], json!("approved"));

@@ -424,8 +424,14 @@ fn read_stored<T: ReadDoc>(transaction: &T, stored: &str) -> Result<Option<Value
 /// Makes root key `stored` hold `value`, written whole (a fresh object for an object or array),
 /// unless it holds that value already.
 fn write_whole<T: Transactable + ReadDoc>(transaction: &mut T, stored: &str, value: &Value) -> Result<(), JsonError> {
-    if read_stored(transaction, stored)?.as_ref() == Some(value) {
+    // Unchanged only when it is the one value there: a write equal to one of several concurrent
+    // values must still supersede the others.
+    let alone = transaction.get_all(ROOT, stored)?.len() <= 1;
+    if alone && read_stored(transaction, stored)?.as_ref() == Some(value) {
         return Ok(());
+    }
+    if !alone && !matches!(value, Value::Object(_) | Value::Array(_)) {
+        return json::put_fresh(transaction, &ROOT, stored.into(), value);
     }
     match value {
         Value::Object(_) | Value::Array(_) => json::put_fresh(transaction, &ROOT, stored.into(), value),

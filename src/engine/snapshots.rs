@@ -168,6 +168,7 @@ impl Engine {
 
     fn merge_snapshot_record(&mut self, document: &mut Document, record: &SnapshotRecord) -> Result<bool, EngineError> {
         let before = Before::of(document, &record.key);
+        let signatures = super::conflicts::signatures(document);
         // A text's saved state may be larger than one update may be; the document bound holds.
         let limits = crdt::text::TextLimits {
             update_bytes_max: self.text_limits.update_bytes_max.max(self.text_limits.document_bytes_max),
@@ -180,6 +181,9 @@ impl Engine {
             // a part held back for missing dependencies is state all the same.
             self.stage_bytes(document, &record.key, record.kind, part);
             changed |= part_changed;
+        }
+        if changed {
+            self.record_conflicts(&record.key, document, &signatures)?;
         }
         // The document took a whole other history in: compact it soon.
         if self.compaction_queued.insert(record.key.clone()) {
