@@ -31,8 +31,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
+mod audit;
 mod snapshots;
 
+pub use audit::{
+    ALL_FIELDS, AUDIT_PAGE_MAX, AUDIT_RETENTION_DEFAULT, AuditCheck, AuditPage, AuditStatus, LOCAL_PRINCIPAL,
+    audit_page, export_page, parse_head, stored_anchor, verify_store,
+};
 pub(crate) use snapshots::StoreSource;
 pub use snapshots::{LOG_RETENTION_DEFAULT, SNAPSHOT_RECORD_BYTES_MAX};
 
@@ -303,6 +308,8 @@ pub struct Status {
     pub version_vector: serde_json::Value,
     pub digest: String,
     pub peers: Vec<crate::replication::PeerStatus>,
+    /// The audit log's newest entry and trim anchor.
+    pub audit: AuditStatus,
 }
 
 /// A listing page.
@@ -331,6 +338,8 @@ pub struct Engine {
     log_floors: crdt::replica::LogFloors,
     floors_dirty: bool,
     retention: snapshots::Retention,
+    /// The audit trail's chain, retention and the attribution of the change being applied.
+    audit: audit::AuditTrail,
     counters: StoredCounters,
     counters_dirty: bool,
     compaction: VecDeque<RecordKey>,
@@ -414,6 +423,8 @@ pub struct EngineSettings {
     /// Collections whose new records use the yrs record engine ([`crdt::map_record`]) instead
     /// of automerge. Every node must declare the same ones.
     pub yrs_collections: std::collections::BTreeSet<String>,
+    /// How long audit entries are kept; zero keeps them all (see `audit`).
+    pub audit_retention: std::time::Duration,
 }
 
 impl Default for EngineSettings {
@@ -425,6 +436,7 @@ impl Default for EngineSettings {
             replication: crdt::replica::Settings::default(),
             log_retention: LOG_RETENTION_DEFAULT,
             yrs_collections: Default::default(),
+            audit_retention: AUDIT_RETENTION_DEFAULT,
         }
     }
 }
@@ -449,6 +461,7 @@ pub fn start(
         Some(bytes) => decode_meta(&bytes, "counters")?,
         None => StoredCounters::default(),
     };
+    let audit = audit::AuditTrail::open(&store, settings.audit_retention)?;
     let mut batch = WriteBatch::default();
     batch.put_meta(
         "identity",
@@ -469,6 +482,7 @@ pub fn start(
         log_floors: log_floors.clone(),
         floors_dirty: false,
         retention: snapshots::Retention::new(settings.log_retention),
+        audit,
         counters,
         counters_dirty: false,
         compaction: VecDeque::new(),
@@ -639,8 +653,14 @@ impl Engine {
         if self.yrs_collections.contains(key.collection()) { DocumentKind::MapRecord } else { DocumentKind::Record }
     }
 
-    /// Applies a local record write and stages it for the group commit.
+    /// Applies a local record write and stages it for the group commit, attributed to
+    /// [`LOCAL_PRINCIPAL`] in the audit trail (see [`Engine::write_record_as`]).
     pub fn write_record(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+        self.write_record_as(key, operation, LOCAL_PRINCIPAL)
+    }
+
+    /// [`Engine::write_record`] once the audit trail knows whom to attribute it to.
+    fn write_record_attributed(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
             None => self.empty_document(self.record_kind(&key)),
@@ -763,6 +783,7 @@ impl Engine {
     /// Stages a change that `document` already holds: its bytes (see [`Engine::stage_bytes`]),
     /// the log entry, the version vector, the record count and the digest. When the change
     /// became visible (one held back for missing dependencies does not), also a feed entry.
+    /// Always an audit entry (see `audit`).
     fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
@@ -775,6 +796,7 @@ impl Engine {
             timestamp: envelope.timestamp,
         });
         self.stage_accounting(document, &envelope.key, before, feed);
+        self.stage_audit_change(&envelope.key, envelope.node);
     }
 
     /// Stages change bytes `document` already holds: a new document is stored as its first
@@ -929,6 +951,7 @@ impl Engine {
             version_vector: serde_json::Value::Object(version_vector),
             digest: hex::encode(self.counters.digest),
             peers: self.peer_statuses(),
+            audit: self.audit_status(),
         }
     }
 
