@@ -1,5 +1,6 @@
-//! The HTTP API: records, texts, the change feed, status, health and metrics, behind bearer-token
-//! auth and request-size limits. Handlers only translate between HTTP and engine jobs.
+//! The HTTP API: records, texts, the change feed, the audit trail, status, health and metrics,
+//! behind bearer-token auth and request-size limits. Handlers only translate between HTTP and
+//! engine jobs (or, for the audit trail, reads of the store on a blocking thread).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -23,6 +24,10 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
+
+mod audit;
+
+use audit::{audit_export, audit_tail, audit_verify};
 
 use crate::config::{Role, Token};
 use crate::engine::{EngineError, EngineHandle, FEED_PAGE_MAX, FeedEvent};
@@ -57,6 +62,9 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
         .route("/v1/conflicts/resolve", axum::routing::post(resolve_conflict))
         .route("/v1/conflicts/{sequence}", get(get_conflict))
         .route("/v1/changes", get(changes))
+        .route("/v1/audit", get(audit_tail))
+        .route("/v1/audit/export", get(audit_export))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/status", get(status))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -109,12 +117,35 @@ impl From<EngineError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Checks the bearer token (when tokens are configured) and counts the request and its outcome.
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Who a request acts for, in the audit trail: the bearer token's name, or
+/// [`crate::engine::LOCAL_PRINCIPAL`] when the node has no tokens. [`authorize`] adds it to
+/// every request it lets through.
+#[derive(Debug, Clone)]
+pub struct Principal(pub Arc<str>);
+
+/// The role a request needs: reads need `read`, writes `write`, and the audit trail's export
+/// and verification (a dump of who did what, and a scan of the whole log) `admin`.
+fn required_role(method: &Method, path: &str) -> Role {
+    if matches!(path, "/v1/audit/export" | "/v1/audit/verify") {
+        Role::Admin
+    } else if matches!(*method, Method::GET | Method::HEAD) {
+        Role::Read
+    } else {
+        Role::Write
+    }
+}
+
+/// Checks the bearer token (when tokens are configured), attaches the [`Principal`], and counts
+/// the request and its outcome.
+async fn authorize(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     state.metrics.requests.inc();
-    let required = if matches!(*request.method(), Method::GET | Method::HEAD) { Role::Read } else { Role::Write };
+    let required = required_role(request.method(), request.uri().path());
     let response = match check_token(&state.tokens, request.headers(), required) {
-        Ok(()) => next.run(request).await,
+        Ok(name) => {
+            let name = name.unwrap_or(crate::engine::LOCAL_PRINCIPAL);
+            request.extensions_mut().insert(Principal(Arc::from(name)));
+            next.run(request).await
+        }
         Err(error) => error.into_response(),
     };
     if response.status().is_client_error() {
@@ -125,9 +156,11 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     response
 }
 
-fn check_token(tokens: &[Token], headers: &HeaderMap, required: Role) -> ApiResult<()> {
+/// The name of the token presented, `None` when the node has no tokens; an error when the
+/// request may not pass.
+fn check_token<'a>(tokens: &'a [Token], headers: &HeaderMap, required: Role) -> ApiResult<Option<&'a str>> {
     if tokens.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, message);
     let presented = headers
@@ -147,7 +180,7 @@ fn check_token(tokens: &[Token], headers: &HeaderMap, required: Role) -> ApiResu
             format!("token {:?} has role {:?}; this request needs {required:?}", token.name, token.role),
         ));
     }
-    Ok(())
+    Ok(Some(&token.name))
 }
 
 fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
@@ -236,12 +269,13 @@ async fn write(
     key: RecordKey,
     operation: Operation,
     query: WriteQuery,
+    principal: Principal,
 ) -> ApiResult<Json<RecordBody>> {
     let started = Instant::now();
     let is_delete = operation == Operation::Delete;
     let outcome = state.engine.call({
         let key = key.clone();
-        move |engine| engine.write_record(key, operation)
+        move |engine| engine.write_record_as(key, operation, &principal.0)
     });
     let outcome = outcome.await??;
     state.metrics.write_latency.observe(started.elapsed());
@@ -388,7 +422,12 @@ pub struct BatchResult {
 /// write succeeds or fails on its own, as it would alone; the answer lists every outcome in
 /// order, and every accepted write is durable when it arrives. With `acks`, the answer waits
 /// for the peers to hold every accepted write.
-async fn batch(State(state): State<AppState>, Query(query): Query<WriteQuery>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn batch(
+    State(state): State<AppState>,
+    Query(query): Query<WriteQuery>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let started = Instant::now();
     let writes = crdt::body::batch(&body).map_err(bad_body)?;
     let outcomes = state
@@ -398,7 +437,7 @@ async fn batch(State(state): State<AppState>, Query(query): Query<WriteQuery>, b
                 .into_iter()
                 .map(|(key, operation)| {
                     let is_delete = operation == Operation::Delete;
-                    let outcome = engine.write_record(key.clone(), operation);
+                    let outcome = engine.write_record_as(key.clone(), operation, &principal.0);
                     (key, is_delete, outcome)
                 })
                 .collect::<Vec<_>>()
@@ -468,36 +507,40 @@ async fn put_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
     Query(query): Query<WriteQuery>,
+    Extension(principal): Extension<Principal>,
     JsonObject(value): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::Replace(value), query).await
+    write(&state, record_key(&collection, &id)?, Operation::Replace(value), query, principal).await
 }
 
 async fn patch_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
     Query(query): Query<WriteQuery>,
+    Extension(principal): Extension<Principal>,
     JsonObject(patch): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::MergePatch(patch), query).await
+    write(&state, record_key(&collection, &id)?, Operation::MergePatch(patch), query, principal).await
 }
 
 async fn delete_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
     Query(query): Query<WriteQuery>,
+    Extension(principal): Extension<Principal>,
 ) -> ApiResult<Json<RecordBody>> {
-    write(&state, record_key(&collection, &id)?, Operation::Delete, query).await
+    write(&state, record_key(&collection, &id)?, Operation::Delete, query, principal).await
 }
 
 async fn increment_record(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
     Query(query): Query<WriteQuery>,
+    Extension(principal): Extension<Principal>,
     JsonObject(body): JsonObject,
 ) -> ApiResult<Json<RecordBody>> {
     let operation = crdt::body::increment(&body).map_err(bad_body)?;
-    write(&state, record_key(&collection, &id)?, operation, query).await
+    write(&state, record_key(&collection, &id)?, operation, query, principal).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -545,9 +588,13 @@ fn default_text_name() -> String {
 async fn create_text(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Extension(principal): Extension<Principal>,
 ) -> ApiResult<Response> {
     let key = record_key(&collection, &id)?;
-    let created = state.engine.call(move |engine| engine.create_text(key)).await??;
+    let created = state
+        .engine
+        .call(move |engine| engine.with_principal(&principal.0, |engine| engine.create_text(key)))
+        .await??;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(serde_json::json!({ "collection": collection, "id": id, "created": created }))).into_response())
 }
@@ -570,11 +617,15 @@ async fn get_text(
 async fn post_text_update(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Extension(principal): Extension<Principal>,
     request: Request,
 ) -> ApiResult<Json<Value>> {
     let key = record_key(&collection, &id)?;
     let update = body_bytes(request, &()).await?.to_vec();
-    let changed = state.engine.call(move |engine| engine.apply_text_update(key, update)).await??;
+    let changed = state
+        .engine
+        .call(move |engine| engine.with_principal(&principal.0, |engine| engine.apply_text_update(key, update)))
+        .await??;
     Ok(Json(serde_json::json!({ "changed": changed })))
 }
 

@@ -69,6 +69,10 @@ pub enum Command {
     /// The conflict ledger: list, show and resolve conflicts.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// The audit trail: who changed which record, when, from where. Verification exits 0 when
+    /// the log is intact, 2 when it was tampered with, 1 when it could not be checked.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +123,56 @@ pub enum CollectionCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Show the newest entries; with --follow, keep showing new ones as they come.
+    Tail(AuditTailArgs),
+    /// Write the log as JSON lines (the trim anchor first when old entries were trimmed) to a
+    /// file or stdout, and print its head to stderr: keep that to detect a later removal of the
+    /// newest entries.
+    Export(AuditExportArgs),
+    /// Verify the log on the node, or an exported file offline with --file.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditTailArgs {
+    /// How many of the newest entries to show.
+    #[arg(short = 'n', long = "lines", default_value_t = 20)]
+    pub lines: u64,
+    /// Keep showing new entries (polls the node once a second) until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditExportArgs {
+    /// The node's API.
+    #[arg(long, env = "CONCORD_API", default_value = "http://127.0.0.1:7700")]
+    pub api: String,
+    /// A bearer token (the admin role, when the node has tokens).
+    #[arg(long, env = "CONCORD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Write to this file (replaced only once the whole export has arrived) instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// Verify this export (JSON lines) offline instead of asking the node.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// A head kept from an earlier export or status, SEQUENCE:HASH: the log must still hold that
+    /// entry unchanged, so removing or rewriting the newest entries is found too.
+    #[arg(long)]
+    pub head: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +243,10 @@ pub struct StartArgs {
     /// field, no counters (repeatable; every node must declare the same ones).
     #[arg(long = "yrs-collection")]
     pub yrs_collections: Vec<String>,
+    /// How long the audit trail keeps entries, in seconds (default 90 days; 0 keeps them all).
+    /// Older entries are deleted behind an anchor that verification starts from.
+    #[arg(long)]
+    pub audit_retention_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

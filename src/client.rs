@@ -8,6 +8,10 @@ use serde_json::{Value, json};
 
 use crate::cli::{CertCommand, ClientArgs, CollectionCommand, Command, ConflictsCommand, Output, WriteArgs};
 
+mod audit;
+
+pub use audit::{NOT_INTACT_EXIT_CODE, NotIntact};
+
 /// An HTTP client for one node's API.
 #[derive(Debug)]
 struct Client {
@@ -84,6 +88,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             unreachable!("start, demo and bench are handled by main")
         }
         Command::Cert(command) => certificate(command)?,
+        Command::Audit(command) => audit::run(command).await?,
         Command::Peers(arguments) => {
             let client = Client::new(&arguments)?;
             let status = client.json(Method::GET, &["v1", "status"], None).await?;

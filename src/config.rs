@@ -70,6 +70,8 @@ pub struct ConfigFile {
     /// Collections on the yrs record engine (last writer wins per field, no counters).
     #[serde(default)]
     pub yrs_collections: Vec<String>,
+    /// How long the audit trail keeps entries, in seconds (default 90 days; 0 keeps them all).
+    pub audit_retention_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +96,8 @@ pub struct NodeConfig {
     pub log_retention: std::time::Duration,
     /// Collections on the yrs record engine.
     pub yrs_collections: Vec<String>,
+    /// How long the audit trail keeps entries; zero keeps them all.
+    pub audit_retention: std::time::Duration,
 }
 
 /// Command-line values that override the config file.
@@ -111,6 +115,7 @@ pub struct Overrides {
     pub cluster: Option<String>,
     pub log_retention_seconds: Option<u64>,
     pub yrs_collections: Vec<String>,
+    pub audit_retention_seconds: Option<u64>,
 }
 
 impl NodeConfig {
@@ -163,6 +168,10 @@ impl NodeConfig {
                 .or(file.log_retention_seconds)
                 .map_or(crate::engine::LOG_RETENTION_DEFAULT, std::time::Duration::from_secs),
             yrs_collections: file.yrs_collections.into_iter().chain(overrides.yrs_collections).collect(),
+            audit_retention: overrides
+                .audit_retention_seconds
+                .or(file.audit_retention_seconds)
+                .map_or(crate::engine::AUDIT_RETENTION_DEFAULT, std::time::Duration::from_secs),
         };
         if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {
             bail!(

@@ -66,6 +66,7 @@ impl DemoNode {
             body_bytes_max: 1 << 20,
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,
             yrs_collections: vec![YRS_COLLECTION.to_owned()],
+            audit_retention: crate::engine::AUDIT_RETENTION_DEFAULT,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::node::run_until(config, async move {

@@ -31,10 +31,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 
+mod audit;
 mod collections;
 mod conflicts;
 mod snapshots;
 
+pub use audit::{
+    ALL_FIELDS, AUDIT_PAGE_MAX, AUDIT_RETENTION_DEFAULT, AuditCheck, AuditPage, AuditStatus, LOCAL_PRINCIPAL,
+    audit_page, export_page, parse_head, stored_anchor, verify_store,
+};
 pub use conflicts::CONFLICTS_PAGE_MAX;
 
 pub use collections::is_system_collection;
@@ -319,6 +324,8 @@ pub struct Status {
     pub conflicts: u64,
     /// Conflicts recorded per change applied from peers since this start.
     pub conflict_rate: f64,
+    /// The audit log's newest entry and trim anchor.
+    pub audit: AuditStatus,
 }
 
 /// A listing page.
@@ -347,6 +354,8 @@ pub struct Engine {
     log_floors: crdt::replica::LogFloors,
     floors_dirty: bool,
     retention: snapshots::Retention,
+    /// The audit trail's chain, retention and the attribution of the change being applied.
+    audit: audit::AuditTrail,
     counters: StoredCounters,
     counters_dirty: bool,
     compaction: VecDeque<RecordKey>,
@@ -432,6 +441,8 @@ pub struct EngineSettings {
     /// Collections whose new records use the yrs record engine ([`crdt::map_record`]) instead
     /// of automerge. Every node must declare the same ones.
     pub yrs_collections: std::collections::BTreeSet<String>,
+    /// How long audit entries are kept; zero keeps them all (see `audit`).
+    pub audit_retention: std::time::Duration,
 }
 
 impl Default for EngineSettings {
@@ -443,6 +454,7 @@ impl Default for EngineSettings {
             replication: crdt::replica::Settings::default(),
             log_retention: LOG_RETENTION_DEFAULT,
             yrs_collections: Default::default(),
+            audit_retention: AUDIT_RETENTION_DEFAULT,
         }
     }
 }
@@ -467,6 +479,7 @@ pub fn start(
         Some(bytes) => decode_meta(&bytes, "counters")?,
         None => StoredCounters::default(),
     };
+    let audit = audit::AuditTrail::open(&store, settings.audit_retention)?;
     let mut batch = WriteBatch::default();
     batch.put_meta(
         "identity",
@@ -488,6 +501,7 @@ pub fn start(
         log_floors: log_floors.clone(),
         floors_dirty: false,
         retention: snapshots::Retention::new(settings.log_retention),
+        audit,
         counters,
         counters_dirty: false,
         compaction: VecDeque::new(),
@@ -660,16 +674,22 @@ impl Engine {
         if self.yrs_collections.contains(key.collection()) { DocumentKind::MapRecord } else { DocumentKind::Record }
     }
 
-    /// Applies a local record write and stages it for the group commit. System collections
-    /// (names starting with `_`) are refused: the engine writes those itself.
+    /// Applies a local record write and stages it for the group commit, attributed to
+    /// [`LOCAL_PRINCIPAL`] in the audit trail (see [`Engine::write_record_as`]). System
+    /// collections (names starting with `_`) are refused: the engine writes those itself.
     pub fn write_record(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+        self.write_record_as(key, operation, LOCAL_PRINCIPAL)
+    }
+
+    /// [`Engine::write_record`] once the audit trail knows whom to attribute it to.
+    fn write_record_attributed(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
         if is_system_collection(key.collection()) {
             return Err(EngineError::SystemCollection(key.collection().to_owned()));
         }
         self.write_document(key, operation)
     }
 
-    /// [`Engine::write_record`] without the system-collection check.
+    /// A record write without the system-collection check.
     fn write_document(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
@@ -804,6 +824,7 @@ impl Engine {
     /// Stages a change that `document` already holds: its bytes (see [`Engine::stage_bytes`]),
     /// the log entry, the version vector, the record count and the digest. When the change
     /// became visible (one held back for missing dependencies does not), also a feed entry.
+    /// Always an audit entry (see `audit`).
     fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
@@ -816,6 +837,7 @@ impl Engine {
             timestamp: envelope.timestamp,
         });
         self.stage_accounting(document, &envelope.key, before, feed);
+        self.stage_audit_change(&envelope.key, envelope.node);
     }
 
     /// Stages change bytes `document` already holds: a new document is stored as its first
@@ -973,6 +995,7 @@ impl Engine {
             peers: self.peer_statuses(),
             conflicts: self.ledger.next_sequence.saturating_sub(1),
             conflict_rate: self.metrics.conflicts.total() as f64 / self.metrics.changes_applied.get().max(1) as f64,
+            audit: self.audit_status(),
         }
     }
 

@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
                     cluster: arguments.cluster,
                     log_retention_seconds: arguments.log_retention_seconds,
                     yrs_collections: arguments.yrs_collections,
+                    audit_retention_seconds: arguments.audit_retention_seconds,
                 })?;
                 node::run(config).await
             }
@@ -61,6 +62,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            // A tampered audit log is an answer, not a failure to get one: its own exit code.
+            if error.downcast_ref::<client::NotIntact>().is_some() {
+                return std::process::ExitCode::from(client::NOT_INTACT_EXIT_CODE);
+            }
             std::process::ExitCode::FAILURE
         }
     }

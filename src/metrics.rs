@@ -121,6 +121,10 @@ pub struct Metrics {
     pub log_entries_trimmed: Counter,
     /// Members the failure detector declared down (each time one goes down).
     pub members_down: Counter,
+    /// Audit-trail entries made (one per applied change).
+    pub audit_entries: Counter,
+    /// Audit-trail entries deleted by retention.
+    pub audit_entries_trimmed: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
     /// Conflicts recorded in the ledger, by collection and policy.
@@ -156,7 +160,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 18] = [
+        let counters: [(&str, &str, &Counter); 20] = [
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -199,6 +203,12 @@ impl Metrics {
                 &self.log_entries_trimmed,
             ),
             ("concord_members_down_total", "Members the failure detector declared down.", &self.members_down),
+            ("concord_audit_entries_total", "Audit-trail entries made (one per applied change).", &self.audit_entries),
+            (
+                "concord_audit_entries_trimmed_total",
+                "Audit-trail entries deleted by retention.",
+                &self.audit_entries_trimmed,
+            ),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());

@@ -46,6 +46,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         replication: crdt::replica::Settings::default(),
         log_retention: config.log_retention,
         yrs_collections: config.yrs_collections.iter().cloned().collect(),
+        audit_retention: config.audit_retention,
     };
     let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
     let identity = engine.identity.clone();
@@ -79,6 +80,8 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         transport: mesh.as_ref().map(|mesh| mesh.endpoint.clone()),
     };
     let app = api::router(state, config.body_bytes_max);
+    // Started once nothing above can fail: it holds an engine handle until the node stops.
+    let audit_ticker = tokio::spawn(audit_ticks(engine.clone(), stop.clone()));
     let mut server_stop = stop.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -99,6 +102,8 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         mesh.shutdown().await;
     }
     server.await.context("API server task")?.context("API server")?;
+    // It holds an engine handle; the engine ends once every handle is gone.
+    let _ = audit_ticker.await;
     drop(engine);
     let result = match engine_result {
         Some(result) => result,
@@ -112,6 +117,29 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         Ok(Err(error)) => Err(error).context("the engine stopped"),
         Err(_) => anyhow::bail!("the engine thread panicked"),
     }
+}
+
+/// How often the engine is asked to trim the audit trail (it trims only when due).
+const AUDIT_TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the engine for its periodic audit work (retention) until the node stops.
+async fn audit_ticks(engine: engine::EngineHandle, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(AUDIT_TICK_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                if engine.submit(|engine| engine.audit_tick()).await.is_err() {
+                    return;
+                }
+            }
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once the node is stopping (or the stop signal is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&stopping| stopping).await;
 }
 
 /// Writes `address` to `name` in the data directory, atomically (readers never see half).

@@ -153,7 +153,7 @@ impl Engine {
         }
         self.record_acknowledgements();
         while let Some((source, apply)) = self.replication.replica.poll_apply() {
-            let durable = self.apply_from_peer(source, apply);
+            let durable = self.as_peer(source, |engine| engine.apply_from_peer(source, apply));
             self.replication.durable.push(durable);
         }
         self.flush_transmits();

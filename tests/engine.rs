@@ -1,6 +1,8 @@
 //! Two real engines (each with its own sled store on disk) exchanging change envelopes by hand:
 //! the path replication will drive. Applying an envelope twice is a no-op, both sides converge to
 //! the same digest, concurrent same-field writes show as conflicts, and bad bytes are refused.
+//! The audit trail names who made and who delivered each change, and retention never trims a
+//! log that does not verify.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::num::NonZeroUsize;
@@ -180,7 +182,7 @@ async fn wire(engines: &[EngineHandle], links: &[(usize, usize)]) {
     for &(first, second) in links {
         for (this, other) in [(first, second), (second, first)] {
             let info = concord::replication::PeerInfo {
-                node_id: other.to_string(),
+                node_id: engines[other].identity.node.to_string(),
                 name: format!("engine-{other}"),
                 address: "memory".into(),
             };
@@ -778,4 +780,130 @@ async fn declared_policies_resolve_concurrent_writes_identically_in_every_delive
         let definition = engine.call(|engine| engine.definition("orders")).await.unwrap().unwrap();
         assert!(definition.is_some());
     }
+}
+
+async fn audit_entries(engine: &EngineHandle) -> Vec<crdt::audit::AuditEntry> {
+    engine.call(|engine| engine::audit_page(engine.store(), 0, 1000)).await.unwrap().unwrap().entries
+}
+
+async fn verify_audit(engine: &EngineHandle) -> engine::AuditCheck {
+    engine.call(|engine| engine::verify_store(engine.store(), None)).await.unwrap().unwrap()
+}
+
+/// (origin, principal, fields) of each entry.
+fn attributions(entries: &[crdt::audit::AuditEntry]) -> Vec<(String, String, Vec<String>)> {
+    entries.iter().map(|entry| (entry.origin.clone(), entry.principal.clone(), entry.fields.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_entries_name_the_origin_and_the_peer_that_delivered_each_change() {
+    let directories: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut engines = Vec::new();
+    for (index, directory) in directories.iter().enumerate() {
+        engines.push(start(directory.path(), &format!("engine-{index}")).await);
+    }
+    // A chain: engine 2 hears of engine 0's changes only through engine 1.
+    wire(&engines, &[(0, 1), (1, 2)]).await;
+    let key = RecordKey::new("orders", "o1").unwrap();
+    let replace = Operation::Replace(object(json!({"status": "new", "qty": 1})));
+    engines[0].call(move |engine| engine.write_record_as(key, replace, "ops")).await.unwrap().unwrap();
+    let text_key = RecordKey::new("notes", "n1").unwrap();
+    let update = crdt::text::TextDocument::new(7).insert_text("body", 0, "hi").unwrap();
+    engines[0]
+        .call(move |engine| engine.with_principal("editor", |engine| engine.apply_text_update(text_key, update)))
+        .await
+        .unwrap()
+        .unwrap();
+    let missing = RecordKey::new("orders", "o2").unwrap();
+    let deleted = engines[0].call(move |engine| engine.write_record(missing, Operation::Delete)).await.unwrap();
+    assert!(!deleted.unwrap().changed);
+    write(&engines[0], "o2", Operation::MergePatch(object(json!({"x": null, "y": 1})))).await;
+    wait_for_equal_digests(&engines).await;
+
+    let text = |values: &[&str]| values.iter().map(|value| value.to_string()).collect::<Vec<_>>();
+    let made = |principal: &str, fields: &[&str]| ("engine-0".to_owned(), principal.to_owned(), text(fields));
+    assert_eq!(
+        attributions(&audit_entries(&engines[0]).await),
+        vec![made("ops", &["qty", "status"]), made("editor", &["*"]), made("local", &["x", "y"])],
+        "a delete of a record that does not exist changes nothing"
+    );
+    let received = |origin: &str, principal: &str| (origin.to_owned(), principal.to_owned(), text(&["*"]));
+    assert_eq!(attributions(&audit_entries(&engines[1]).await), vec![received("engine-0", "engine-0"); 3]);
+    // Engine 2 never met engine 0: the origin is its node id, the principal the peer between.
+    let origin_id = engines[0].identity.node.to_string();
+    assert_eq!(attributions(&audit_entries(&engines[2]).await), vec![received(&origin_id, "engine-1"); 3]);
+    for engine in &engines {
+        let check = verify_audit(engine).await;
+        assert_eq!(check.outcome.map(|verified| verified.entries), Ok(3));
+        assert_eq!(engine.call(|engine| engine.status().audit.sequence).await.unwrap(), 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_trims_behind_an_anchor_but_never_a_log_that_does_not_verify() {
+    let directory = tempfile::tempdir().unwrap();
+    let settings = EngineSettings {
+        name: Some("hq".into()),
+        audit_retention: std::time::Duration::from_millis(1),
+        ..EngineSettings::default()
+    };
+    let store = store::Store::open(directory.path()).unwrap();
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).unwrap();
+    for index in 0..3 {
+        write(&engine, &format!("o{index}"), Operation::Replace(object(json!({"n": index})))).await;
+    }
+    // Entry 2 altered behind the engine's back: trimming would delete the evidence, so it waits.
+    let original = engine.call(|engine| engine.store().audit_entry(2).unwrap().unwrap()).await.unwrap();
+    let mut altered = crdt::audit::AuditEntry::decode(&original).unwrap();
+    altered.principal = "someone-else".into();
+    let put = |bytes: Vec<u8>| {
+        move |engine: &mut engine::Engine| {
+            let mut batch = store::WriteBatch::default();
+            batch.put_audit(2, &bytes);
+            engine.store().commit(batch).unwrap();
+        }
+    };
+    engine.call(put(altered.encode())).await.unwrap();
+    let trim_until = |anchor_sequence: u64| {
+        let engine = engine.clone();
+        async move {
+            for _ in 0..3_000 {
+                let now = engine
+                    .call(|engine| {
+                        engine.audit_tick();
+                        engine.status().audit.anchor_sequence
+                    })
+                    .await
+                    .unwrap();
+                if now == anchor_sequence {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    // Once every entry is older than the retention, the next trimming step would take all three.
+    let newest_ms = audit_entries(&engine).await[2].time_ms;
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    while now_ms() <= newest_ms + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    engine.call(|engine| engine.audit_tick()).await.unwrap();
+    assert_eq!(engine.call(|engine| engine.status().audit.anchor_sequence).await.unwrap(), 0);
+    assert_eq!(audit_entries(&engine).await.len(), 3);
+    let check = verify_audit(&engine).await;
+    assert_eq!(check.outcome, Err(crdt::audit::Tamper { sequence: 2, kind: crdt::audit::TamperKind::Altered }));
+
+    // Put back: now it trims (at the next interval) and the rest verifies from the anchor.
+    engine.call(put(original)).await.unwrap();
+    assert!(trim_until(3).await, "not trimmed within the hang guard");
+    assert!(audit_entries(&engine).await.is_empty());
+    let check = verify_audit(&engine).await;
+    assert_eq!(check.anchor.sequence, 3);
+    assert_eq!(check.outcome.map(|verified| (verified.entries, verified.head)), Ok((0, check.anchor)));
+    write(&engine, "o9", Operation::Replace(object(json!({"n": 9})))).await;
+    let entries = audit_entries(&engine).await;
+    assert_eq!(entries.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [4]);
+    assert_eq!(entries[0].previous_hash, check.anchor.hash);
 }

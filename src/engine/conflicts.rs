@@ -134,7 +134,7 @@ impl Engine {
         }
         let mut patch = Map::new();
         patch.insert(field.to_owned(), value.clone());
-        let outcome = self.write_record(key.clone(), Operation::MergePatch(patch))?;
+        let outcome = self.write_record_as(key.clone(), Operation::MergePatch(patch), principal)?;
         let pointer = format!("/{}", crdt::json::escape_pointer(field));
         let first = self.ledger.next_sequence.saturating_sub(RESOLVE_SCAN_MAX as u64);
         let mut after = first.saturating_sub(1);

@@ -199,6 +199,7 @@ impl Engine {
             timestamp,
         });
         self.stage_accounting(document, &record.key, before, feed);
+        self.stage_audit_snapshot(&record.key);
         Ok(changed)
     }
 
