@@ -58,6 +58,9 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
         .route(&format!("{texts}/{{id}}/update"), get(get_text_update).post(post_text_update))
         .route(&format!("{texts}/{{id}}/state-vector"), get(get_text_state_vector))
         .route("/v1/batch", axum::routing::post(batch))
+        .route("/v1/quarantine", get(list_quarantine))
+        .route("/v1/quarantine/{id}", get(get_quarantined).delete(drop_quarantined))
+        .route("/v1/quarantine/{id}/retry", axum::routing::post(retry_quarantined))
         .route("/v1/conflicts", get(list_conflicts))
         .route("/v1/conflicts/resolve", axum::routing::post(resolve_conflict))
         .route("/v1/conflicts/{sequence}", get(get_conflict))
@@ -78,11 +81,13 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// More members for the JSON body (a schema violation's field and rule).
+    detail: Option<Map<String, Value>>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), detail: None }
     }
 
     fn not_found(key: &RecordKey) -> ApiError {
@@ -92,7 +97,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        let mut body = self.detail.unwrap_or_default();
+        body.insert("error".into(), Value::String(self.message));
+        (self.status, Json(Value::Object(body))).into_response()
     }
 }
 
@@ -111,7 +118,13 @@ impl From<EngineError> for ApiError {
             EngineError::Stopped | EngineError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, error.to_string())
+        let mut answer = ApiError::new(status, error.to_string());
+        if let EngineError::Invalid(violation) = &error
+            && let Ok(Value::Object(detail)) = serde_json::to_value(violation.as_ref())
+        {
+            answer.detail = Some(detail);
+        }
+        answer
     }
 }
 
@@ -401,6 +414,56 @@ async fn resolve_conflict(
         })
         .await??;
     Ok(Json(RecordBody::new(&key, outcome.view)))
+}
+
+#[derive(Debug, Deserialize)]
+struct QuarantineQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/quarantine?after=&limit=`: changes from peers that could not be applied.
+async fn list_quarantine(State(state): State<AppState>, Query(query): Query<QuarantineQuery>) -> ApiResult<Json<Value>> {
+    let limit = query.limit.unwrap_or(100);
+    let (entries, size) = state
+        .engine
+        .call(move |engine| engine.quarantine_page(query.after, limit).map(|page| (page, engine.quarantine_size())))
+        .await??;
+    let entries: Vec<Value> = entries.iter().map(|(id, entry)| entry.summary(*id)).collect();
+    Ok(Json(serde_json::json!({ "entries": entries, "size": size })))
+}
+
+fn not_quarantined(id: u64) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("nothing in quarantine with id {id}"))
+}
+
+async fn get_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Json<Value>> {
+    let entry = state.engine.call(move |engine| engine.quarantined(id)).await??;
+    let entry = entry.ok_or_else(|| not_quarantined(id))?;
+    let mut summary = entry.summary(id);
+    if let (Value::Object(map), Ok(envelope)) = (&mut summary, crdt::envelope::Envelope::decode(&entry.envelope)) {
+        map.insert("change_hex".into(), Value::String(hex::encode(&envelope.change)));
+    }
+    Ok(Json(summary))
+}
+
+/// `POST /v1/quarantine/{id}/retry`: applies the change again; 200 and `applied` when it went
+/// in (the entry is gone), 422 with the new reason when it still does not apply.
+async fn retry_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Json<Value>> {
+    match state.engine.call(move |engine| engine.retry_quarantined(id)).await?? {
+        None => Err(not_quarantined(id)),
+        Some(Ok(changed)) => Ok(Json(serde_json::json!({ "id": id, "applied": true, "changed": changed }))),
+        Some(Err(reason)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("still does not apply: {reason}"))),
+    }
+}
+
+async fn drop_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Json<Value>> {
+    if state.engine.call(move |engine| engine.drop_quarantined(id)).await?? {
+        Ok(Json(serde_json::json!({ "id": id, "dropped": true })))
+    } else {
+        Err(not_quarantined(id))
+    }
 }
 
 /// One write's outcome in a batch answer.
@@ -767,6 +830,7 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         .call(|engine| {
             let status = engine.status();
             let gauges = Gauges {
+                quarantine_size: status.quarantined,
                 store_bytes: engine.store().size_on_disk().unwrap_or(0),
                 records: status.record_count,
                 feed_sequence: status.feed_sequence,

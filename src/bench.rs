@@ -919,7 +919,9 @@ impl Bench {
         let mut writes = Vec::new();
         while issued < total {
             ticker.tick().await;
-            let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+            // Write i is scheduled at i / rate, so at elapsed t the writes 0..=floor(t × rate)
+            // are due (not one interval later).
+            let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
             while issued < due {
                 let scheduled = started + Duration::from_secs_f64(issued as f64 / rate as f64);
                 let id = format!("p{issued}");

@@ -69,10 +69,44 @@ pub enum Command {
     /// The conflict ledger: list, show and resolve conflicts.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Changes from peers that could not be applied: list, show, retry or drop them.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// The audit trail: who changed which record, when, from where. Verification exits 0 when
     /// the log is intact, 2 when it was tampered with, 1 when it could not be checked.
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// List quarantined changes.
+    Ls {
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one quarantined change, its bytes in hex.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Apply a quarantined change again; it leaves the quarantine if it applies.
+    Retry {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a quarantined change without applying it.
+    Drop {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

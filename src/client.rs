@@ -6,7 +6,9 @@ use futures::StreamExt;
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::cli::{CertCommand, ClientArgs, CollectionCommand, Command, ConflictsCommand, Output, WriteArgs};
+use crate::cli::{
+    CertCommand, ClientArgs, CollectionCommand, Command, ConflictsCommand, Output, QuarantineCommand, WriteArgs,
+};
 
 mod audit;
 
@@ -191,6 +193,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Quarantine(command) => quarantine(command).await?,
         Command::Conflicts(ConflictsCommand::Show { sequence, client }) => {
             let node = Client::new(&client)?;
             let entry = node.json(Method::GET, &["v1", "conflicts", &sequence.to_string()], None).await?;
@@ -223,6 +226,53 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 Output::Table => print_fields(&status),
             }
         }
+    }
+    Ok(())
+}
+
+/// `quarantine ls|show|retry|drop`.
+async fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
+    let (client, answer) = match command {
+        QuarantineCommand::Ls { after, limit, client } => {
+            let node = Client::new(&client)?;
+            let mut url = node.url(&["v1", "quarantine"])?;
+            url.query_pairs_mut().append_pair("after", &after.to_string()).append_pair("limit", &limit.to_string());
+            let page: Value = node.send(node.request(Method::GET, url)).await?.json().await?;
+            if client.output == Output::Table {
+                println!("{} in quarantine", page["size"]);
+                for entry in page["entries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6}  {}/{}  from {}  {}",
+                        entry["id"],
+                        entry["collection"].as_str().unwrap_or("?"),
+                        entry["record"].as_str().unwrap_or("?"),
+                        entry["peer"].as_str().unwrap_or("?"),
+                        entry["reason"].as_str().unwrap_or("?"),
+                    );
+                }
+                return Ok(());
+            }
+            (client, page)
+        }
+        QuarantineCommand::Show { id, client } => {
+            let node = Client::new(&client)?;
+            let answer = node.json(Method::GET, &["v1", "quarantine", &id.to_string()], None).await?;
+            (client, answer)
+        }
+        QuarantineCommand::Retry { id, client } => {
+            let node = Client::new(&client)?;
+            let answer = node.json(Method::POST, &["v1", "quarantine", &id.to_string(), "retry"], None).await?;
+            (client, answer)
+        }
+        QuarantineCommand::Drop { id, client } => {
+            let node = Client::new(&client)?;
+            let answer = node.json(Method::DELETE, &["v1", "quarantine", &id.to_string()], None).await?;
+            (client, answer)
+        }
+    };
+    match client.output {
+        Output::Json => println!("{answer}"),
+        Output::Table => println!("{}", serde_json::to_string_pretty(&answer)?),
     }
     Ok(())
 }

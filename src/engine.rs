@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 mod audit;
 mod collections;
 mod conflicts;
+mod quarantine;
 mod snapshots;
 
 pub use audit::{
@@ -41,6 +42,7 @@ pub use audit::{
     audit_page, export_page, parse_head, stored_anchor, verify_store,
 };
 pub use conflicts::CONFLICTS_PAGE_MAX;
+pub use quarantine::{QUARANTINE_ENTRIES_MAX, QUARANTINE_PAGE_MAX, QuarantineEntry};
 
 pub use collections::is_system_collection;
 
@@ -324,6 +326,8 @@ pub struct Status {
     pub conflicts: u64,
     /// Conflicts recorded per change applied from peers since this start.
     pub conflict_rate: f64,
+    /// Changes from peers in quarantine.
+    pub quarantined: u64,
     /// The audit log's newest entry and trim anchor.
     pub audit: AuditStatus,
 }
@@ -364,6 +368,7 @@ pub struct Engine {
     yrs_collections: std::collections::BTreeSet<String>,
     definitions: collections::Definitions,
     ledger: conflicts::Ledger,
+    quarantine: quarantine::Quarantine,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replication: crate::replication::Replication,
 }
@@ -486,6 +491,7 @@ pub fn start(
         &rmp_serde::to_vec(&StoredIdentity { node: identity.node, name: identity.name.clone() }).unwrap_or_default(),
     );
     store.commit(batch).map_err(|error| EngineError::Storage(error.to_string()))?;
+    let quarantine_state = quarantine::open(&store)?;
     let ledger_next = store.conflict_last()?.map_or(1, |(sequence, _)| sequence + 1);
     let (feed_sender, feed) = watch::channel(counters.feed_sequence);
     let engine = Engine {
@@ -510,6 +516,7 @@ pub fn start(
         yrs_collections: settings.yrs_collections,
         definitions: Default::default(),
         ledger: conflicts::Ledger { next_sequence: ledger_next },
+        quarantine: quarantine_state,
         metrics,
         replication: crate::replication::Replication {
             replica: crdt::replica::Replica::new(version_vector, log_floors, settings.replication, Instant::now()),
@@ -765,6 +772,12 @@ impl Engine {
         if self.version_vector.contains(&envelope.origin, envelope.sequence) {
             return Ok(false);
         }
+        self.apply_held_envelope(envelope)
+    }
+
+    /// [`Engine::apply_envelope`] without the check that the change is new: for a change the
+    /// node already counts as received (a quarantined one being retried).
+    fn apply_held_envelope(&mut self, envelope: Envelope) -> Result<bool, EngineError> {
         if let Err(error) = self.clock.observe(envelope.timestamp, physical_ms()) {
             tracing::warn!(origin = %envelope.origin, %error, "not advancing the clock to a remote timestamp");
         }
@@ -995,6 +1008,7 @@ impl Engine {
             peers: self.peer_statuses(),
             conflicts: self.ledger.next_sequence.saturating_sub(1),
             conflict_rate: self.metrics.conflicts.total() as f64 / self.metrics.changes_applied.get().max(1) as f64,
+            quarantined: self.quarantine.size,
             audit: self.audit_status(),
         }
     }

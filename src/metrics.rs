@@ -131,11 +131,14 @@ pub struct Metrics {
     pub conflicts: LabeledCounter,
     /// Changes from peers applied here (the denominator of the conflict rate).
     pub changes_applied: Counter,
+    /// Changes from peers put in quarantine.
+    pub quarantined: Counter,
 }
 
 /// Point-in-time values read when the metrics are scraped.
 #[derive(Debug, Default)]
 pub struct Gauges {
+    pub quarantine_size: u64,
     pub store_bytes: u64,
     pub records: u64,
     pub feed_sequence: u64,
@@ -160,7 +163,8 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 20] = [
+        let counters: [(&str, &str, &Counter); 21] = [
+            ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
             ("concord_http_requests_total", "HTTP API requests.", &self.requests),
@@ -213,7 +217,8 @@ impl Metrics {
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());
         }
-        let gauges: [(&str, &str, u64); 3] = [
+        let gauges: [(&str, &str, u64); 4] = [
+            ("concord_quarantine_size", "Changes from peers in quarantine.", gauges.quarantine_size),
             ("concord_store_size_bytes", "Bytes the store occupies on disk.", gauges.store_bytes),
             ("concord_records", "Live records and texts.", gauges.records),
             ("concord_feed_sequence", "The latest local feed sequence.", gauges.feed_sequence),
@@ -252,7 +257,7 @@ mod tests {
         metrics.writes.add(3);
         metrics.write_latency.observe(Duration::from_micros(50));
         metrics.write_latency.observe(Duration::from_millis(3));
-        let text = metrics.render(&Gauges { store_bytes: 10, records: 2, feed_sequence: 3 });
+        let text = metrics.render(&Gauges { quarantine_size: 0, store_bytes: 10, records: 2, feed_sequence: 3 });
         assert!(text.contains("concord_writes_total 3\n"));
         assert!(text.contains("concord_write_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
         assert!(text.contains("concord_write_latency_seconds_bucket{le=\"0.005\"} 2\n"));

@@ -165,14 +165,15 @@ impl Engine {
         match apply {
             Apply::Change(envelope) => {
                 let (origin, sequence, observed) = (envelope.origin, envelope.sequence, envelope.timestamp);
-                match self.apply_envelope(envelope) {
+                let peer = self.replication.peers.get(&source).map_or_else(|| format!("peer {source}"), |info| info.name.clone());
+                match self.apply_or_quarantine(envelope, &peer) {
                     Ok(true) => {
                         self.metrics.observe_replication_latency(observed);
                         self.metrics.changes_applied.inc();
                     }
                     Ok(false) => {}
                     Err(error) => {
-                        tracing::warn!(peer = source, %origin, sequence, %error, "refused a change from a peer")
+                        tracing::warn!(peer = source, %origin, sequence, %error, "quarantined a change from a peer")
                     }
                 }
                 self.replication.count_traffic(source, |traffic| traffic.changes_received += 1);

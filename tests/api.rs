@@ -346,3 +346,34 @@ async fn a_yrs_collection_serves_the_record_api_without_counters() {
     let path = format!("{}/increment", record_path("customers", "c1"));
     assert_eq!(node.call(Method::POST, &path, Some(json!({"field": "n"}))).await.0, 200);
 }
+
+/// A definition through `PUT /v1/collections/{c}/definition` (TOML or JSON); a write that
+/// breaks its schema gets 422 with the field and the rule; a bad definition is refused whole.
+#[tokio::test]
+async fn definitions_are_stored_and_schema_violations_named() {
+    let directory = temporary_directory();
+    let node = Node::start(directory.path()).await;
+    let response = node
+        .request(Method::PUT, "/v1/collections/orders/definition")
+        .body("[fields.price]\npolicy = \"max\"\ntype = \"number\"\nminimum = 0\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, shown) = node.call(Method::GET, "/v1/collections/orders/definition", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["definition"]["fields"]["price"]["minimum"], json!(0), "{shown}");
+    let (status, body) = node.call(Method::PUT, &record_path("orders", "o1"), Some(json!({"price": -3}))).await;
+    assert_eq!(status, 422);
+    assert_eq!((body["field"].as_str(), body["rule"].as_str()), (Some("price"), Some("minimum")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("price"));
+    let response = node
+        .request(Method::PUT, "/v1/collections/orders/definition")
+        .body(r#"{"fields": {"price": {"policy": "biggest"}}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(node.call(Method::GET, "/v1/collections/none/definition", None).await.0, 404);
+    assert_eq!(node.call(Method::PUT, &record_path("orders", "o1"), Some(json!({"price": 3}))).await.0, 200);
+}

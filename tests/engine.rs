@@ -907,3 +907,57 @@ async fn audit_retention_trims_behind_an_anchor_but_never_a_log_that_does_not_ve
     assert_eq!(entries.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [4]);
     assert_eq!(entries[0].previous_hash, check.anchor.hash);
 }
+
+/// A change from a peer that cannot be applied goes to the quarantine with its reason and
+/// counts as received (the version vector holds it), other changes keep flowing, and the
+/// quarantine lists, retries (the reason is kept up to date) and drops it, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unappliable_change_goes_to_quarantine_and_blocks_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let source_directory = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let settings = || EngineSettings { name: Some("target".into()), ..EngineSettings::default() };
+    let (engine, thread) =
+        engine::start(store::Store::open(directory.path()).unwrap(), settings(), metrics.clone()).unwrap();
+    let source = start(source_directory.path(), "source").await;
+    let mut bad = write(&source, "bad", Operation::Replace(object(json!({"a": 1})))).await;
+    bad.change = vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3];
+    let good = write(&source, "good", Operation::Replace(object(json!({"b": 2})))).await;
+    let (origin, sequence) = (bad.origin, bad.sequence);
+    let refused = engine.call(move |engine| engine.apply_or_quarantine(bad, "source")).await.unwrap();
+    assert!(refused.is_err());
+    assert!(engine.call(move |engine| engine.apply_or_quarantine(good, "source")).await.unwrap().unwrap());
+    assert_eq!(read_value(&engine, "good").await.unwrap(), object(json!({"b": 2})));
+    let status = status(&engine).await;
+    assert_eq!(status.quarantined, 1);
+    let vector = &status.version_vector[origin.to_string()];
+    assert_eq!(vector["contiguous"], json!(sequence + 1), "both count as received: {vector}");
+    assert_eq!(metrics.quarantined.get(), 1);
+
+    let page = engine.call(|engine| engine.quarantine_page(0, 10)).await.unwrap().unwrap();
+    assert_eq!(page.len(), 1);
+    let (id, entry) = &page[0];
+    assert_eq!(entry.peer, "source");
+    assert!(entry.reason.contains("does not apply"), "{}", entry.reason);
+    let summary = entry.summary(*id);
+    assert_eq!((summary["collection"].as_str(), summary["record"].as_str()), (Some("orders"), Some("bad")));
+    let id = *id;
+    let retried = engine.call(move |engine| engine.retry_quarantined(id)).await.unwrap().unwrap();
+    assert!(matches!(retried, Some(Err(ref reason)) if reason.contains("does not apply")), "{retried:?}");
+    let entry = engine.call(move |engine| engine.quarantined(id)).await.unwrap().unwrap().unwrap();
+    assert_eq!(entry.retries, 1);
+
+    drop(engine);
+    thread.join().unwrap().unwrap();
+    let (engine, _thread) =
+        engine::start(store::Store::open(directory.path()).unwrap(), settings(), Arc::new(Metrics::default())).unwrap();
+    assert_eq!(status_of(&engine).await.quarantined, 1, "the quarantine survives a restart");
+    assert!(engine.call(move |engine| engine.drop_quarantined(id)).await.unwrap().unwrap());
+    assert!(!engine.call(move |engine| engine.drop_quarantined(id)).await.unwrap().unwrap());
+    assert_eq!(status_of(&engine).await.quarantined, 0);
+    assert!(engine.call(move |engine| engine.retry_quarantined(id)).await.unwrap().unwrap().is_none());
+}
+
+async fn status_of(engine: &EngineHandle) -> engine::Status {
+    status(engine).await
+}
