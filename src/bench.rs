@@ -684,27 +684,27 @@ impl Bench {
                     .note(format!("{CLIENTS} HTTP clients, 3 puts : 1 patch, {} refused", run.refused)),
             );
             let yrs = crate::demo::YRS_COLLECTION;
-            let run = self.hammer(&apis, yrs, "w", Some(self.settings.throughput_duration), None, true).await;
+            let yrs_run = self.hammer(&apis, yrs, "w", Some(self.settings.throughput_duration), None, true).await;
             figures.push(
                 Figure::new(
                     "writes_yrs.one_node_per_second",
                     "acknowledged writes/s, one node, yrs engine",
-                    run.rate(),
+                    yrs_run.rate(),
                     "/s",
                 )
-                .note(format!("the same load on a collection of the yrs record engine, {} refused", run.refused)),
+                .note(format!("the same load on a collection of the yrs record engine, {} refused", yrs_run.refused)),
             );
-            println!("  one node, yrs engine: {:.0} writes/s", run.rate());
+            println!("  one node, yrs engine: {:.0} writes/s", yrs_run.rate());
             for (key, label, collection) in [
                 ("writes_batched.one_node_per_second", "acknowledged writes/s, one node, batches of 100", "batched"),
                 ("writes_yrs_batched.one_node_per_second", "acknowledged writes/s, one node, yrs engine, batches of 100", yrs),
             ] {
-                let run = self.hammer_batches(&solo.api, collection, self.settings.throughput_duration).await;
-                figures.push(Figure::new(key, label, run.rate(), "/s").note(format!(
+                let batched = self.hammer_batches(&solo.api, collection, self.settings.throughput_duration).await;
+                figures.push(Figure::new(key, label, batched.rate(), "/s").note(format!(
                     "{BATCH_CLIENTS} HTTP clients posting /v1/batch of {BATCH_WRITES} writes (3 puts : 1 patch); a write counts once its batch is answered and it succeeded; {} refused",
-                    run.refused
+                    batched.refused
                 )));
-                println!("  {label}: {:.0}/s", run.rate());
+                println!("  {label}: {:.0}/s", batched.rate());
             }
             let held = self.status(&solo).await?["record_count"].as_u64().unwrap_or(0);
             let missing = self.settings.records.saturating_sub(held);

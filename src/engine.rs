@@ -815,6 +815,7 @@ impl Engine {
     }
 
     fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {
+        self.check_peer_schema(document, envelope)?;
         let before = Before::of(document, &envelope.key);
         let signatures = conflicts::signatures(document);
         let changed = document.body.apply(&envelope.key, envelope.kind, &envelope.change, &self.text_limits)?;

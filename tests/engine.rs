@@ -961,3 +961,34 @@ async fn an_unappliable_change_goes_to_quarantine_and_blocks_nothing() {
 async fn status_of(engine: &EngineHandle) -> engine::Status {
     status(engine).await
 }
+
+/// A peer's change that would break the collection's schema here is quarantined with the field
+/// and the rule, other records keep flowing, and once the definition is fixed a retry applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_breaks_the_schema_is_quarantined_and_retried_after_the_fix() {
+    let directory = tempfile::tempdir().unwrap();
+    let source_directory = tempfile::tempdir().unwrap();
+    let engine = start(directory.path(), "target").await;
+    let source = start(source_directory.path(), "source").await;
+    let strict = crdt::collection::Definition::from_toml("[fields.price]\ntype = \"number\"\nminimum = 0\n").unwrap();
+    engine.call(move |engine| engine.define_collection("orders", &strict)).await.unwrap().unwrap();
+    let negative = write(&source, "o1", Operation::Replace(object(json!({"price": -5})))).await;
+    let fine = write(&source, "o2", Operation::Replace(object(json!({"price": 5})))).await;
+    let refused = engine.call(move |engine| engine.apply_or_quarantine(negative, "source")).await.unwrap();
+    let reason = refused.unwrap_err().to_string();
+    assert!(reason.contains("price") && reason.contains("minimum"), "{reason}");
+    assert!(engine.call(move |engine| engine.apply_or_quarantine(fine, "source")).await.unwrap().unwrap());
+    assert_eq!(read_value(&engine, "o1").await, None, "the violating change is not applied");
+    assert_eq!(read_value(&engine, "o2").await.unwrap(), object(json!({"price": 5})));
+
+    let page = engine.call(|engine| engine.quarantine_page(0, 10)).await.unwrap().unwrap();
+    let id = page[0].0;
+    let still = engine.call(move |engine| engine.retry_quarantined(id)).await.unwrap().unwrap();
+    assert!(matches!(still, Some(Err(_))), "the definition is unchanged: {still:?}");
+    let relaxed = crdt::collection::Definition::from_toml("[fields.price]\ntype = \"number\"\n").unwrap();
+    engine.call(move |engine| engine.define_collection("orders", &relaxed)).await.unwrap().unwrap();
+    let applied = engine.call(move |engine| engine.retry_quarantined(id)).await.unwrap().unwrap();
+    assert!(matches!(applied, Some(Ok(true))), "{applied:?}");
+    assert_eq!(read_value(&engine, "o1").await.unwrap(), object(json!({"price": -5})));
+    assert_eq!(status(&engine).await.quarantined, 0);
+}

@@ -171,6 +171,34 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Checks a change from elsewhere against its collection's schema before it is applied:
+    /// applied to a copy of the record, the record must still pass (a deleted one always does).
+    /// Costs a copy of the record, so only for collections whose definition declares fields.
+    pub(super) fn check_peer_schema(
+        &mut self,
+        document: &Document,
+        envelope: &crdt::envelope::Envelope,
+    ) -> Result<(), EngineError> {
+        let Body::Record(record) = &document.body else { return Ok(()) };
+        if envelope.kind != crdt::envelope::DocumentKind::Record {
+            return Ok(());
+        }
+        let Some(definition) = self.definition(envelope.key.collection())? else { return Ok(()) };
+        if definition.fields.is_empty() {
+            return Ok(());
+        }
+        let mut trial = record.as_ref().clone();
+        // Bytes that do not apply are refused by the apply itself, with its own reason.
+        if trial.apply_changes(&envelope.change).is_err() {
+            return Ok(());
+        }
+        let Ok(view) = trial.view() else { return Ok(()) };
+        let Some(value) = view.value else { return Ok(()) };
+        crdt::schema::validate(&definition, &value).map_err(|violation| EngineError::Invalid(Box::new(violation)))
+    }
+}
+
 /// How `field`'s concurrent values in `record` resolve under `policy`. `None` when the field has
 /// no value.
 pub(crate) fn resolve_field(

@@ -1,5 +1,5 @@
 //! The quarantine: changes from peers that could not be applied (they do not decode, do not
-//! apply, or are of the wrong kind), kept with the reason instead of being dropped, so an
+//! apply, are of the wrong kind, or would break the collection's schema), kept with the reason instead of being dropped, so an
 //! operator can look at them, retry them, or drop them. A quarantined change blocks nothing: it
 //! counts as received (version vector and change log), so the peer does not send it again and
 //! replication goes on; retrying applies it to the document.
@@ -74,7 +74,12 @@ impl Engine {
         let kept = envelope.clone();
         match self.apply_envelope(envelope) {
             Ok(changed) => Ok(changed),
-            Err(error @ (EngineError::BadChange { .. } | EngineError::WrongKind { .. } | EngineError::Corrupt { .. })) => {
+            Err(
+                error @ (EngineError::BadChange { .. }
+                | EngineError::WrongKind { .. }
+                | EngineError::Corrupt { .. }
+                | EngineError::Invalid(_)),
+            ) => {
                 self.quarantine(&kept, error.to_string(), peer);
                 Err(error)
             }
