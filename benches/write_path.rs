@@ -84,7 +84,8 @@ fn durable_writes(criterion: &mut Criterion) {
                     let mut writes = Vec::with_capacity(CONCURRENT as usize);
                     for writer in 0..CONCURRENT {
                         let engine = engine.clone();
-                        let key = RecordKey::new(collection, &format!("c{}", round * CONCURRENT + writer)).expect("key");
+                        let key =
+                            RecordKey::new(collection, &format!("c{}", round * CONCURRENT + writer)).expect("key");
                         writes.push(tokio::spawn(async move {
                             let operation = Operation::Replace(small_object(writer));
                             engine.call(move |engine| engine.write_record(key, operation)).await

@@ -309,7 +309,8 @@ async fn put_definition(
     Path(collection): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "definition is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "definition is not UTF-8"))?;
     let definition = if text.trim_start().starts_with('{') {
         crdt::collection::Definition::from_json(text)
     } else {
@@ -424,7 +425,10 @@ struct QuarantineQuery {
 }
 
 /// `GET /v1/quarantine?after=&limit=`: changes from peers that could not be applied.
-async fn list_quarantine(State(state): State<AppState>, Query(query): Query<QuarantineQuery>) -> ApiResult<Json<Value>> {
+async fn list_quarantine(
+    State(state): State<AppState>,
+    Query(query): Query<QuarantineQuery>,
+) -> ApiResult<Json<Value>> {
     let limit = query.limit.unwrap_or(100);
     let (entries, size) = state
         .engine
@@ -454,7 +458,9 @@ async fn retry_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -
     match state.engine.call(move |engine| engine.retry_quarantined(id)).await?? {
         None => Err(not_quarantined(id)),
         Some(Ok(changed)) => Ok(Json(serde_json::json!({ "id": id, "applied": true, "changed": changed }))),
-        Some(Err(reason)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("still does not apply: {reason}"))),
+        Some(Err(reason)) => {
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("still does not apply: {reason}")))
+        }
     }
 }
 

@@ -165,7 +165,11 @@ impl Engine {
         match apply {
             Apply::Change(envelope) => {
                 let (origin, sequence, observed) = (envelope.origin, envelope.sequence, envelope.timestamp);
-                let peer = self.replication.peers.get(&source).map_or_else(|| format!("peer {source}"), |info| info.name.clone());
+                let peer = self
+                    .replication
+                    .peers
+                    .get(&source)
+                    .map_or_else(|| format!("peer {source}"), |info| info.name.clone());
                 match self.apply_or_quarantine(envelope, &peer) {
                     Ok(true) => {
                         self.metrics.observe_replication_latency(observed);

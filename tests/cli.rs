@@ -145,7 +145,8 @@ async fn collections_are_defined_and_their_schemas_enforced() {
     let (ok, stdout, _) = node.cli(&["conflicts", "ls", "--output", "json"]);
     assert!(ok);
     assert_eq!(serde_json::from_str::<Value>(stdout.trim()).unwrap()["conflicts"], json!([]));
-    let (ok, stdout, stderr) = node.cli(&["conflicts", "resolve", "orders/o1", "price", "--value", "7", "--output", "json"]);
+    let (ok, stdout, stderr) =
+        node.cli(&["conflicts", "resolve", "orders/o1", "price", "--value", "7", "--output", "json"]);
     assert!(ok, "{stderr}");
     assert_eq!(serde_json::from_str::<Value>(stdout.trim()).unwrap()["value"]["price"], json!(7));
 

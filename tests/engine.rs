@@ -31,20 +31,24 @@ async fn start_with_retention(
     name: &str,
     log_retention: std::time::Duration,
 ) -> EngineHandle {
+    start_with(directory, name, |settings| settings.log_retention = log_retention).await
+}
+
+/// An engine with the tests' settings (a small cache, summaries every 100 ms) changed by
+/// `adjust`, and the node's timer: anti-entropy summaries when due.
+async fn start_with(directory: &std::path::Path, name: &str, adjust: impl FnOnce(&mut EngineSettings)) -> EngineHandle {
     let store = store::Store::open(directory).expect("open store");
-    let settings = EngineSettings {
+    let mut settings = EngineSettings {
         name: Some(name.into()),
         cache_documents: NonZeroUsize::new(64).expect("non-zero"),
-        text_limits: Default::default(),
         replication: crdt::replica::Settings {
             summary_interval: std::time::Duration::from_millis(100),
             ..Default::default()
         },
-        log_retention,
         ..EngineSettings::default()
     };
+    adjust(&mut settings);
     let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
-    // The node's timer: anti-entropy summaries when due.
     let ticking = engine.clone();
     tokio::spawn(async move {
         while ticking.submit(|engine| engine.replication_tick()).await.is_ok() {
@@ -516,25 +520,7 @@ async fn a_document_larger_than_a_snapshot_record_travels_in_pieces() {
 }
 
 async fn start_with_yrs(directory: &std::path::Path, name: &str) -> EngineHandle {
-    let store = store::Store::open(directory).expect("open store");
-    let settings = EngineSettings {
-        name: Some(name.into()),
-        cache_documents: NonZeroUsize::new(64).expect("non-zero"),
-        replication: crdt::replica::Settings {
-            summary_interval: std::time::Duration::from_millis(100),
-            ..Default::default()
-        },
-        yrs_collections: ["events".to_owned()].into_iter().collect(),
-        ..EngineSettings::default()
-    };
-    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
-    let ticking = engine.clone();
-    tokio::spawn(async move {
-        while ticking.submit(|engine| engine.replication_tick()).await.is_ok() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    });
-    engine
+    start_with(directory, name, |settings| settings.yrs_collections = ["events".to_owned()].into_iter().collect()).await
 }
 
 async fn write_event(engine: &EngineHandle, id: &str, operation: Operation) -> Result<bool, engine::EngineError> {
@@ -612,7 +598,6 @@ async fn a_collection_on_the_yrs_engine_replicates_compacts_and_bootstraps() {
     let peers = engines[0].call(|engine| engine.peer_statuses()).await.unwrap();
     let to_joiner = peers.iter().find(|peer| peer.info.name == "engine-3").expect("joiner");
     assert_eq!(to_joiner.traffic.snapshot_records_sent, 13, "12 live records and the tombstone travel as documents");
-
 }
 
 /// Records on the yrs engine compact after 64 increments and read the same after a restart.
@@ -628,9 +613,13 @@ async fn yrs_records_compact_and_reload_after_a_restart() {
     let (engine, thread) =
         engine::start(store::Store::open(directory.path()).unwrap(), settings(), metrics.clone()).unwrap();
     for round in 0..150 {
-        write_event(&engine, &format!("e{}", round % 2), Operation::MergePatch(object(json!({"round": round, "tag": "x"}))))
-            .await
-            .unwrap();
+        write_event(
+            &engine,
+            &format!("e{}", round % 2),
+            Operation::MergePatch(object(json!({"round": round, "tag": "x"}))),
+        )
+        .await
+        .unwrap();
     }
     write_event(&engine, "e1", Operation::Delete).await.unwrap();
     // Let the idle engine compact: both documents passed 64 increments.
@@ -649,7 +638,6 @@ async fn yrs_records_compact_and_reload_after_a_restart() {
     assert_eq!(read_event(&engine, "e1").await, None);
     assert!(write_event(&engine, "e0", Operation::MergePatch(object(json!({"round": 149})))).await.unwrap());
 }
-
 
 /// Declared field policies on three engines that receive the same concurrent writes in three
 /// different orders: every engine reads the same resolved values, the ones the policies say,
@@ -688,7 +676,9 @@ async fn declared_policies_resolve_concurrent_writes_identically_in_every_delive
     let base = write(
         &engines[0],
         "o1",
-        Operation::Replace(object(json!({"status": "draft", "price": 10, "owner": "nobody", "tags": ["a"], "note": "n"}))),
+        Operation::Replace(object(
+            json!({"status": "draft", "price": 10, "owner": "nobody", "tags": ["a"], "note": "n"}),
+        )),
     )
     .await;
     for engine in &engines[1..] {

@@ -39,12 +39,16 @@ async fn concurrent_writes_across_a_partition_resolve_by_the_declared_policies()
     until_peer(&store, "hq", false, RECONNECT_GUARD).await;
     let patch = |body: Value| (Method::PATCH, record_path("orders", "o1"), Some(body));
     let increment = format!("{}/increment", record_path("orders", "o1"));
-    let (method, path, body) = patch(json!({"status": "approved", "price": 50, "owner": "from-hq", "tags": ["b"], "floor": 3, "note": "hq", "label": "hq"}));
+    let (method, path, body) = patch(
+        json!({"status": "approved", "price": 50, "owner": "from-hq", "tags": ["b"], "floor": 3, "note": "hq", "label": "hq"}),
+    );
     assert_eq!(hq.call(method, &path, body).await.0, 200);
     assert_eq!(hq.call(Method::POST, &increment, Some(json!({"field": "visits", "by": 2}))).await.0, 200);
     // The store writes later (by the wall clock), so `latest` picks it.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let (method, path, body) = patch(json!({"status": "shipped", "price": 20, "owner": "from-store", "tags": ["c"], "floor": 7, "note": "store", "label": "store"}));
+    let (method, path, body) = patch(
+        json!({"status": "shipped", "price": 20, "owner": "from-store", "tags": ["c"], "floor": 7, "note": "store", "label": "store"}),
+    );
     assert_eq!(store.call(method, &path, body).await.0, 200);
     assert_eq!(store.call(Method::POST, &increment, Some(json!({"field": "visits", "by": 5}))).await.0, 200);
     link.partition(false);

@@ -657,7 +657,9 @@ mod tests {
         (1..=count)
             .map(|index| {
                 let principal = if index % 2 == 0 { "peer:store-1" } else { "token:ops" };
-                chain.append(index * 1_000, &key(&format!("o-{index}")), "hq", principal, ["status", "price"]).expect("bounded")
+                chain
+                    .append(index * 1_000, &key(&format!("o-{index}")), "hq", principal, ["status", "price"])
+                    .expect("bounded")
             })
             .collect()
     }
@@ -674,7 +676,10 @@ mod tests {
         let verified = verify(entries.clone(), Anchor::GENESIS).expect("intact");
         assert_eq!(verified, Verified { entries: 10, head: Anchor::of(&entries[9]) });
         assert_eq!(verify(Vec::new(), Anchor::GENESIS), Ok(Verified { entries: 0, head: Anchor::GENESIS }));
-        assert_eq!(verify_through(entries.clone(), Anchor::GENESIS, Anchor::of(&entries[4])).map(|v| v.entries), Ok(10));
+        assert_eq!(
+            verify_through(entries.clone(), Anchor::GENESIS, Anchor::of(&entries[4])).map(|v| v.entries),
+            Ok(10)
+        );
     }
 
     #[test]
@@ -750,8 +755,9 @@ mod tests {
     #[test]
     fn a_move_beyond_the_window_reads_as_a_removal() {
         let mut chain = Chain::new();
-        let mut entries: Vec<AuditEntry> =
-            (0..REORDER_WINDOW as u64 + 3).map(|index| chain.append(index, &key("o"), "hq", "p", ["f"]).expect("bounded")).collect();
+        let mut entries: Vec<AuditEntry> = (0..REORDER_WINDOW as u64 + 3)
+            .map(|index| chain.append(index, &key("o"), "hq", "p", ["f"]).expect("bounded"))
+            .collect();
         let moved = entries.remove(1);
         entries.push(moved);
         assert_eq!(verify(entries, Anchor::GENESIS), tamper(2, TamperKind::Removed));
@@ -796,8 +802,14 @@ mod tests {
     fn names_and_fields_are_bounded() {
         let mut chain = Chain::new();
         let long = "x".repeat(NAME_BYTES_MAX + 1);
-        assert!(matches!(chain.append(0, &key("o"), &long, "p", ["f"]), Err(AuditError::NameTooLong { what: "origin", .. })));
-        assert!(matches!(chain.append(0, &key("o"), "o", &long, ["f"]), Err(AuditError::NameTooLong { what: "principal", .. })));
+        assert!(matches!(
+            chain.append(0, &key("o"), &long, "p", ["f"]),
+            Err(AuditError::NameTooLong { what: "origin", .. })
+        ));
+        assert!(matches!(
+            chain.append(0, &key("o"), "o", &long, ["f"]),
+            Err(AuditError::NameTooLong { what: "principal", .. })
+        ));
         assert_eq!(chain.head(), Anchor::GENESIS);
         let many: Vec<String> = (0..FIELD_NAMES_MAX + 10).map(|index| format!("f{index:04}")).collect();
         let entry = chain.append(0, &key("o"), "o", "p", &many).expect("bounded");
@@ -815,14 +827,20 @@ mod tests {
         let entry = log(2).remove(1);
         assert_eq!(AuditEntry::decode(&entry.encode()).expect("decodes"), entry);
         let line = entry.to_json_line();
-        assert!(line.starts_with(r#"{"sequence":2,"time_ms":2000,"collection":"orders","id":"o-2","origin":"hq""#), "{line}");
+        assert!(
+            line.starts_with(r#"{"sequence":2,"time_ms":2000,"collection":"orders","id":"o-2","origin":"hq""#),
+            "{line}"
+        );
         assert_eq!(AuditEntry::from_json_line(&line).expect("parses"), entry);
         let bytes = entry.encode();
         for length in 0..bytes.len() {
             assert!(AuditEntry::decode(&bytes[..length]).is_err(), "a prefix of {length} bytes decoded");
         }
         assert!(matches!(AuditEntry::decode(&vec![0; AUDIT_ENTRY_BYTES_MAX + 1]), Err(AuditDecodeError::TooLarge(_))));
-        assert!(matches!(AuditEntry::from_json_line(&" ".repeat(AUDIT_ENTRY_BYTES_MAX + 1)), Err(AuditDecodeError::TooLarge(_))));
+        assert!(matches!(
+            AuditEntry::from_json_line(&" ".repeat(AUDIT_ENTRY_BYTES_MAX + 1)),
+            Err(AuditDecodeError::TooLarge(_))
+        ));
         assert!(AuditEntry::from_json_line(&line.replace("\"hq\"", &format!("\"{}\"", "h".repeat(300)))).is_err());
         assert!(AuditEntry::from_json_line(&line.replace("\"orders\"", "\"bad name\"")).is_err());
         assert!(AuditEntry::from_json_line(&line.replace("\"time_ms\"", "\"extra\":1,\"time_ms\"")).is_err());
@@ -880,11 +898,20 @@ mod tests {
             Err(VerifyError::Tamper(Tamper { sequence: 3, kind: TamperKind::Removed }))
         );
         let garbled = whole.replacen("{\"sequence\":3", "{\"sequence\":", 1);
-        assert!(matches!(verify_json_lines(garbled.as_bytes(), None, None), Err(VerifyError::Import(ImportError { line: 3, .. }))));
+        assert!(matches!(
+            verify_json_lines(garbled.as_bytes(), None, None),
+            Err(VerifyError::Import(ImportError { line: 3, .. }))
+        ));
         let late_anchor = format!("{whole}{}\n", Anchor::GENESIS.to_json_line());
-        assert!(matches!(verify_json_lines(late_anchor.as_bytes(), None, None), Err(VerifyError::Import(ImportError { line: 6, .. }))));
+        assert!(matches!(
+            verify_json_lines(late_anchor.as_bytes(), None, None),
+            Err(VerifyError::Import(ImportError { line: 6, .. }))
+        ));
         let long = format!("{whole}{}\n", "x".repeat(AUDIT_ENTRY_BYTES_MAX + 1));
-        assert!(matches!(verify_json_lines(long.as_bytes(), None, None), Err(VerifyError::Import(ImportError { line: 6, .. }))));
+        assert!(matches!(
+            verify_json_lines(long.as_bytes(), None, None),
+            Err(VerifyError::Import(ImportError { line: 6, .. }))
+        ));
         let exact = format!("{}\n", " ".repeat(AUDIT_ENTRY_BYTES_MAX));
         assert_eq!(read_json_lines(exact.as_bytes()).count(), 0);
     }

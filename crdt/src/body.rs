@@ -164,13 +164,15 @@ mod tests {
         assert_eq!(writes[3].0.to_string(), RecordKey::new("c", "3").unwrap().to_string());
 
         assert_eq!(batch(b"{}"), Err(BodyError::NotABatch("an object")));
-        let refused = batch(br#"[{"op":"put","collection":"c","id":"1","value":{}}, {"op":"put","collection":"c","id":"1"}]"#);
+        let refused =
+            batch(br#"[{"op":"put","collection":"c","id":"1","value":{}}, {"op":"put","collection":"c","id":"1"}]"#);
         assert!(matches!(refused, Err(BodyError::BatchWrite { index: 1, .. })), "{refused:?}");
         let refused = batch(br#"[{"op":"rename","collection":"c","id":"1"}]"#);
         assert!(matches!(refused, Err(BodyError::BatchWrite { index: 0, reason }) if reason.contains("unknown")));
         let refused = batch(br#"[{"op":"delete","collection":"","id":"1"}]"#);
         assert!(matches!(refused, Err(BodyError::BatchWrite { index: 0, .. })));
-        let too_many = format!("[{}]", vec![r#"{"op":"delete","collection":"c","id":"1"}"#; BATCH_WRITES_MAX + 1].join(","));
+        let too_many =
+            format!("[{}]", vec![r#"{"op":"delete","collection":"c","id":"1"}"#; BATCH_WRITES_MAX + 1].join(","));
         assert_eq!(batch(too_many.as_bytes()), Err(BodyError::BatchTooLarge(BATCH_WRITES_MAX + 1)));
         let most = format!("[{}]", vec![r#"{"op":"delete","collection":"c","id":"1"}"#; BATCH_WRITES_MAX].join(","));
         assert_eq!(batch(most.as_bytes()).map(|writes| writes.len()), Ok(BATCH_WRITES_MAX));

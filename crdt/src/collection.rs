@@ -164,7 +164,8 @@ impl Definition {
     /// Parses and checks a definition written in TOML.
     pub fn from_toml(text: &str) -> Result<Definition, DefinitionError> {
         check_size(text.len())?;
-        let parsed: DefinitionText = toml::from_str(text).map_err(|error| DefinitionError::Syntax(error.to_string()))?;
+        let parsed: DefinitionText =
+            toml::from_str(text).map_err(|error| DefinitionError::Syntax(error.to_string()))?;
         Definition::from_text(parsed)
     }
 
@@ -344,7 +345,8 @@ fn parse_field(name: &str, text: FieldText) -> Result<Field, DefinitionError> {
 /// Refuses constraints that can never apply to the declared type, and an empty range.
 fn check_constraints(name: &str, schema: &Schema) -> Result<(), DefinitionError> {
     let kind_name = schema.kind.map_or("untyped", FieldType::name);
-    let refuse = |constraint| Err(DefinitionError::Constraint { field: Some(name.to_owned()), constraint, kind: kind_name });
+    let refuse =
+        |constraint| Err(DefinitionError::Constraint { field: Some(name.to_owned()), constraint, kind: kind_name });
     let numeric = matches!(schema.kind, None | Some(FieldType::Number | FieldType::Integer));
     if schema.minimum.is_some() && !numeric {
         return refuse("minimum");
@@ -361,7 +363,11 @@ fn check_constraints(name: &str, schema: &Schema) -> Result<(), DefinitionError>
     if let (Some(minimum), Some(maximum)) = (&schema.minimum, &schema.maximum)
         && compare_numbers(minimum, maximum).is_gt()
     {
-        return Err(DefinitionError::Range { field: Some(name.to_owned()), minimum: minimum.clone(), maximum: maximum.clone() });
+        return Err(DefinitionError::Range {
+            field: Some(name.to_owned()),
+            minimum: minimum.clone(),
+            maximum: maximum.clone(),
+        });
     }
     Ok(())
 }
@@ -385,7 +391,9 @@ fn check_policy_type(name: &str, policy: &Policy, kind: Option<FieldType>) -> Re
 /// most [`MEMBER_BYTES_MAX`] bytes of JSON, each keeping the rest of the schema.
 fn check_enum(name: &str, schema: &Schema) -> Result<(), DefinitionError> {
     let Some(values) = &schema.values else { return Ok(()) };
-    let refuse = |member: String, reason: String| Err(DefinitionError::EnumMember { field: Some(name.to_owned()), member, reason });
+    let refuse = |member: String, reason: String| {
+        Err(DefinitionError::EnumMember { field: Some(name.to_owned()), member, reason })
+    };
     if values.is_empty() {
         return refuse("(none)".to_owned(), "enum is empty".to_owned());
     }
@@ -459,7 +467,10 @@ mod tests {
         assert!(status.schema.required);
         let price = &definition.fields["price"].schema;
         assert_eq!((price.minimum.clone(), price.maximum.clone()), (Some(0.into()), Some(1_000_000.into())));
-        assert_eq!(definition.policy("owner"), &Policy::Priority(vec!["hq".into(), "store-1".into(), "store-2".into()]));
+        assert_eq!(
+            definition.policy("owner"),
+            &Policy::Priority(vec!["hq".into(), "store-1".into(), "store-2".into()])
+        );
         assert_eq!(definition.policy("tags"), &Policy::Union);
         assert_eq!(definition.fields["tags"].schema.items_max, Some(64));
         assert_eq!(definition.policy("visits"), &Policy::Counter);
@@ -491,7 +502,8 @@ mod tests {
 
     #[test]
     fn definitions_round_trip_through_their_record() {
-        let definition = Definition::from_toml("[default]\npolicy = \"priority\"\npriority = [\"hq\"]\n").expect("valid");
+        let definition =
+            Definition::from_toml("[default]\npolicy = \"priority\"\npriority = [\"hq\"]\n").expect("valid");
         let record = definition.to_record();
         assert_eq!(record[DEFINITION_FIELD], json!(r#"{"default":{"policy":"priority","priority":["hq"]}}"#));
         assert_eq!(Definition::from_record(&record), Ok(definition));
@@ -536,9 +548,18 @@ mod tests {
 
         assert_eq!(error_of_toml("[default]\npolicy = \"max\"\n"), DefinitionError::DefaultPolicy("max"));
         assert!(matches!(error_of_toml("[fields.a]\ntype = \"text\"\n"), DefinitionError::UnknownType { .. }));
-        assert!(matches!(error_of_toml("[fields.a]\npolicy = \"max\"\ntype = \"string\"\n"), DefinitionError::PolicyType { .. }));
-        assert!(matches!(error_of_toml("[fields.a]\npolicy = \"union\"\ntype = \"object\"\n"), DefinitionError::PolicyType { .. }));
-        assert!(matches!(error_of_toml("[fields.a]\npolicy = \"counter\"\ntype = \"boolean\"\n"), DefinitionError::PolicyType { .. }));
+        assert!(matches!(
+            error_of_toml("[fields.a]\npolicy = \"max\"\ntype = \"string\"\n"),
+            DefinitionError::PolicyType { .. }
+        ));
+        assert!(matches!(
+            error_of_toml("[fields.a]\npolicy = \"union\"\ntype = \"object\"\n"),
+            DefinitionError::PolicyType { .. }
+        ));
+        assert!(matches!(
+            error_of_toml("[fields.a]\npolicy = \"counter\"\ntype = \"boolean\"\n"),
+            DefinitionError::PolicyType { .. }
+        ));
         assert!(matches!(
             error_of_toml("[fields.a]\ntype = \"string\"\nminimum = 1\n"),
             DefinitionError::Constraint { constraint: "minimum", kind: "string", .. }
@@ -547,12 +568,18 @@ mod tests {
             error_of_toml("[fields.a]\ntype = \"string\"\nmax_items = 1\n"),
             DefinitionError::Constraint { constraint: "max_items", .. }
         ));
-        assert!(matches!(error_of_toml("[fields.a]\nnullable = true\n"), DefinitionError::Constraint { constraint: "nullable", .. }));
+        assert!(matches!(
+            error_of_toml("[fields.a]\nnullable = true\n"),
+            DefinitionError::Constraint { constraint: "nullable", .. }
+        ));
         assert!(matches!(error_of_toml("[fields.a]\nminimum = 5\nmaximum = 4.5\n"), DefinitionError::Range { .. }));
         assert!(matches!(error_of_toml("[fields.a]\nenum = []\n"), DefinitionError::EnumMember { .. }));
         assert!(matches!(error_of_toml("[fields.a]\nenum = [1, 1]\n"), DefinitionError::EnumMember { .. }));
         assert!(matches!(error_of_toml("[fields.a]\nenum = [[1]]\n"), DefinitionError::EnumMember { .. }));
-        assert!(matches!(error_of_toml("[fields.a]\ntype = \"string\"\nenum = [\"a\", 2]\n"), DefinitionError::EnumMember { .. }));
+        assert!(matches!(
+            error_of_toml("[fields.a]\ntype = \"string\"\nenum = [\"a\", 2]\n"),
+            DefinitionError::EnumMember { .. }
+        ));
         assert!(matches!(
             error_of_toml("[fields.a]\npolicy = \"ordered\"\norder = [\"low\", 5]\ntype = \"string\"\n"),
             DefinitionError::LatticeMember { .. }
@@ -585,7 +612,10 @@ mod tests {
         assert_eq!(Definition::from_toml(&enough).map(|definition| definition.fields.len()), Ok(FIELDS_MAX));
         let large = format!("# {}\n", "x".repeat(DEFINITION_BYTES_MAX));
         assert_eq!(error_of_toml(&large), DefinitionError::TooLarge(large.len()));
-        assert!(matches!(Definition::from_json(&" ".repeat(DEFINITION_BYTES_MAX + 1)), Err(DefinitionError::TooLarge(_))));
+        assert!(matches!(
+            Definition::from_json(&" ".repeat(DEFINITION_BYTES_MAX + 1)),
+            Err(DefinitionError::TooLarge(_))
+        ));
         // The canonical encoding is limited too, which a definition built in code can exceed.
         let nodes: Vec<String> = (0..LIST_MEMBERS_MAX).map(|index| format!("{index:0>200}")).collect();
         let policy = Policy::priority(nodes).expect("valid");
@@ -600,7 +630,9 @@ mod tests {
     #[test]
     fn definitions_built_in_code_are_checked_too() {
         let mut definition = Definition::default();
-        definition.fields.insert("a".into(), Field { policy: Some(Policy::Ordered(vec![])), schema: Schema::default() });
+        definition
+            .fields
+            .insert("a".into(), Field { policy: Some(Policy::Ordered(vec![])), schema: Schema::default() });
         assert!(definition.check().is_err());
         definition.fields.insert("a".into(), Field { policy: Some(Policy::Max), schema: Schema::default() });
         assert_eq!(definition.check(), Ok(()));

@@ -95,7 +95,9 @@ impl LedgerEntry {
         let total = all.len();
         // Keep the winner and the most recent others, then restore the normalized order.
         let mut kept: Vec<Candidate> = all.into_iter().rev().collect();
-        if let Some(position) = kept.iter().position(|candidate| Some(&candidate.operation) == winner_operation.as_ref()) {
+        if let Some(position) =
+            kept.iter().position(|candidate| Some(&candidate.operation) == winner_operation.as_ref())
+        {
             let winner = kept.remove(position);
             kept.insert(0, winner);
         }
@@ -190,7 +192,11 @@ struct WireValue(Value);
 
 impl Serialize for WireValue {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if serializer.is_human_readable() { self.0.serialize(serializer) } else { serializer.serialize_str(&canonical(&self.0)) }
+        if serializer.is_human_readable() {
+            self.0.serialize(serializer)
+        } else {
+            serializer.serialize_str(&canonical(&self.0))
+        }
     }
 }
 
@@ -344,7 +350,12 @@ mod tests {
     }
 
     fn candidate(value: Value, origin: &str, counter: u64) -> Candidate {
-        Candidate::new(value, origin, Timestamp { wall_ms: 1_000 + counter, logical: 0 }, OperationId::from_lamport(counter, &[7; 16]))
+        Candidate::new(
+            value,
+            origin,
+            Timestamp { wall_ms: 1_000 + counter, logical: 0 },
+            OperationId::from_lamport(counter, &[7; 16]),
+        )
     }
 
     fn entry_for(policy: &Policy, candidates: &[Candidate]) -> LedgerEntry {
@@ -392,7 +403,10 @@ mod tests {
         let text = serde_json::to_string(&entry).expect("serializes");
         assert!(text.contains(r#""collection":"orders","id":"o-1""#), "{text}");
         assert!(text.contains(r#""winner":"shipped""#), "{text}");
-        assert!(text.contains(r#""resolution":{"value":"draft","resolved_at_ms":9000,"principal":"ops-token"}"#), "{text}");
+        assert!(
+            text.contains(r#""resolution":{"value":"draft","resolved_at_ms":9000,"principal":"ops-token"}"#),
+            "{text}"
+        );
         assert_eq!(serde_json::from_str::<LedgerEntry>(&text).expect("parses"), entry);
     }
 
@@ -430,7 +444,10 @@ mod tests {
 
     #[test]
     fn refuses_oversize_truncated_and_malformed_bytes() {
-        assert!(matches!(LedgerEntry::decode(&vec![0; LEDGER_ENTRY_BYTES_MAX + 1]), Err(LedgerDecodeError::TooLarge(_))));
+        assert!(matches!(
+            LedgerEntry::decode(&vec![0; LEDGER_ENTRY_BYTES_MAX + 1]),
+            Err(LedgerDecodeError::TooLarge(_))
+        ));
         let bytes = sample().encode();
         for length in 0..bytes.len() {
             assert!(LedgerEntry::decode(&bytes[..length]).is_err(), "a prefix of {length} bytes decoded");
@@ -444,7 +461,8 @@ mod tests {
         wire.winner = WireValue(json!(null));
         let mut bytes = rmp_serde::to_vec_named(&wire).expect("encodes");
         let null_text = rmp_serde::to_vec(&"null").expect("encodes");
-        let position = bytes.windows(null_text.len()).rposition(|window| window == null_text).expect("the winner is there");
+        let position =
+            bytes.windows(null_text.len()).rposition(|window| window == null_text).expect("the winner is there");
         bytes.splice(position..position + null_text.len(), rmp_serde::to_vec(&deep).expect("encodes"));
         assert!(LedgerEntry::decode(&bytes).is_err());
         let mut wire = EntryWire::from(sample());

@@ -326,9 +326,9 @@ fn json_to_any(value: &Value, depth_max: usize) -> Result<Any, MapRecordError> {
                 (None, None) => Any::Number(Number::Float(number.as_f64().unwrap_or(0.0))),
             },
             Value::String(text) => Any::from(text.as_str()),
-            Value::Array(items) => Any::from(
-                items.iter().map(|item| convert(item, depth + 1, depth_max)).collect::<Result<Vec<_>, _>>()?,
-            ),
+            Value::Array(items) => {
+                Any::from(items.iter().map(|item| convert(item, depth + 1, depth_max)).collect::<Result<Vec<_>, _>>()?)
+            }
             Value::Object(members) => Any::from(
                 members
                     .iter()
@@ -369,7 +369,8 @@ mod tests {
     use super::*;
     use serde_json::{Map, json};
 
-    const LIMITS: TextLimits = TextLimits { update_bytes_max: 1 << 20, nesting_depth_max: 32, document_bytes_max: 64 << 20 };
+    const LIMITS: TextLimits =
+        TextLimits { update_bytes_max: 1 << 20, nesting_depth_max: 32, document_bytes_max: 64 << 20 };
 
     fn object(value: Value) -> Map<String, Value> {
         match value {
@@ -389,11 +390,26 @@ mod tests {
     #[test]
     fn writes_read_back_with_integers_kept() {
         let mut record = MapRecord::new(1);
-        let update = record.write(&Operation::Replace(object(json!({"name": "Ada", "visits": 3, "ratio": 0.5, "tags": ["a"], "address": {"city": "London"}}))), &LIMITS).expect("write");
+        let update = record
+            .write(
+                &Operation::Replace(object(
+                    json!({"name": "Ada", "visits": 3, "ratio": 0.5, "tags": ["a"], "address": {"city": "London"}}),
+                )),
+                &LIMITS,
+            )
+            .expect("write");
         assert!(update.is_some());
-        assert_eq!(value(&record), Some(json!({"name": "Ada", "visits": 3, "ratio": 0.5, "tags": ["a"], "address": {"city": "London"}})));
-        record.write(&Operation::MergePatch(object(json!({"visits": null, "address": {"zip": "N1"}}))), &LIMITS).expect("patch");
-        assert_eq!(value(&record), Some(json!({"name": "Ada", "ratio": 0.5, "tags": ["a"], "address": {"city": "London", "zip": "N1"}})));
+        assert_eq!(
+            value(&record),
+            Some(json!({"name": "Ada", "visits": 3, "ratio": 0.5, "tags": ["a"], "address": {"city": "London"}}))
+        );
+        record
+            .write(&Operation::MergePatch(object(json!({"visits": null, "address": {"zip": "N1"}}))), &LIMITS)
+            .expect("patch");
+        assert_eq!(
+            value(&record),
+            Some(json!({"name": "Ada", "ratio": 0.5, "tags": ["a"], "address": {"city": "London", "zip": "N1"}}))
+        );
         record.write(&Operation::Replace(object(json!({"name": "Bo"}))), &LIMITS).expect("replace");
         assert_eq!(value(&record), Some(json!({"name": "Bo"})));
     }
@@ -402,7 +418,9 @@ mod tests {
     fn a_write_that_changes_nothing_makes_no_update() {
         let mut record = MapRecord::new(1);
         record.write(&Operation::Replace(object(json!({"name": "Ada"}))), &LIMITS).expect("write");
-        assert!(record.write(&Operation::MergePatch(object(json!({"name": "Ada"}))), &LIMITS).expect("patch").is_none());
+        assert!(
+            record.write(&Operation::MergePatch(object(json!({"name": "Ada"}))), &LIMITS).expect("patch").is_none()
+        );
         assert!(record.write(&Operation::MergePatch(object(json!({"gone": null}))), &LIMITS).expect("patch").is_none());
         record.write(&Operation::Delete, &LIMITS).expect("delete");
         assert!(record.write(&Operation::Delete, &LIMITS).expect("delete").is_none());
@@ -466,8 +484,12 @@ mod tests {
     #[test]
     fn a_record_reloads_from_its_save_and_updates() {
         let mut record = MapRecord::new(7);
-        let first = record.write(&Operation::Replace(object(json!({"name": "Ada"}))), &LIMITS).expect("write").expect("update");
-        let second = record.write(&Operation::MergePatch(object(json!({"city": "Oslo"}))), &LIMITS).expect("write").expect("update");
+        let first =
+            record.write(&Operation::Replace(object(json!({"name": "Ada"}))), &LIMITS).expect("write").expect("update");
+        let second = record
+            .write(&Operation::MergePatch(object(json!({"city": "Oslo"}))), &LIMITS)
+            .expect("write")
+            .expect("update");
         let reloaded = MapRecord::load(7, &[], &[&first, &second], &LIMITS).expect("load");
         assert_eq!(value(&reloaded), value(&record));
         let from_save = MapRecord::load(7, &record.save(), &[], &LIMITS).expect("load");

@@ -81,9 +81,7 @@ pub enum Policy {
 /// Why a policy could not be built. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error(
-        "unknown policy {0:?}; the policies are lww, latest, priority, max, min, counter, union and ordered"
-    )]
+    #[error("unknown policy {0:?}; the policies are lww, latest, priority, max, min, counter, union and ordered")]
     Unknown(String),
     #[error("policy {policy} needs {parameter:?}")]
     Missing { policy: &'static str, parameter: &'static str },
@@ -145,7 +143,11 @@ impl Policy {
     }
 
     /// Builds a policy from its name and parameters, as a definition spells them.
-    pub fn from_parts(name: &str, priority: Option<Vec<String>>, order: Option<Vec<Value>>) -> Result<Policy, PolicyError> {
+    pub fn from_parts(
+        name: &str,
+        priority: Option<Vec<String>>,
+        order: Option<Vec<Value>>,
+    ) -> Result<Policy, PolicyError> {
         let policy = match name {
             "lww" => Policy::Lww,
             "latest" => Policy::Latest,
@@ -351,13 +353,18 @@ pub fn resolve(policy: &Policy, candidates: &[Candidate]) -> Option<Resolution> 
     if matches!(policy, Policy::Union) && entries.iter().any(|entry| entry.candidate.value.is_array()) {
         return Some(union(&entries));
     }
-    let winner = entries.iter().enumerate().max_by(|(_, left), (_, right)| {
-        rank(policy, left, right).then_with(|| left.full_order(right))
-    });
+    let winner = entries
+        .iter()
+        .enumerate()
+        .max_by(|(_, left), (_, right)| rank(policy, left, right).then_with(|| left.full_order(right)));
     let (index, winner) = winner?;
     let losers =
         entries.iter().enumerate().filter(|(other, _)| *other != index).map(|(_, entry)| entry.candidate.clone());
-    Some(Resolution { value: winner.candidate.value.clone(), winner: Some(winner.candidate.clone()), losers: losers.collect() })
+    Some(Resolution {
+        value: winner.candidate.value.clone(),
+        winner: Some(winner.candidate.clone()),
+        losers: losers.collect(),
+    })
 }
 
 /// A candidate with its canonical value text, computed once.
@@ -394,7 +401,8 @@ fn rank(policy: &Policy, left: &Entry<'_>, right: &Entry<'_>) -> Ordering {
         Policy::Lww | Policy::Counter | Policy::Union => Ordering::Equal,
         Policy::Latest => left.timestamp.cmp(&right.timestamp),
         Policy::Priority(nodes) => {
-            let standing = |origin: &str| nodes.iter().position(|node| node == origin).map_or(0, |index| nodes.len() - index);
+            let standing =
+                |origin: &str| nodes.iter().position(|node| node == origin).map_or(0, |index| nodes.len() - index);
             standing(&left.origin).cmp(&standing(&right.origin))
         }
         Policy::Max => by_number(&left.value, &right.value, compare_numbers),
@@ -436,7 +444,12 @@ mod tests {
     use serde_json::json;
 
     fn candidate(value: Value, origin: &str, wall_ms: u64, counter: u64) -> Candidate {
-        Candidate::new(value, origin, Timestamp { wall_ms, logical: 0 }, OperationId::from_lamport(counter, &[counter as u8; 16]))
+        Candidate::new(
+            value,
+            origin,
+            Timestamp { wall_ms, logical: 0 },
+            OperationId::from_lamport(counter, &[counter as u8; 16]),
+        )
     }
 
     fn resolved(policy: &Policy, candidates: &[Candidate]) -> Value {
@@ -555,18 +568,30 @@ mod tests {
             Policy::from_parts("priority", None, None),
             Err(PolicyError::Missing { policy: "priority", parameter: "priority" })
         );
-        assert_eq!(Policy::from_parts("priority", Some(vec![]), None), Err(PolicyError::Empty { parameter: "priority" }));
+        assert_eq!(
+            Policy::from_parts("priority", Some(vec![]), None),
+            Err(PolicyError::Empty { parameter: "priority" })
+        );
         assert!(matches!(
             Policy::from_parts("priority", Some(vec!["a".into(), "a".into()]), None),
             Err(PolicyError::Duplicate { .. })
         ));
-        assert!(matches!(Policy::from_parts("priority", Some(vec![String::new()]), None), Err(PolicyError::Member { .. })));
+        assert!(matches!(
+            Policy::from_parts("priority", Some(vec![String::new()]), None),
+            Err(PolicyError::Member { .. })
+        ));
         assert!(matches!(
             Policy::from_parts("ordered", None, Some(vec![json!("a"), json!("a")])),
             Err(PolicyError::Duplicate { parameter: "order", .. })
         ));
-        assert!(matches!(Policy::from_parts("ordered", None, Some(vec![json!(null)])), Err(PolicyError::Member { .. })));
-        assert!(matches!(Policy::from_parts("ordered", None, Some(vec![json!("x".repeat(2000))])), Err(PolicyError::Member { .. })));
+        assert!(matches!(
+            Policy::from_parts("ordered", None, Some(vec![json!(null)])),
+            Err(PolicyError::Member { .. })
+        ));
+        assert!(matches!(
+            Policy::from_parts("ordered", None, Some(vec![json!("x".repeat(2000))])),
+            Err(PolicyError::Member { .. })
+        ));
         assert_eq!(
             Policy::from_parts("max", Some(vec!["a".into()]), None),
             Err(PolicyError::Unexpected { policy: "max", parameter: "priority" })

@@ -212,7 +212,11 @@ impl Schema {
             if self.nullable {
                 return Ok(());
             }
-            return Err(violation(name, Rule::Type, format!("field {name:?} must be {} {kind}, not null", article(kind))));
+            return Err(violation(
+                name,
+                Rule::Type,
+                format!("field {name:?} must be {} {kind}, not null", article(kind)),
+            ));
         }
         if !kind.admits(value) {
             let message = format!("field {name:?} must be {} {kind}, not {}", article(kind), describe(value));
@@ -226,12 +230,20 @@ impl Schema {
         if let Some(minimum) = &self.minimum
             && compare_numbers(number, minimum).is_lt()
         {
-            return Err(violation(name, Rule::Minimum, format!("field {name:?} is {number}, below its minimum {minimum}")));
+            return Err(violation(
+                name,
+                Rule::Minimum,
+                format!("field {name:?} is {number}, below its minimum {minimum}"),
+            ));
         }
         if let Some(maximum) = &self.maximum
             && compare_numbers(number, maximum).is_gt()
         {
-            return Err(violation(name, Rule::Maximum, format!("field {name:?} is {number}, above its maximum {maximum}")));
+            return Err(violation(
+                name,
+                Rule::Maximum,
+                format!("field {name:?} is {number}, above its maximum {maximum}"),
+            ));
         }
         Ok(())
     }

@@ -317,7 +317,9 @@ fn check_promise(policy: &Policy, set: &[Candidate], resolution: &Resolution) ->
             Policy::Latest => prop_assert!(candidate.timestamp <= winner.timestamp),
             Policy::Priority(_) => {
                 let standing = |origin: &str| match policy {
-                    Policy::Priority(nodes) => nodes.iter().position(|node| node == origin).map_or(0, |index| nodes.len() - index),
+                    Policy::Priority(nodes) => {
+                        nodes.iter().position(|node| node == origin).map_or(0, |index| nodes.len() - index)
+                    }
                     _ => 0,
                 };
                 prop_assert!(standing(&candidate.origin) <= standing(&winner.origin));
@@ -332,7 +334,9 @@ fn check_promise(policy: &Policy, set: &[Candidate], resolution: &Resolution) ->
                     prop_assert!(kept, "{} beats the winner {}", number, best);
                 }
             }
-            Policy::Ordered(_) => prop_assert!(policy.lattice_rank(&candidate.value) <= policy.lattice_rank(&winner.value)),
+            Policy::Ordered(_) => {
+                prop_assert!(policy.lattice_rank(&candidate.value) <= policy.lattice_rank(&winner.value))
+            }
         }
     }
     Ok(())

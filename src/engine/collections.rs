@@ -81,7 +81,11 @@ impl Engine {
 
     /// Stores `definition` as the definition of `collection`: a write to its record in the
     /// system collection, which replicates like any other.
-    pub fn define_collection(&mut self, collection: &str, definition: &Definition) -> Result<WriteOutcome, EngineError> {
+    pub fn define_collection(
+        &mut self,
+        collection: &str,
+        definition: &Definition,
+    ) -> Result<WriteOutcome, EngineError> {
         if is_system_collection(collection) {
             return Err(EngineError::SystemCollection(collection.to_owned()));
         }

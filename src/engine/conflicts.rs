@@ -45,12 +45,8 @@ fn signatures_of(record: &Record) -> Signatures {
         .conflicted_fields()
         .into_iter()
         .filter_map(|field| {
-            let mut operations: Vec<(u64, Vec<u8>)> = record
-                .concurrent_values(&field)
-                .ok()?
-                .into_iter()
-                .map(|value| (value.counter, value.actor))
-                .collect();
+            let mut operations: Vec<(u64, Vec<u8>)> =
+                record.concurrent_values(&field).ok()?.into_iter().map(|value| (value.counter, value.actor)).collect();
             operations.sort();
             Some((field, operations))
         })
@@ -68,8 +64,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let Body::Record(record) = &document.body else { return Ok(()) };
         let after = signatures_of(record);
-        let fresh: Vec<&String> =
-            after.iter().filter(|(field, operations)| before.get(*field) != Some(operations)).map(|(field, _)| field).collect();
+        let fresh: Vec<&String> = after
+            .iter()
+            .filter(|(field, operations)| before.get(*field) != Some(operations))
+            .map(|(field, _)| field)
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
