@@ -203,7 +203,8 @@ impl Body {
         let refused = |reason: String| EngineError::BadChange { key: key.clone(), reason };
         match (self, kind) {
             (Body::Record(record), DocumentKind::Record) => {
-                record.apply_changes(bytes).map_err(|error| refused(error.to_string()))
+                // On a copy: see `Record::apply_changes_intact` for why not in place.
+                record.apply_changes_intact(bytes).map_err(|error| refused(error.to_string()))
             }
             (Body::Map(record), DocumentKind::MapRecord) => {
                 record.apply_update(bytes, limits).map_err(|error| refused(error.to_string()))

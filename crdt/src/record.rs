@@ -163,8 +163,11 @@ impl Record {
         Ok(self.document.get_heads() != before)
     }
 
-    /// Applies change bytes to a copy and keeps it only when they apply: slower than
-    /// [`Record::apply_changes`], for callers that cannot rebuild the record.
+    /// Applies change bytes to a copy and keeps it only when they apply. The engine uses this:
+    /// besides leaving the record intact on error, the copy is compact, while applying in place
+    /// leaves automerge's columns with slack capacity. Applied in place, an offline edge node
+    /// catching up on 100,000 changes peaked at 417 MB instead of about 250 MB
+    /// (`tests/edge.rs`), so the copy is cheaper than the memory it saves.
     pub fn apply_changes_intact(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
         let mut candidate = self.clone();
         let changed = candidate.apply_changes(bytes)?;
