@@ -788,31 +788,10 @@ impl Engine {
             None => self.empty_document(envelope.kind),
         };
         let result = self.apply_envelope_in(&mut document, &envelope);
-        self.return_document(key, document, &result)?;
-        result
-    }
-
-    /// Puts a document back after applying bytes from elsewhere to it, unless the apply failed
-    /// on an automerge record: that may hold part of the bytes (see `Record::apply_changes`),
-    /// so it is dropped, and the next use reloads it from the store. When the batch holds
-    /// uncommitted changes of it, the batch is committed first, so the store has them.
-    fn return_document(
-        &mut self,
-        key: RecordKey,
-        document: Document,
-        result: &Result<bool, EngineError>,
-    ) -> Result<(), EngineError> {
-        let damaged = result.is_err() && matches!(document.body, Body::Record(_));
-        if damaged {
-            if self.dirty.contains(&key) {
-                self.commit()?;
-            }
-            return Ok(());
-        }
         if document.stored {
             self.put_back(key, document);
         }
-        Ok(())
+        result
     }
 
     fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {

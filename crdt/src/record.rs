@@ -150,10 +150,9 @@ impl Record {
     /// Applies change bytes (from an envelope or the disk). Returns whether the document changed;
     /// applying the same bytes twice changes nothing.
     ///
-    /// **On error the document may hold part of the bytes** (automerge has no rollback, and
-    /// copying the document first to keep it intact cost more than the apply itself), so a
-    /// caller must throw the record away and rebuild it from what it had stored: the engine
-    /// does.
+    /// **On error the document may hold part of the bytes** (automerge has no rollback), so a
+    /// caller must then throw the record away; [`Record::apply_changes_intact`] does not need
+    /// that.
     ///
     /// Changes whose dependencies have not arrived yet (gossip delivers out of order) are kept,
     /// invisible, until they do; they do not count as a change, and `save` includes them.

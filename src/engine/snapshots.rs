@@ -162,7 +162,9 @@ impl Engine {
             None => self.empty_document(record.kind),
         };
         let result = self.merge_snapshot_record(&mut document, &record);
-        self.return_document(key, document, &result)?;
+        if document.stored {
+            self.put_back(key, document);
+        }
         result
     }
 
