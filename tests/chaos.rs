@@ -66,6 +66,8 @@
 //!   cache's share), and no node's largest sample in the second half of the run exceeds its
 //!   largest in the first half by more than [`RSS_GROWTH_BASE_KIB`] plus the cache's share.
 //! - No node process exited on its own.
+//!
+//! `CONCORD_CHAOS_RSS_TRACE=1` prints every node's RSS samples (seconds, MiB) with the summary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -346,6 +348,9 @@ impl Cluster {
                 ));
             }
             memory.push((minimum, maximum, growth));
+            if std::env::var_os("CONCORD_CHAOS_RSS_TRACE").is_some() {
+                eprintln!("{} {:?}", NAMES[index], samples.iter().map(|(t, k)| (*t as u64, k / 1024)).collect::<Vec<_>>());
+            }
         }
         memory
     }
