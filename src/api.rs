@@ -26,8 +26,10 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 mod audit;
+mod connectors;
 
 use audit::{audit_export, audit_tail, audit_verify};
+use connectors::{add_connector, get_connector, list_connectors, pause_connector, remove_connector, resume_connector};
 
 use crate::config::{Role, Token};
 use crate::engine::{EngineError, EngineHandle, FEED_PAGE_MAX, FeedEvent};
@@ -43,6 +45,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The peer endpoint, when the node replicates: its counters go to `/metrics`.
     pub transport: Option<transport::Endpoint>,
+    /// The node's connectors (`/v1/connectors`).
+    pub connectors: crate::connector::Connectors,
 }
 
 /// Builds the router. `body_bytes_max` bounds every request body (413 beyond it).
@@ -68,6 +72,10 @@ pub fn router(state: AppState, body_bytes_max: usize) -> Router {
         .route("/v1/audit", get(audit_tail))
         .route("/v1/audit/export", get(audit_export))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/connectors", get(list_connectors).post(add_connector))
+        .route("/v1/connectors/{name}", get(get_connector).delete(remove_connector))
+        .route("/v1/connectors/{name}/pause", axum::routing::post(pause_connector))
+        .route("/v1/connectors/{name}/resume", axum::routing::post(resume_connector))
         .route("/v1/status", get(status))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -137,9 +145,10 @@ type ApiResult<T> = Result<T, ApiError>;
 pub struct Principal(pub Arc<str>);
 
 /// The role a request needs: reads need `read`, writes `write`, and the audit trail's export
-/// and verification (a dump of who did what, and a scan of the whole log) `admin`.
+/// and verification (a dump of who did what, and a scan of the whole log) and connectors (they
+/// hold database credentials) `admin`.
 fn required_role(method: &Method, path: &str) -> Role {
-    if matches!(path, "/v1/audit/export" | "/v1/audit/verify") {
+    if matches!(path, "/v1/audit/export" | "/v1/audit/verify") || path.starts_with("/v1/connectors") {
         Role::Admin
     } else if matches!(*method, Method::GET | Method::HEAD) {
         Role::Read
@@ -455,6 +464,14 @@ async fn get_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -> 
 /// `POST /v1/quarantine/{id}/retry`: applies the change again; 200 and `applied` when it went
 /// in (the entry is gone), 422 with the new reason when it still does not apply.
 async fn retry_quarantined(State(state): State<AppState>, Path(id): Path<u64>) -> ApiResult<Json<Value>> {
+    // A record a connector could not write: its connector tries again.
+    if let Some(entry) = state.engine.call(move |engine| engine.quarantined(id)).await??
+        && let (Some(connector), Some((collection, record))) = (entry.connector, entry.record)
+    {
+        let retry = crate::connector::Retry { quarantine_id: id, collection, id: record };
+        state.connectors.retry(&connector, retry).await?;
+        return Ok(Json(serde_json::json!({ "id": id, "queued": true, "connector": connector })));
+    }
     match state.engine.call(move |engine| engine.retry_quarantined(id)).await?? {
         None => Err(not_quarantined(id)),
         Some(Ok(changed)) => Ok(Json(serde_json::json!({ "id": id, "applied": true, "changed": changed }))),
@@ -846,6 +863,7 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         .await?;
     let mut text = state.metrics.render(&gauges);
     render_peer_metrics(&mut text, &peers, state.transport.as_ref());
+    state.connectors.render_metrics(&mut text).await;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response())
 }
 

@@ -76,6 +76,63 @@ pub enum Command {
     /// the log is intact, 2 when it was tampered with, 1 when it could not be checked.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Database connectors (PostgreSQL): add, list, show status, pause, resume, remove.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorCommand {
+    /// Add a PostgreSQL connector and start it; waits for the initial snapshot with a progress
+    /// bar unless --no-wait.
+    Add {
+        name: String,
+        /// libpq-style `host=... port=... user=... dbname=...` or a postgresql:// URL.
+        #[arg(long)]
+        dsn: String,
+        /// TABLE=COLLECTION (`schema.table` or `table`; repeatable).
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+        /// Default concord_NAME.
+        #[arg(long)]
+        publication: Option<String>,
+        /// Default concord_NAME.
+        #[arg(long)]
+        slot: Option<String>,
+        /// Return once the connector is added, without waiting for its snapshot.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the node's connectors.
+    Ls(ClientArgs),
+    /// One connector's state, positions, lag, counters and last error.
+    Status {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop capturing and applying until resumed (durable across restarts).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Resume {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop and forget a connector.
+    Remove {
+        name: String,
+        /// Also drop its replication slot (else the database keeps WAL for it).
+        #[arg(long)]
+        drop_slot: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

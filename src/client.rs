@@ -11,6 +11,7 @@ use crate::cli::{
 };
 
 mod audit;
+mod connectors;
 
 pub use audit::{NOT_INTACT_EXIT_CODE, NotIntact};
 
@@ -91,6 +92,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Cert(command) => certificate(command)?,
         Command::Audit(command) => audit::run(command).await?,
+        Command::Connector(command) => connectors::run(command).await?,
         Command::Peers(arguments) => {
             let client = Client::new(&arguments)?;
             let status = client.json(Method::GET, &["v1", "status"], None).await?;

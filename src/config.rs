@@ -72,6 +72,9 @@ pub struct ConfigFile {
     pub yrs_collections: Vec<String>,
     /// How long the audit trail keeps entries, in seconds (default 90 days; 0 keeps them all).
     pub audit_retention_seconds: Option<u64>,
+    /// Database connectors (`[[connectors]]` with `[[connectors.tables]]`); see README.
+    #[serde(default)]
+    pub connectors: Vec<crate::connector::ConnectorDefinition>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +101,8 @@ pub struct NodeConfig {
     pub yrs_collections: Vec<String>,
     /// How long the audit trail keeps entries; zero keeps them all.
     pub audit_retention: std::time::Duration,
+    /// Connectors declared in the config file (started with the ones added through the API).
+    pub connectors: Vec<crate::connector::ConnectorDefinition>,
 }
 
 /// Command-line values that override the config file.
@@ -172,6 +177,7 @@ impl NodeConfig {
                 .audit_retention_seconds
                 .or(file.audit_retention_seconds)
                 .map_or(crate::engine::AUDIT_RETENTION_DEFAULT, std::time::Duration::from_secs),
+            connectors: file.connectors,
         };
         if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {
             bail!(

@@ -1003,6 +1003,12 @@ impl Engine {
         &self.store
     }
 
+    /// Stages the node-local meta entry `name` (connector definitions and checkpoints, which
+    /// never replicate) for the group commit: durable once the job's caller hears back.
+    pub fn stage_meta(&mut self, name: &str, value: &[u8]) {
+        self.batch.put_meta(name, value);
+    }
+
     /// Compacts a few queued documents: saves each whole and drops its increments.
     fn compact_some(&mut self) {
         for _ in 0..16 {

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod connector;
 pub mod demo;
 pub mod engine;
 pub mod membership;

@@ -72,7 +72,11 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     write_address_file(&config.data_dir, API_ADDRESS_FILE, address)?;
     tracing::info!("API listening on http://{address}");
 
+    let connectors = crate::connector::Connectors::start(engine.clone(), metrics.clone(), config.connectors.clone())
+        .await
+        .context("starting the connectors")?;
     let state = AppState {
+        connectors: connectors.clone(),
         engine: engine.clone(),
         metrics,
         tokens: Arc::new(config.tokens.clone()),
@@ -98,6 +102,8 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         result = &mut engine_done => engine_result = Some(result),
     }
     stop_sender.send_replace(true);
+    connectors.shutdown().await;
+    drop(connectors);
     if let Some(mesh) = &mesh {
         mesh.shutdown().await;
     }

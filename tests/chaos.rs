@@ -349,7 +349,11 @@ impl Cluster {
             }
             memory.push((minimum, maximum, growth));
             if std::env::var_os("CONCORD_CHAOS_RSS_TRACE").is_some() {
-                eprintln!("{} {:?}", NAMES[index], samples.iter().map(|(t, k)| (*t as u64, k / 1024)).collect::<Vec<_>>());
+                eprintln!(
+                    "{} {:?}",
+                    NAMES[index],
+                    samples.iter().map(|(t, k)| (*t as u64, k / 1024)).collect::<Vec<_>>()
+                );
             }
         }
         memory

@@ -222,3 +222,8 @@ fn known_open_files_are_checked() {
         assert!(known_open::parse(&bad).is_err(), "accepted {bad:?}");
     }
 }
+
+#[test]
+fn pgoutput_decode() {
+    replay("pgoutput_decode");
+}

@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod body;
 pub mod canonical;
+pub mod capture;
 pub mod clock;
 pub mod collection;
 pub mod envelope;

@@ -440,6 +440,66 @@ fn main() {
     );
     seeds.add("batch-bad-write", &body(0xff, br#"[{"op":"put","collection":"c","id":"1"}]"#));
     seeds.report();
+
+    pgoutput_seeds();
+}
+
+/// `pgoutput_decode`: every message kind as PostgreSQL sends it, with values of each mapped type.
+fn pgoutput_seeds() {
+    use crdt::capture::pgoutput::{Column, Datum, Message as Pg, Relation, Tuple, encode};
+    let mut seeds = Seeds::new("pgoutput_decode", harness::pgoutput_decode);
+    let column = |key: bool, name: &str, type_oid: u32| Column { key, name: name.into(), type_oid, type_modifier: -1 };
+    let relation = Relation {
+        id: 16_385,
+        namespace: "public".into(),
+        name: "customers".into(),
+        replica_identity: b'f',
+        columns: vec![
+            column(true, "id", 23),
+            column(false, "name", 25),
+            column(false, "score", 1700),
+            column(false, "tags", 1009),
+            column(false, "profile", 3802),
+            column(false, "active", 16),
+            column(false, "since", 1184),
+        ],
+    };
+    let text = |value: &str| Datum::Text(value.into());
+    let row = |id: &str, name: &str| {
+        Tuple(vec![
+            text(id),
+            text(name),
+            text("12.50"),
+            text(r#"{vip,"a, b",NULL,"say \"hi\""}"#),
+            text(r#"{"tier": "gold", "visits": [1, 2.5, null]}"#),
+            text("t"),
+            text("2026-11-23 10:00:00+00"),
+        ])
+    };
+    let mut toasted = row("1", "Ada");
+    toasted.0[4] = Datum::UnchangedToast;
+    toasted.0[3] = Datum::Null;
+    let messages = [
+        ("begin", Pg::Begin { final_lsn: 0x16B_3748, commit_time: 786_000_000_000, transaction: 731 }),
+        ("commit", Pg::Commit { commit_lsn: 0x16B_3748, end_lsn: 0x16B_3778, commit_time: 786_000_000_000 }),
+        ("origin", Pg::Origin { commit_lsn: 7, name: "site-b".into() }),
+        ("relation", Pg::Relation(relation)),
+        ("type", Pg::Type { id: 16_400, namespace: "public".into(), name: "mood".into() }),
+        ("insert", Pg::Insert { relation: 16_385, new: row("1", "Ada Lovelace") }),
+        ("update-full", Pg::Update { relation: 16_385, key: None, old: Some(row("1", "Ada")), new: toasted }),
+        ("update-key", Pg::Update { relation: 16_385, key: Some(row("1", "Ada")), old: None, new: row("2", "Zürich ☕") }),
+        ("update-plain", Pg::Update { relation: 16_385, key: None, old: None, new: row("3", "-0.000") }),
+        ("delete", Pg::Delete { relation: 16_385, old: row("1", "Ada") }),
+        ("truncate", Pg::Truncate { relations: vec![16_385, 16_390], cascade: true, restart_identity: true }),
+        (
+            "message",
+            Pg::Message { transactional: true, lsn: 99, prefix: "concord.apply".into(), content: b"hq".to_vec() },
+        ),
+    ];
+    for (name, message) in &messages {
+        seeds.add(name, &encode(message));
+    }
+    seeds.report();
 }
 
 /// A `replica_messages` script, step by step (the layout is on `harness::replica_messages`).

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crdt::body::{BodyError, BodyKind};
+use crdt::capture::{pgoutput, values};
 use crdt::clock::Timestamp;
 use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
@@ -91,6 +92,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "replica_messages" => replica_messages,
         "stored_documents" => stored_documents,
         "http_bodies" => http_bodies,
+        "pgoutput_decode" => pgoutput_decode,
         _ => return None,
     };
     Some(run)
@@ -1801,5 +1803,46 @@ pub fn http_bodies(data: &[u8]) {
             }
         }
         (Operation::Delete, _) => panic!("a body became a delete"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pgoutput_decode
+// ---------------------------------------------------------------------------------------------
+
+/// The column types whose text values every decoded tuple value is also read as: each mapping
+/// of `crdt::capture::values` (booleans, integers, floats, numeric, JSON, text and arrays).
+const VALUE_TYPES: [u32; 9] = [16, 23, 701, 1700, 3802, 25, 1007, 1009, 3807];
+
+/// Arbitrary bytes as a message from a PostgreSQL server's logical replication stream: decoding
+/// never panics, a decoded message encodes to bytes that decode to it again, and every text value
+/// read as a record field of any mapped type writes back to text that reads as the same field
+/// (JSON columns excepted from the equality: serde_json's float parsing is not exact to the bit).
+pub fn pgoutput_decode(data: &[u8]) {
+    let Ok(message) = pgoutput::decode(data) else { return };
+    let again = pgoutput::decode(&pgoutput::encode(&message));
+    assert_eq!(again.as_ref(), Ok(&message), "a decoded message did not survive encoding");
+    let tuples: Vec<&pgoutput::Tuple> = match &message {
+        pgoutput::Message::Insert { new, .. } => vec![new],
+        pgoutput::Message::Update { key, old, new, .. } => key.iter().chain(old.iter()).chain([new]).collect(),
+        pgoutput::Message::Delete { old, .. } => vec![old],
+        _ => Vec::new(),
+    };
+    let texts = tuples.into_iter().flat_map(|tuple| tuple.0.iter()).filter_map(|datum| match datum {
+        pgoutput::Datum::Text(text) => Some(text.as_str()),
+        _ => None,
+    });
+    for text in texts.take(16) {
+        for type_oid in VALUE_TYPES {
+            let Ok(field) = values::to_record_value(type_oid, text) else { continue };
+            let Ok(written) = values::to_sql_text(type_oid, &field) else { continue };
+            let Some(written) = written else { panic!("{text:?} as type {type_oid} wrote back as NULL") };
+            let back = values::to_record_value(type_oid, &written);
+            if type_oid != 3802 && type_oid != 3807 {
+                assert_eq!(back.as_ref(), Ok(&field), "type {type_oid}: {text:?} wrote back as {written:?}");
+            } else {
+                assert!(back.is_ok(), "type {type_oid}: {text:?} wrote back as unreadable {written:?}");
+            }
+        }
     }
 }

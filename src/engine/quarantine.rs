@@ -32,11 +32,29 @@ pub struct QuarantineEntry {
     pub peer: String,
     pub quarantined_at_ms: u64,
     pub retries: u32,
+    /// For a record a connector could not apply to its database: the connector's name (the
+    /// envelope is then empty and `record` names the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
+    /// The record (collection, id) of a connector entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<(String, String)>,
 }
 
 impl QuarantineEntry {
     /// The entry as the API shows it: the change's key, origin and sequence instead of its bytes.
     pub fn summary(&self, id: u64) -> serde_json::Value {
+        if let (Some(connector), Some((collection, record))) = (&self.connector, &self.record) {
+            return serde_json::json!({
+                "id": id,
+                "collection": collection,
+                "record": record,
+                "connector": connector,
+                "reason": self.reason,
+                "quarantined_at_ms": self.quarantined_at_ms,
+                "retries": self.retries,
+            });
+        }
         let envelope = Envelope::decode(&self.envelope).ok();
         serde_json::json!({
             "id": id,
@@ -94,10 +112,54 @@ impl Engine {
             peer: peer.to_owned(),
             quarantined_at_ms: physical_ms(),
             retries: 0,
+            connector: None,
+            record: None,
         };
+        self.keep_in_quarantine(&entry);
+        // Received all the same: the log and the version vector hold it, so nothing waits for it.
+        self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
+        self.version_vector.insert(envelope.origin, envelope.sequence);
+        self.counters_dirty = true;
+        self.metrics.quarantined.inc();
+    }
+
+    /// Quarantines a record that connector `connector` could not write to its database.
+    pub fn quarantine_connector_apply(&mut self, connector: &str, collection: &str, id: &str, reason: String) {
+        let entry = QuarantineEntry {
+            envelope: Vec::new(),
+            reason,
+            peer: String::new(),
+            quarantined_at_ms: physical_ms(),
+            retries: 0,
+            connector: Some(connector.to_owned()),
+            record: Some((collection.to_owned(), id.to_owned())),
+        };
+        self.keep_in_quarantine(&entry);
+        self.metrics.quarantined.inc();
+    }
+
+    /// Ends a connector's retry of entry `id`: gone on success, kept with the new reason else.
+    pub fn finish_connector_retry(&mut self, id: u64, outcome: Result<(), String>) -> Result<(), EngineError> {
+        let Some(mut entry) = self.quarantined(id)? else { return Ok(()) };
+        match outcome {
+            Ok(()) => {
+                self.batch.remove_quarantine(id);
+                self.quarantine.size = self.quarantine.size.saturating_sub(1);
+            }
+            Err(reason) => {
+                entry.reason = reason;
+                entry.retries = entry.retries.saturating_add(1);
+                self.batch.put_quarantine(id, &rmp_serde::to_vec_named(&entry).unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `entry` under the next id, dropping the oldest beyond the bound.
+    fn keep_in_quarantine(&mut self, entry: &QuarantineEntry) {
         let id = self.quarantine.next_id;
         self.quarantine.next_id += 1;
-        self.batch.put_quarantine(id, &rmp_serde::to_vec_named(&entry).unwrap_or_default());
+        self.batch.put_quarantine(id, &rmp_serde::to_vec_named(entry).unwrap_or_default());
         self.quarantine.size += 1;
         if self.quarantine.size > QUARANTINE_ENTRIES_MAX {
             // The oldest entry still there goes; ids are dense enough that this finds it soon.
@@ -108,11 +170,6 @@ impl Engine {
                 self.quarantine.size -= 1;
             }
         }
-        // Received all the same: the log and the version vector hold it, so nothing waits for it.
-        self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
-        self.version_vector.insert(envelope.origin, envelope.sequence);
-        self.counters_dirty = true;
-        self.metrics.quarantined.inc();
     }
 
     /// Entries after id `after`, at most `limit`.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod cluster;
+pub mod postgres;
 pub mod relay;
 
 /// A node process. Killed (SIGKILL) when dropped, unless already stopped.

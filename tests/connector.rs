@@ -1,0 +1,350 @@
+//! The PostgreSQL connector end to end: two sites, each a real PostgreSQL 15 (started by
+//! `support::postgres`) and a real `concord` node, the nodes peers over QUIC on loopback, each
+//! node with a connector to its own database. Rows flow both ways, merge by the collection's
+//! policies, survive restarts and offline spells, never echo, and rows one database refuses go
+//! to quarantine while the rest flows.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::cluster::{certificates, free_udp_port, peer_address, start_peer_listening};
+use support::postgres::Postgres;
+use support::relay::Relay;
+use support::{Node, temporary_directory};
+
+/// Hang guard for anything the tests wait for (never a speed assertion).
+const GUARD: Duration = Duration::from_secs(90);
+
+const SCHEMA: &str = "CREATE TABLE customers (
+    id integer PRIMARY KEY,
+    name text NOT NULL,
+    city text,
+    score numeric(10, 2),
+    tags text[],
+    profile jsonb,
+    active boolean,
+    since timestamptz
+)";
+
+/// The collection's definition: concurrent scores resolve to the highest.
+const DEFINITION: &str = r#"{"fields": {"score": {"policy": "max", "type": "number", "nullable": true}}}"#;
+
+/// Two sites: a database and a node each, the nodes peers (shop reaches hq through a relay the
+/// tests can partition), a connector on each.
+struct Sites {
+    _root: tempfile::TempDir,
+    databases: [Postgres; 2],
+    nodes: [Node; 2],
+    link: Relay,
+}
+
+impl Sites {
+    /// Starts both sites with `setup` run on each database first (and `seed_a` on A's only,
+    /// before its connector starts, so it arrives through the snapshot).
+    async fn start(setup: &[&str], seed_a: &[&str]) -> Sites {
+        let root = temporary_directory();
+        let certs = root.path().join("certs");
+        certificates(&certs, "test-cluster", &["hq", "shop"]);
+        let (a, b) = tokio::join!(Postgres::start(), Postgres::start());
+        for database in [&a, &b] {
+            for statement in setup {
+                database.execute(statement).await;
+            }
+        }
+        for statement in seed_a {
+            a.execute(statement).await;
+        }
+        // Fixed ports, so a node started again is where its peer last saw it.
+        let hq_address = format!("127.0.0.1:{}", free_udp_port());
+        let hq = start_peer_listening(root.path(), &certs, "hq", &hq_address, &[]).await;
+        let link = Relay::start(peer_address(&hq).parse().unwrap()).await;
+        let shop_address = format!("127.0.0.1:{}", free_udp_port());
+        let shop = start_peer_listening(root.path(), &certs, "shop", &shop_address, &[link.address.to_string()]).await;
+        let definition: Value = serde_json::from_str(DEFINITION).unwrap();
+        let (status, answer) =
+            hq.call(Method::PUT, "/v1/collections/customers/definition", Some(definition.clone())).await;
+        assert_eq!(status, 200, "{answer}");
+        // Both nodes resolve by the definition before any row arrives.
+        let started = Instant::now();
+        while shop.call(Method::GET, "/v1/collections/customers/definition", None).await.0 != 200 {
+            assert!(started.elapsed() < GUARD, "the definition never reached shop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sites = Sites { _root: root, databases: [a, b], nodes: [hq, shop], link };
+        for site in 0..2 {
+            sites.add_connector(site).await;
+        }
+        sites
+    }
+
+    async fn add_connector(&self, site: usize) {
+        let node = &self.nodes[site];
+        let (status, answer) = node
+            .call(
+                Method::POST,
+                "/v1/connectors",
+                Some(json!({
+                    "name": "db",
+                    "dsn": self.databases[site].dsn(),
+                    "tables": [{"table": "public.customers", "collection": "customers"}],
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{answer}");
+    }
+
+    /// Waits until the connector at `site` has captured at least `count` rows.
+    async fn captured(&self, site: usize, count: u64) {
+        let started = Instant::now();
+        loop {
+            let connector = self.connector(site).await;
+            if connector["rows_captured"].as_u64().unwrap_or(0) >= count {
+                return;
+            }
+            assert!(started.elapsed() < GUARD, "site {site} never captured {count} rows: {connector}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connector(&self, site: usize) -> Value {
+        let (status, answer) = self.nodes[site].call(Method::GET, "/v1/connectors/db", None).await;
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    /// Every row of `customers` at `site`, as text, ordered by id.
+    async fn rows(&self, site: usize) -> Vec<Vec<Option<String>>> {
+        self.databases[site]
+            .query_strings("SELECT id, name, city, score, tags, profile, active, since FROM customers ORDER BY id")
+            .await
+    }
+
+    /// Waits until both databases hold the same rows and `check` accepts them.
+    async fn settle(&self, what: &str, check: impl Fn(&[Vec<Option<String>>]) -> bool) -> Vec<Vec<Option<String>>> {
+        let started = Instant::now();
+        loop {
+            let (a, b) = (self.rows(0).await, self.rows(1).await);
+            if a == b && check(&a) {
+                return a;
+            }
+            if started.elapsed() > GUARD {
+                panic!(
+                    "{what}: the sites did not agree within {GUARD:?}\nA: {a:?}\nB: {b:?}\nconnector A: {}\nconnector B: {}",
+                    self.connector(0).await,
+                    self.connector(1).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn row_with<'a>(rows: &'a [Vec<Option<String>>], id: &str) -> Option<&'a Vec<Option<String>>> {
+    rows.iter().find(|row| row[0].as_deref() == Some(id))
+}
+
+fn text(row: &[Option<String>], column: usize) -> Option<&str> {
+    row[column].as_deref()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_keep_a_table_in_agreement_both_ways_without_echo() {
+    let sites = Sites::start(
+        &[SCHEMA],
+        &["INSERT INTO customers VALUES (1, 'Ada', 'London', 12.50, '{vip,\"early, bird\"}', '{\"tier\": 2}', true, '2026-01-02 03:04:05+00'),
+                                        (2, 'Grace', NULL, NULL, NULL, NULL, NULL, NULL)"],
+    )
+    .await;
+
+    // The snapshot of A's existing rows reaches B, every type intact.
+    let rows = sites.settle("snapshot", |rows| rows.len() == 2).await;
+    let ada = row_with(&rows, "1").unwrap();
+    assert_eq!(text(ada, 3), Some("12.50"));
+    assert_eq!(text(ada, 4), Some("{vip,\"early, bird\"}"));
+    assert_eq!(text(ada, 5), Some("{\"tier\": 2}"));
+    assert_eq!(text(ada, 6), Some("t"));
+    assert_eq!(text(ada, 7), Some("2026-01-02 03:04:05+00"));
+    let (status, record) = sites.nodes[1].get("customers", "1").await;
+    assert_eq!(status, 200);
+    assert_eq!(record["value"]["tags"], json!(["vip", "early, bird"]), "{record}");
+    assert_eq!(record["value"]["profile"], json!({"tier": 2}));
+
+    // Insert at A, update at B, delete at A: each reaches the other side.
+    sites.databases[0].execute("INSERT INTO customers (id, name, city) VALUES (3, 'Linus', 'Helsinki')").await;
+    sites.settle("insert at A", |rows| row_with(rows, "3").is_some()).await;
+    sites.databases[1].execute("UPDATE customers SET city = 'Arlington', score = 99 WHERE id = 2").await;
+    sites.settle("update at B", |rows| row_with(rows, "2").is_some_and(|row| text(row, 2) == Some("Arlington"))).await;
+    sites.databases[0].execute("DELETE FROM customers WHERE id = 3").await;
+    sites.settle("delete at A", |rows| row_with(rows, "3").is_none()).await;
+    sites.databases[1].execute("UPDATE customers SET city = NULL WHERE id = 1").await;
+    sites.settle("NULL at B", |rows| row_with(rows, "1").is_some_and(|row| text(row, 2).is_none())).await;
+
+    // Concurrent updates while the sites cannot reach each other: different columns of one row
+    // are both kept; the same column resolves by the collection's policy (max), on both
+    // databases, and the conflict is in the ledger.
+    sites.link.partition(true);
+    let captured = [
+        sites.connector(0).await["rows_captured"].as_u64().unwrap(),
+        sites.connector(1).await["rows_captured"].as_u64().unwrap(),
+    ];
+    sites.databases[0].execute("UPDATE customers SET name = 'Ada Lovelace', score = 30 WHERE id = 1").await;
+    sites.databases[1].execute("UPDATE customers SET city = 'Paris', score = 20 WHERE id = 1").await;
+    sites.captured(0, captured[0] + 1).await;
+    sites.captured(1, captured[1] + 1).await;
+    assert_eq!(sites.nodes[1].get("customers", "1").await.1["value"]["name"], "Ada", "the partition holds");
+    sites.link.partition(false);
+    let rows = sites
+        .settle("concurrent updates", |rows| {
+            row_with(rows, "1").is_some_and(|row| {
+                text(row, 1) == Some("Ada Lovelace") && text(row, 2) == Some("Paris") && text(row, 3) == Some("30.00")
+            })
+        })
+        .await;
+    assert_eq!(rows.len(), 2);
+    let (_, ledger) = sites.nodes[1].call(Method::GET, "/v1/conflicts?collection=customers", None).await;
+    let conflict = ledger["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["field"] == "/score")
+        .unwrap_or_else(|| panic!("no ledger entry for the score: {ledger}"))
+        .clone();
+    assert!(conflict["policy"].to_string().contains("max"), "{conflict}");
+    assert_eq!(conflict["winner"], 30, "{conflict}");
+
+    // A paused connector applies nothing; resumed (through the CLI), it catches up.
+    let (ok, stdout, stderr) = sites.nodes[1].cli(&["connector", "pause", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    sites.databases[0].execute("INSERT INTO customers (id, name) VALUES (4, 'Barbara')").await;
+    let started = Instant::now();
+    while sites.nodes[1].get("customers", "4").await.0 != 200 {
+        assert!(started.elapsed() < GUARD, "row 4 never reached shop's node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(row_with(&sites.rows(1).await, "4").is_none(), "a paused connector wrote to its database");
+    assert_eq!(sites.connector(1).await["state"], "paused");
+    let (ok, stdout, stderr) = sites.nodes[1].cli(&["connector", "resume", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    sites.settle("after resume", |rows| row_with(rows, "4").is_some()).await;
+    let (ok, stdout, stderr) = sites.nodes[1].cli(&["connector", "status", "db"]);
+    assert!(ok && stdout.contains("streaming"), "{stdout}{stderr}");
+
+    // No echo: once settled, the rows' versions and the WAL stay where they are.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let databases = &sites.databases;
+    let versions = |site: usize| async move {
+        let database = &databases[site];
+        let rows = database.query_strings("SELECT id, xmin::text FROM customers ORDER BY id").await;
+        let wal = database.query_strings("SELECT pg_current_wal_lsn()::text").await;
+        (rows, wal)
+    };
+    let before = (versions(0).await, versions(1).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = (versions(0).await, versions(1).await);
+    assert_eq!(before, after, "rows or WAL moved after the sites settled: an echo");
+    for site in 0..2 {
+        let connector = sites.connector(site).await;
+        assert_eq!(connector["state"], "streaming", "{connector}");
+        assert!(connector["echoes_skipped"].as_u64().unwrap() > 0, "the capture never saw its own writes: {connector}");
+        assert_eq!(connector["apply_errors"], 0, "{connector}");
+    }
+    let metrics = sites.nodes[0].metrics().await;
+    assert!(metrics.contains("concord_connector_rows_captured_total{connector=\"db\"}"), "{metrics}");
+    assert!(metrics.contains("concord_connector_slot_lag_bytes{connector=\"db\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_other_database_refuses_is_quarantined_and_the_rest_flows() {
+    let sites = Sites::start(&[SCHEMA], &[]).await;
+    // Only B refuses negative scores.
+    sites.databases[1].execute("ALTER TABLE customers ADD CONSTRAINT score_positive CHECK (score >= 0)").await;
+    sites.databases[0].execute("INSERT INTO customers (id, name, score) VALUES (10, 'negative', -5)").await;
+    sites.databases[0].execute("INSERT INTO customers (id, name, score) VALUES (11, 'fine', 5)").await;
+    let started = Instant::now();
+    let entry = loop {
+        let (_, page) = sites.nodes[1].call(Method::GET, "/v1/quarantine", None).await;
+        if let Some(entry) = page["entries"].as_array().and_then(|entries| entries.first()).cloned() {
+            break entry;
+        }
+        assert!(started.elapsed() < GUARD, "nothing reached the quarantine: {page} {}", sites.connector(1).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(entry["connector"], "db", "{entry}");
+    assert_eq!(entry["record"], "10", "{entry}");
+    assert!(entry["reason"].as_str().unwrap().contains("score_positive"), "{entry}");
+    // The rest kept flowing.
+    let started = Instant::now();
+    while row_with(&sites.rows(1).await, "11").is_none() {
+        assert!(started.elapsed() < GUARD, "row 11 never reached B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(row_with(&sites.rows(1).await, "10").is_none());
+    assert_eq!(sites.connector(1).await["apply_errors"], 1);
+
+    // Fixed at B, retried through the CLI: the row arrives and the entry leaves.
+    sites.databases[1].execute("ALTER TABLE customers DROP CONSTRAINT score_positive").await;
+    let id = entry["id"].to_string();
+    let (ok, stdout, stderr) = sites.nodes[1].cli(&["quarantine", "retry", &id]);
+    assert!(ok, "{stdout}{stderr}");
+    sites.settle("after the retry", |rows| rows.len() == 2).await;
+    let started = Instant::now();
+    loop {
+        let (_, page) = sites.nodes[1].call(Method::GET, "/v1/quarantine", None).await;
+        if page["entries"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(started.elapsed() < GUARD, "the entry stayed: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_offline_and_restarted_mid_stream_catches_up_both_ways_without_loss_or_duplicates() {
+    let mut sites = Sites::start(&[SCHEMA], &[]).await;
+    // A stream of small transactions at A while B's node is killed and started again.
+    let writer = {
+        let dsn = sites.databases[0].dsn();
+        tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            for id in 100..400 {
+                client
+                    .execute("INSERT INTO customers (id, name, score) VALUES ($1, 'bulk', $1::int)", &[&id])
+                    .await
+                    .unwrap();
+                if id % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sites.nodes[1].kill();
+    // While B's node is down, both databases change.
+    sites.databases[1].execute("INSERT INTO customers (id, name) VALUES (1000, 'written at B offline')").await;
+    writer.await.unwrap();
+    sites.databases[0].execute("UPDATE customers SET name = 'edited at A' WHERE id = 150").await;
+    // A's node restarts too, mid-stream.
+    sites.nodes[0].kill();
+    sites.databases[0].execute("UPDATE customers SET city = 'Oslo' WHERE id = 200").await;
+    sites.nodes[0].start_again().await;
+    sites.nodes[1].start_again().await;
+    let rows = sites
+        .settle("after the restarts", |rows| {
+            rows.len() == 301
+                && row_with(rows, "150").is_some_and(|row| text(row, 1) == Some("edited at A"))
+                && row_with(rows, "200").is_some_and(|row| text(row, 2) == Some("Oslo"))
+        })
+        .await;
+    assert!(row_with(&rows, "1000").is_some());
+    // Nothing duplicated: each node holds exactly one record per row.
+    for node in &sites.nodes {
+        let records = node.list_all("customers").await;
+        assert_eq!(records.len(), 301, "{:?}", records.keys().take(5).collect::<Vec<_>>());
+    }
+}
