@@ -469,3 +469,56 @@ impl CheckpointStore {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn definition() -> ConnectorDefinition {
+        ConnectorDefinition {
+            name: "shop-db".into(),
+            kind: "postgres".into(),
+            dsn: "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into(),
+            tables: vec![TableMapping { table: "public.customers".into(), collection: "customers".into() }],
+            publication: None,
+            slot: None,
+        }
+    }
+
+    #[test]
+    fn a_good_definition_passes_and_names_its_publication_and_slot() {
+        let definition = definition();
+        assert_eq!(definition.validate(), Ok(()));
+        assert_eq!(definition.slot(), "concord_shop_db");
+        assert_eq!(definition.publication(), "concord_shop_db");
+    }
+
+    #[test]
+    fn each_bad_part_of_a_definition_is_refused_with_its_reason() {
+        let cases: [(&str, fn(&mut ConnectorDefinition)); 9] = [
+            ("connector name", |definition| definition.name = "no spaces".into()),
+            ("connector name", |definition| definition.name = "n".repeat(64)),
+            ("unknown connector kind", |definition| definition.kind = "mysql".into()),
+            ("slot names", |definition| definition.slot = Some("Upper".into())),
+            ("1 to 256 tables", |definition| definition.tables.clear()),
+            ("1 to 256 tables", |definition| {
+                definition.tables = (0..=TABLES_MAX)
+                    .map(|index| TableMapping { table: format!("t{index}"), collection: format!("c{index}") })
+                    .collect()
+            }),
+            ("mapped twice", |definition| {
+                definition.tables.push(TableMapping { table: "customers".into(), collection: "customers".into() })
+            }),
+            ("system collection", |definition| definition.tables[0].collection = "_collections".into()),
+            ("DSN", |definition| definition.dsn = "host=127.0.0.1 port=notaport".into()),
+        ];
+        for (reason, spoil) in cases {
+            let mut definition = definition();
+            spoil(&mut definition);
+            match definition.validate() {
+                Err(error) => assert!(error.contains(reason), "{error:?} should mention {reason:?}"),
+                Ok(()) => panic!("accepted a definition that should fail on {reason:?}: {definition:?}"),
+            }
+        }
+    }
+}

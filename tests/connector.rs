@@ -143,6 +143,19 @@ impl Sites {
     }
 }
 
+/// Waits until `collection` on `node` holds `count` records; returns them.
+async fn records_in(node: &Node, collection: &str, count: usize) -> std::collections::BTreeMap<String, Value> {
+    let started = Instant::now();
+    loop {
+        let records = node.list_all(collection).await;
+        if records.len() == count {
+            return records;
+        }
+        assert!(started.elapsed() < GUARD, "{collection}: {} of {count} records", records.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn row_with<'a>(rows: &'a [Vec<Option<String>>], id: &str) -> Option<&'a Vec<Option<String>>> {
     rows.iter().find(|row| row[0].as_deref() == Some(id))
 }
@@ -347,4 +360,93 @@ async fn a_site_offline_and_restarted_mid_stream_catches_up_both_ways_without_lo
         let records = node.list_all("customers").await;
         assert_eq!(records.len(), 301, "{:?}", records.keys().take(5).collect::<Vec<_>>());
     }
+}
+
+/// One site, driven the way an operator would: a connector declared in the config file loads a
+/// table of existing rows, a second one is added with `concord connector add` (which waits for
+/// its snapshot), `ls` and `status` show them, `remove --drop-slot` takes one away with its
+/// slot, and after a restart the configured one resumes streaming without a second snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_from_the_config_file_and_the_cli_load_snapshots_and_are_removed_with_their_slots() {
+    const ROWS: usize = 1_200;
+    let database = Postgres::start().await;
+    database.execute(SCHEMA).await;
+    database
+        .execute(&format!(
+            "INSERT INTO customers (id, name, score, active) \
+             SELECT n, 'customer ' || n, n / 4.0, n % 2 = 0 FROM generate_series(1, {ROWS}) AS n"
+        ))
+        .await;
+    let root = temporary_directory();
+    let config = root.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[connectors]]\nname = \"configured\"\ndsn = \"{}\"\ntables = [{{ table = \"public.customers\", collection = \"customers\" }}]\n",
+            database.dsn()
+        ),
+    )
+    .unwrap();
+    let mut node = Node::start_with(&root.path().join("node"), &["--config", config.to_str().unwrap()]).await;
+    let records = records_in(&node, "customers", ROWS).await;
+    assert_eq!(records["7"]["score"], json!(1.75), "{}", records["7"]);
+    assert_eq!(records["7"]["active"], json!(false));
+
+    let dsn = database.dsn();
+    let (ok, stdout, stderr) =
+        node.cli(&["connector", "add", "mirror", "--dsn", &dsn, "--table", "public.customers=mirror"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("streaming"), "add returns once the snapshot is loaded: {stdout}");
+    let (_, status) = node.call(Method::GET, "/v1/connectors/mirror", None).await;
+    assert_eq!(status["snapshot_rows_total"], ROWS, "{status}");
+    assert_eq!(status["snapshot_rows_loaded"], ROWS, "{status}");
+    records_in(&node, "mirror", ROWS).await;
+
+    let (ok, stdout, stderr) = node.cli(&["connector", "ls"]);
+    assert!(ok && stdout.contains("configured") && stdout.contains("mirror"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = node.cli(&["connector", "status", "configured"]);
+    assert!(ok && stdout.contains("streaming"), "{stdout}{stderr}");
+    let slots = || database.query_strings("SELECT slot_name FROM pg_replication_slots ORDER BY slot_name");
+    assert_eq!(slots().await, [[Some("concord_configured".to_owned())], [Some("concord_mirror".to_owned())]]);
+
+    let (ok, stdout, stderr) = node.cli(&["connector", "remove", "mirror", "--drop-slot"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(slots().await, [[Some("concord_configured".to_owned())]]);
+    let (status, _) = node.call(Method::GET, "/v1/connectors/mirror", None).await;
+    assert_eq!(status, 404);
+    // A definition the node refuses is a clear 400, not a connector that fails later.
+    let (status, answer) =
+        node.call(Method::POST, "/v1/connectors", Some(json!({"name": "bad", "dsn": dsn, "tables": []}))).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(answer.to_string().contains("1 to 256 tables"), "{answer}");
+    // At most 32 connectors per node (these point at a closed port and retry with backoff).
+    for index in 1..32 {
+        let definition = json!({
+            "name": format!("idle-{index}"),
+            "dsn": "host=127.0.0.1 port=1 user=postgres dbname=postgres",
+            "tables": [{"table": "customers", "collection": "customers"}],
+        });
+        let (status, answer) = node.call(Method::POST, "/v1/connectors", Some(definition)).await;
+        assert_eq!(status, 201, "connector {index}: {answer}");
+    }
+    let definition = json!({
+        "name": "one-too-many",
+        "dsn": dsn,
+        "tables": [{"table": "customers", "collection": "customers"}],
+    });
+    let (status, answer) = node.call(Method::POST, "/v1/connectors", Some(definition)).await;
+    assert_eq!(status, 409, "{answer}");
+    for index in 1..32 {
+        let (status, answer) = node.call(Method::DELETE, &format!("/v1/connectors/idle-{index}"), None).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    // Restarted, the configured connector resumes from its checkpoint: no second snapshot.
+    node.restart().await;
+    database.execute("INSERT INTO customers (id, name) VALUES (5000, 'after the restart')").await;
+    records_in(&node, "customers", ROWS + 1).await;
+    let (_, status) = node.call(Method::GET, "/v1/connectors/configured", None).await;
+    assert_eq!(status["state"], "streaming", "{status}");
+    assert_eq!(status["snapshot_rows_loaded"], 0, "a second snapshot ran: {status}");
+    assert_eq!(status["rows_captured"], 1, "{status}");
 }
