@@ -495,7 +495,8 @@ mod tests {
 
     #[test]
     fn each_bad_part_of_a_definition_is_refused_with_its_reason() {
-        let cases: [(&str, fn(&mut ConnectorDefinition)); 9] = [
+        type Spoil = fn(&mut ConnectorDefinition);
+        let cases: [(&str, Spoil); 9] = [
             ("connector name", |definition| definition.name = "no spaces".into()),
             ("connector name", |definition| definition.name = "n".repeat(64)),
             ("unknown connector kind", |definition| definition.kind = "mysql".into()),
