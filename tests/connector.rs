@@ -450,3 +450,82 @@ async fn connectors_from_the_config_file_and_the_cli_load_snapshots_and_are_remo
     assert_eq!(status["snapshot_rows_loaded"], 0, "a second snapshot ran: {status}");
     assert_eq!(status["rows_captured"], 1, "{status}");
 }
+
+/// The connector's three rates on one site, printed for BENCHMARKS.md (never asserted: the
+/// assertions are that every row arrives): the initial snapshot, the capture of one large
+/// transaction, and the apply of records written through the API. `CONCORD_CONNECTOR_ROWS`
+/// sets the row count (default 2,000; BENCHMARKS.md used 100,000 in a release build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_capture_and_apply_rates() {
+    let rows: usize = std::env::var("CONCORD_CONNECTOR_ROWS").ok().and_then(|rows| rows.parse().ok()).unwrap_or(2_000);
+    let database = Postgres::start().await;
+    database.execute(SCHEMA).await;
+    let insert = |from: usize, to: usize| {
+        format!(
+            "INSERT INTO customers (id, name, city, score, active) \
+             SELECT n, 'customer ' || n, 'city ' || (n % 100), n / 4.0, n % 2 = 0 FROM generate_series({from}, {to}) AS n"
+        )
+    };
+    database.execute(&insert(1, rows)).await;
+    let root = temporary_directory();
+    let node = Node::start(&root.path().join("node")).await;
+
+    let started = Instant::now();
+    let definition = json!({
+        "name": "db",
+        "dsn": database.dsn(),
+        "tables": [{"table": "public.customers", "collection": "customers"}],
+    });
+    let (status, answer) = node.call(Method::POST, "/v1/connectors", Some(definition)).await;
+    assert_eq!(status, 201, "{answer}");
+    loop {
+        let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+        if connector["state"] == "streaming" {
+            assert_eq!(connector["snapshot_rows_loaded"], rows, "{connector}");
+            break;
+        }
+        assert!(started.elapsed() < GUARD * 10, "no snapshot: {connector}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snapshot = started.elapsed();
+
+    let started = Instant::now();
+    database.execute(&insert(rows + 1, 2 * rows)).await;
+    let captured = loop {
+        let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+        if connector["rows_captured"].as_u64().unwrap() >= (2 * rows) as u64 {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < GUARD * 10, "capture stalled: {connector}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let started = Instant::now();
+    for chunk in (2 * rows + 1..=3 * rows).collect::<Vec<_>>().chunks(1_000) {
+        let writes: Vec<Value> = chunk
+            .iter()
+            .map(|id| json!({"op": "put", "collection": "customers", "id": id.to_string(), "value": {"id": id, "name": format!("written at the node {id}"), "active": true}}))
+            .collect();
+        let (status, answer) = node.call(Method::POST, "/v1/batch", Some(Value::Array(writes))).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let written = started.elapsed();
+    let applied = loop {
+        let count = database.query_strings("SELECT count(*) FROM customers").await;
+        if count[0][0].as_deref() == Some((3 * rows).to_string().as_str()) {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < GUARD * 10, "apply stalled: {count:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+    assert_eq!(connector["rows_applied"], rows, "{connector}");
+    assert_eq!(connector["apply_errors"], 0, "{connector}");
+    let rate = |elapsed: Duration| rows as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "connector rates, {rows} rows each: snapshot {:.0} rows/s ({snapshot:.2?}), capture of one transaction {:.0} rows/s ({captured:.2?}), apply {:.0} rows/s ({applied:.2?}; the API took the writes in {written:.2?})",
+        rate(snapshot),
+        rate(captured),
+        rate(applied)
+    );
+}

@@ -44,12 +44,15 @@ use crate::metrics::Metrics;
 
 /// The logical decoding message prefix that marks the connector's own transactions.
 pub const ECHO_PREFIX: &str = "concord.apply";
+/// The prefix of the message the apply commits before it compares rows: once the capture has
+/// read its transaction, every transaction committed before it has been captured.
+pub const SYNC_PREFIX: &str = "concord.sync";
 /// Rows per snapshot page and the most row changes held before they are written to the node.
 const ROWS_PER_WRITE: usize = 500;
 /// Feed events the apply reads at a time.
 const FEED_PAGE: usize = 256;
-/// How long the apply waits for the capture to reach the database's WAL position before it
-/// compares rows with records (so a change the capture has not written yet is not undone).
+/// How long the apply waits for the capture to read its sync message before it compares rows
+/// with records (so a change the capture has not written yet is not undone); a guard only.
 const CAPTURE_WAIT: Duration = Duration::from_secs(2);
 /// Backoff between sessions after an error.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -923,7 +926,7 @@ async fn apply(
             latest.insert((event.collection, event.id), value);
         }
         if !latest.is_empty() {
-            wait_for_capture(&sql, &captured).await;
+            wait_for_capture(&mut sql, &shared.node, &captured).await;
         }
         for ((collection, id), value) in latest {
             let Some(table) = shared.table_of_collection(&collection) else { continue };
@@ -943,16 +946,35 @@ async fn apply(
     }
 }
 
-/// Waits (a bounded time) until the capture has read the WAL up to the server's position now,
-/// so the rows compared next already had their changes captured.
-async fn wait_for_capture(sql: &Client, captured: &watch::Receiver<u64>) {
-    let Ok(row) = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await else { return };
+/// Commits a sync message and waits (a bounded time) until the capture has read it, so every
+/// transaction committed before now has been captured and the rows compared next are no newer
+/// than the records. (Waiting for `pg_current_wal_lsn()` instead stalls: WAL that belongs to no
+/// transaction moves it past the last commit the stream reports, until a keepalive.)
+async fn wait_for_capture(sql: &mut Client, node: &str, captured: &watch::Receiver<u64>) {
+    // In a transaction committed synchronously, so the server flushes it and the stream carries
+    // it at once (a message outside a transaction waits for the WAL writer, up to
+    // `wal_writer_delay`, before the stream can send it).
+    let Ok(transaction) = sql.transaction().await else { return };
+    let _ = transaction.batch_execute("SET LOCAL synchronous_commit = on").await;
+    let Ok(row) = transaction
+        .query_one("SELECT pg_logical_emit_message(true, $1::text, $2::text)::text", &[&SYNC_PREFIX, &node])
+        .await
+    else {
+        return;
+    };
+    if transaction.commit().await.is_err() {
+        return;
+    }
     let Ok(target) = Lsn::parse(row.get::<_, &str>(0)) else { return };
     let mut captured = captured.clone();
     let _ = tokio::time::timeout(CAPTURE_WAIT, captured.wait_for(|lsn| *lsn >= target.0)).await;
 }
 
 /// Applies one record to its row. Returns whether the row changed.
+///
+/// A plain read first: most records the feed brings already equal their rows (the capture wrote
+/// them, or the apply did), and one round trip settles those. Only a row that differs is read
+/// again under a lock, in a transaction tagged as the connector's, and written.
 async fn apply_record(
     shared: &Shared,
     sql: &mut Client,
@@ -961,19 +983,48 @@ async fn apply_record(
     value: Option<&Map<String, Value>>,
 ) -> Result<bool, ApplyError> {
     let key = decode_id(id, table.key.len()).map_err(ApplyError::Refused)?;
+    let key_parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+    let condition = key_condition(table, 1);
+    let select = format!("SELECT {} FROM {} WHERE {condition}", table.column_list(true), table.name.quoted());
+    let row = sql
+        .query_opt(&select, &as_parameters(&key_parameters))
+        .await
+        .map_err(|error| ApplyError::from_sql("reading the row", &error))?;
+    if plan_write(table, &key, &condition, row.as_ref(), value)?.is_none() {
+        return Ok(false);
+    }
     let transaction = sql.transaction().await.map_err(|error| ApplyError::from_sql("BEGIN", &error))?;
     transaction
         .execute("SELECT pg_logical_emit_message(true, $1::text, $2::text)", &[&ECHO_PREFIX, &shared.node])
         .await
         .map_err(|error| ApplyError::from_sql("tagging the transaction", &error))?;
-    let mut parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
-    let condition = key_condition(table, 1);
-    let select =
-        format!("SELECT {} FROM {} WHERE {condition} FOR UPDATE", table.column_list(true), table.name.quoted());
     let row = transaction
-        .query_opt(&select, &as_parameters(&parameters))
+        .query_opt(&format!("{select} FOR UPDATE"), &as_parameters(&key_parameters))
         .await
         .map_err(|error| ApplyError::from_sql("reading the row", &error))?;
+    let Some((statement, parameters)) = plan_write(table, &key, &condition, row.as_ref(), value)? else {
+        // It changed in between to what the record says: nothing to write.
+        let _ = transaction.rollback().await;
+        return Ok(false);
+    };
+    transaction
+        .execute(&statement, &as_parameters(&parameters))
+        .await
+        .map_err(|error| ApplyError::from_sql("writing the row", &error))?;
+    transaction.commit().await.map_err(|error| ApplyError::from_sql("COMMIT", &error))?;
+    Ok(true)
+}
+
+/// The statement (and its parameters) that makes `row` (text columns in table order) hold
+/// `value` (`None`: deleted), writing only the columns that differ; `None` if nothing differs.
+fn plan_write(
+    table: &Table,
+    key: &[String],
+    condition: &str,
+    row: Option<&tokio_postgres::Row>,
+    value: Option<&Map<String, Value>>,
+) -> Result<Option<(String, Vec<Option<String>>)>, ApplyError> {
+    let mut parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
     let statement = match (row, value) {
         (None, None) => None,
         (Some(_), None) => Some(format!("DELETE FROM {} WHERE {condition}", table.name.quoted())),
@@ -1031,17 +1082,7 @@ async fn apply_record(
                 .then(|| format!("UPDATE {} SET {} WHERE {condition}", table.name.quoted(), assignments.join(", ")))
         }
     };
-    let Some(statement) = statement else {
-        // Nothing differs: no write, no WAL, no message.
-        let _ = transaction.rollback().await;
-        return Ok(false);
-    };
-    transaction
-        .execute(&statement, &as_parameters(&parameters))
-        .await
-        .map_err(|error| ApplyError::from_sql("writing the row", &error))?;
-    transaction.commit().await.map_err(|error| ApplyError::from_sql("COMMIT", &error))?;
-    Ok(true)
+    Ok(statement.map(|statement| (statement, parameters)))
 }
 
 /// `"k1" = $start::text::type AND ...` for the primary key.

@@ -18,6 +18,7 @@
 
 use serde_json::{Number, Value};
 
+use crate::body::kind_of;
 use crate::json::check_depth;
 
 /// How a column's values map, by the type's OID.
@@ -76,17 +77,6 @@ fn expected(kind: Kind) -> &'static str {
         Kind::Json => "any JSON value",
         Kind::Text => "a string",
         Kind::Array(_) => "an array",
-    }
-}
-
-fn found(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -190,7 +180,7 @@ fn canonical_decimal(text: &str) -> Option<String> {
 /// The text PostgreSQL should parse for `value` in a column of type `type_oid`; `None` for NULL.
 pub fn to_sql_text(type_oid: u32, value: &Value) -> Result<Option<String>, ValueError> {
     let kind = kind(type_oid);
-    let mismatch = || ValueError::Mismatch { type_oid, expected: expected(kind), found: found(value) };
+    let mismatch = || ValueError::Mismatch { type_oid, expected: expected(kind), found: kind_of(value) };
     let text = match (kind, value) {
         (_, Value::Null) => return Ok(None),
         (Kind::Json, value) => serde_json::to_string(value).map_err(|error| ValueError::Json(error.to_string()))?,
