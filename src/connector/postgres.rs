@@ -1015,6 +1015,9 @@ async fn apply_record(
     Ok(true)
 }
 
+/// A statement and its text parameters (`None`: NULL).
+type Write = (String, Vec<Option<String>>);
+
 /// The statement (and its parameters) that makes `row` (text columns in table order) hold
 /// `value` (`None`: deleted), writing only the columns that differ; `None` if nothing differs.
 fn plan_write(
@@ -1023,7 +1026,7 @@ fn plan_write(
     condition: &str,
     row: Option<&tokio_postgres::Row>,
     value: Option<&Map<String, Value>>,
-) -> Result<Option<(String, Vec<Option<String>>)>, ApplyError> {
+) -> Result<Option<Write>, ApplyError> {
     let mut parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
     let statement = match (row, value) {
         (None, None) => None,
