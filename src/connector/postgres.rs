@@ -928,15 +928,28 @@ async fn apply(
         if !latest.is_empty() {
             wait_for_capture(&mut sql, &shared.node, &captured).await;
         }
-        for ((collection, id), value) in latest {
-            let Some(table) = shared.table_of_collection(&collection) else { continue };
-            match apply_record(shared, &mut sql, table, &id, value.as_ref()).await {
+        let records: Vec<(&Table, String, String, Option<Map<String, Value>>)> = latest
+            .into_iter()
+            .filter_map(|((collection, id), value)| {
+                shared.table_of_collection(&collection).map(|table| (table, collection, id, value))
+            })
+            .collect();
+        let checks = futures::future::join_all(
+            records.iter().map(|(table, _, id, value)| needs_write(&sql, table, id, value.as_ref())),
+        )
+        .await;
+        for ((table, collection, id, value), check) in records.iter().zip(checks) {
+            let result = match check {
+                Ok(true) => write_record(shared, &mut sql, table, id, value.as_ref()).await,
+                other => other,
+            };
+            match result {
                 Ok(wrote) => {
                     if wrote {
                         update_status(&shared.status, |status| status.rows_applied += 1);
                     }
                 }
-                Err(ApplyError::Refused(reason)) => quarantine(shared, &collection, &id, reason).await?,
+                Err(ApplyError::Refused(reason)) => quarantine(shared, collection, id, reason).await?,
                 Err(ApplyError::Connection(error)) => return Err(error),
             }
         }
@@ -971,13 +984,25 @@ async fn wait_for_capture(sql: &mut Client, node: &str, captured: &watch::Receiv
 }
 
 /// Applies one record to its row. Returns whether the row changed.
-///
-/// A plain read first: most records the feed brings already equal their rows (the capture wrote
-/// them, or the apply did), and one round trip settles those. Only a row that differs is read
-/// again under a lock, in a transaction tagged as the connector's, and written.
 async fn apply_record(
     shared: &Shared,
     sql: &mut Client,
+    table: &Table,
+    id: &str,
+    value: Option<&Map<String, Value>>,
+) -> Result<bool, ApplyError> {
+    if !needs_write(sql, table, id, value).await? {
+        return Ok(false);
+    }
+    write_record(shared, sql, table, id, value).await
+}
+
+/// Whether the row differs from the record, by a plain read: most records the feed brings
+/// already equal their rows (the capture wrote them, or the apply did), and this settles those
+/// in one query, which the apply sends for a whole page at once (tokio-postgres pipelines the
+/// queries in flight on one connection).
+async fn needs_write(
+    sql: &Client,
     table: &Table,
     id: &str,
     value: Option<&Map<String, Value>>,
@@ -990,18 +1015,33 @@ async fn apply_record(
         .query_opt(&select, &as_parameters(&key_parameters))
         .await
         .map_err(|error| ApplyError::from_sql("reading the row", &error))?;
-    if plan_write(table, &key, &condition, row.as_ref(), value)?.is_none() {
-        return Ok(false);
-    }
+    Ok(plan_write(table, &key, &condition, row.as_ref(), value)?.is_some())
+}
+
+/// Reads the row again under a lock, in a transaction tagged as the connector's, and writes the
+/// columns that differ. Returns whether the row changed.
+async fn write_record(
+    shared: &Shared,
+    sql: &mut Client,
+    table: &Table,
+    id: &str,
+    value: Option<&Map<String, Value>>,
+) -> Result<bool, ApplyError> {
+    let key = decode_id(id, table.key.len()).map_err(ApplyError::Refused)?;
+    let key_parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
+    let condition = key_condition(table, 1);
+    let select =
+        format!("SELECT {} FROM {} WHERE {condition} FOR UPDATE", table.column_list(true), table.name.quoted());
     let transaction = sql.transaction().await.map_err(|error| ApplyError::from_sql("BEGIN", &error))?;
-    transaction
-        .execute("SELECT pg_logical_emit_message(true, $1::text, $2::text)", &[&ECHO_PREFIX, &shared.node])
-        .await
-        .map_err(|error| ApplyError::from_sql("tagging the transaction", &error))?;
-    let row = transaction
-        .query_opt(&format!("{select} FOR UPDATE"), &as_parameters(&key_parameters))
-        .await
-        .map_err(|error| ApplyError::from_sql("reading the row", &error))?;
+    // The tag and the locked read go out together (pipelined), the tag first.
+    let tag: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ECHO_PREFIX, &shared.node];
+    let read = as_parameters(&key_parameters);
+    let (tagged, row) = tokio::join!(
+        transaction.execute("SELECT pg_logical_emit_message(true, $1::text, $2::text)", &tag),
+        transaction.query_opt(&select, &read),
+    );
+    tagged.map_err(|error| ApplyError::from_sql("tagging the transaction", &error))?;
+    let row = row.map_err(|error| ApplyError::from_sql("reading the row", &error))?;
     let Some((statement, parameters)) = plan_write(table, &key, &condition, row.as_ref(), value)? else {
         // It changed in between to what the record says: nothing to write.
         let _ = transaction.rollback().await;
