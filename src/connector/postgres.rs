@@ -928,7 +928,7 @@ async fn apply(
         if !latest.is_empty() {
             wait_for_capture(&mut sql, &shared.node, &captured).await;
         }
-        let records: Vec<(&Table, String, String, Option<Map<String, Value>>)> = latest
+        let records: Vec<_> = latest
             .into_iter()
             .filter_map(|((collection, id), value)| {
                 shared.table_of_collection(&collection).map(|table| (table, collection, id, value))
