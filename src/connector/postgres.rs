@@ -983,20 +983,6 @@ async fn wait_for_capture(sql: &mut Client, node: &str, captured: &watch::Receiv
     let _ = tokio::time::timeout(CAPTURE_WAIT, captured.wait_for(|lsn| *lsn >= target.0)).await;
 }
 
-/// Applies one record to its row. Returns whether the row changed.
-async fn apply_record(
-    shared: &Shared,
-    sql: &mut Client,
-    table: &Table,
-    id: &str,
-    value: Option<&Map<String, Value>>,
-) -> Result<bool, ApplyError> {
-    if !needs_write(sql, table, id, value).await? {
-        return Ok(false);
-    }
-    write_record(shared, sql, table, id, value).await
-}
-
 /// Whether the row differs from the record, by a plain read: most records the feed brings
 /// already equal their rows (the capture wrote them, or the apply did), and this settles those
 /// in one query, which the apply sends for a whole page at once (tokio-postgres pipelines the
@@ -1007,15 +993,31 @@ async fn needs_write(
     id: &str,
     value: Option<&Map<String, Value>>,
 ) -> Result<bool, ApplyError> {
-    let key = decode_id(id, table.key.len()).map_err(ApplyError::Refused)?;
-    let key_parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
-    let condition = key_condition(table, 1);
-    let select = format!("SELECT {} FROM {} WHERE {condition}", table.column_list(true), table.name.quoted());
+    let query = RowQuery::new(table, id)?;
     let row = sql
-        .query_opt(&select, &as_parameters(&key_parameters))
+        .query_opt(&query.select, &as_parameters(&query.key_parameters))
         .await
         .map_err(|error| ApplyError::from_sql("reading the row", &error))?;
-    Ok(plan_write(table, &key, &condition, row.as_ref(), value)?.is_some())
+    Ok(plan_write(table, &query.key, &query.condition, row.as_ref(), value)?.is_some())
+}
+
+/// How to find a record's row: its key texts, the condition on the primary key and the read of
+/// the row's columns as text.
+struct RowQuery {
+    key: Vec<String>,
+    key_parameters: Vec<Option<String>>,
+    condition: String,
+    select: String,
+}
+
+impl RowQuery {
+    fn new(table: &Table, id: &str) -> Result<RowQuery, ApplyError> {
+        let key = decode_id(id, table.key.len()).map_err(ApplyError::Refused)?;
+        let key_parameters = key.iter().cloned().map(Some).collect();
+        let condition = key_condition(table, 1);
+        let select = format!("SELECT {} FROM {} WHERE {condition}", table.column_list(true), table.name.quoted());
+        Ok(RowQuery { key, key_parameters, condition, select })
+    }
 }
 
 /// Reads the row again under a lock, in a transaction tagged as the connector's, and writes the
@@ -1027,22 +1029,19 @@ async fn write_record(
     id: &str,
     value: Option<&Map<String, Value>>,
 ) -> Result<bool, ApplyError> {
-    let key = decode_id(id, table.key.len()).map_err(ApplyError::Refused)?;
-    let key_parameters: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
-    let condition = key_condition(table, 1);
-    let select =
-        format!("SELECT {} FROM {} WHERE {condition} FOR UPDATE", table.column_list(true), table.name.quoted());
+    let query = RowQuery::new(table, id)?;
+    let select = format!("{} FOR UPDATE", query.select);
     let transaction = sql.transaction().await.map_err(|error| ApplyError::from_sql("BEGIN", &error))?;
     // The tag and the locked read go out together (pipelined), the tag first.
     let tag: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ECHO_PREFIX, &shared.node];
-    let read = as_parameters(&key_parameters);
+    let read = as_parameters(&query.key_parameters);
     let (tagged, row) = tokio::join!(
         transaction.execute("SELECT pg_logical_emit_message(true, $1::text, $2::text)", &tag),
         transaction.query_opt(&select, &read),
     );
     tagged.map_err(|error| ApplyError::from_sql("tagging the transaction", &error))?;
     let row = row.map_err(|error| ApplyError::from_sql("reading the row", &error))?;
-    let Some((statement, parameters)) = plan_write(table, &key, &condition, row.as_ref(), value)? else {
+    let Some((statement, parameters)) = plan_write(table, &query.key, &query.condition, row.as_ref(), value)? else {
         // It changed in between to what the record says: nothing to write.
         let _ = transaction.rollback().await;
         return Ok(false);
@@ -1173,7 +1172,7 @@ async fn retry_one(shared: &Shared, sql: &mut Client, retry: Retry) -> Result<()
         .map_err(|error| error.to_string())?
         .map_err(|error| error.to_string())?
         .and_then(|read| read.view.value);
-    let outcome = match apply_record(shared, sql, table, &retry.id, value.as_ref()).await {
+    let outcome = match write_record(shared, sql, table, &retry.id, value.as_ref()).await {
         Ok(_) => Ok(()),
         Err(ApplyError::Refused(reason)) => Err(reason),
         Err(ApplyError::Connection(error)) => return Err(error),
