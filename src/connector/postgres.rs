@@ -12,10 +12,12 @@
 //!   replayed after a crash sets the same values again, which changes nothing. Tables run with
 //!   `REPLICA IDENTITY FULL`, so an update carries its old row and only the columns that really
 //!   changed are written: two sites updating different columns of one row both keep theirs.
-//! - **Apply.** It follows the node's change feed. For each changed record of a mapped
-//!   collection it locks the row, compares it with the record, and writes only the columns that
-//!   differ (insert, update or delete) in a transaction that starts with the logical decoding
-//!   message `concord.apply`. The capture drops every transaction that carries that message,
+//! - **Apply.** It follows the node's change feed a page at a time. First it commits a
+//!   `concord.sync` message and waits until the capture has read it, so every change committed
+//!   in the database before then is in the node. Then it reads each changed record's row (the
+//!   page's reads pipelined); a row that differs is read again under a lock and only the
+//!   columns that differ are written (insert, update or delete) in a transaction tagged with the
+//!   logical decoding message `concord.apply`. The capture drops every transaction that carries that message,
 //!   so nothing the connector writes comes back (PostgreSQL 15 has no server-side origin
 //!   filter). A record equal to its row writes nothing, so captured changes cost one read. A row
 //!   the database refuses (a type mismatch, a constraint) goes to the node's quarantine with the
