@@ -9,7 +9,7 @@
 //! | `json`, `jsonb`                      | the JSON value itself (at most 64 levels deep)     |
 //! | one-dimensional arrays               | arrays of the element type's fields; `NULL` elements are `null` |
 //! | everything else (`text`, `varchar`, `uuid`, `date`, `timestamp[tz]`, `interval`, `bytea`, ...) | its text form as a string |
-//! | `NULL`                               | `null`                                             |
+//! | `NULL`                               | `null` (so is a JSON `null` in a `json`/`jsonb` column, which goes back as SQL `NULL`) |
 //!
 //! Arrays with several dimensions or explicit bounds stay strings in PostgreSQL's literal form,
 //! so nothing is lost either way. Writing back, a field must have a type the column can take (a
@@ -204,7 +204,7 @@ pub fn to_sql_text(type_oid: u32, value: &Value) -> Result<Option<String>, Value
                 if index > 0 {
                     literal.push(',');
                 }
-                if matches!(item, Value::Array(_)) {
+                if matches!(item, Value::Array(_)) && self::kind(element) != Kind::Json {
                     // Nested arrays would be a second dimension, which PostgreSQL requires to be
                     // rectangular; they stay strings in the record (see the module docs).
                     return Err(ValueError::Mismatch {
@@ -362,6 +362,7 @@ mod tests {
                 r#"{"vip","a, b",NULL,"NULL","say \"hi\""}"#,
             ),
             (INT4_ARRAY, json!([1, null]), r#"{"1",NULL}"#),
+            (JSONB_ARRAY, json!([[1, 2], {"a": "b"}, null]), r#"{"[1,2]","{\"a\":\"b\"}",NULL}"#),
             (INT4_ARRAY, json!("{{1,2},{3,4}}"), "{{1,2},{3,4}}"),
         ];
         for (type_oid, value, expected) in cases {
