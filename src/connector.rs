@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::{EngineError, EngineHandle};
-use crate::metrics::Metrics;
 
 /// The meta entry holding every connector's definition and checkpoints.
 const CONNECTORS_META: &str = "connectors";
@@ -212,7 +211,6 @@ pub struct Connectors {
     /// Held across each read-modify-write of the meta entry.
     meta: Arc<tokio::sync::Mutex<()>>,
     engine: EngineHandle,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Connectors {
@@ -226,10 +224,9 @@ impl Connectors {
     /// not stored yet.
     pub async fn start(
         engine: EngineHandle,
-        metrics: Arc<Metrics>,
         configured: Vec<ConnectorDefinition>,
     ) -> Result<Connectors, ConnectorError> {
-        let connectors = Connectors { inner: Default::default(), meta: Default::default(), engine, metrics };
+        let connectors = Connectors { inner: Default::default(), meta: Default::default(), engine };
         for definition in &configured {
             definition.validate().map_err(ConnectorError::Invalid)?;
         }
@@ -300,7 +297,6 @@ impl Connectors {
             definition: connector.definition,
             checkpoints: connector.checkpoints,
             engine: self.engine.clone(),
-            metrics: self.metrics.clone(),
             status: status.clone(),
             control: control_receiver,
             retries: retry_receiver,

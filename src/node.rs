@@ -72,7 +72,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     write_address_file(&config.data_dir, API_ADDRESS_FILE, address)?;
     tracing::info!("API listening on http://{address}");
 
-    let connectors = crate::connector::Connectors::start(engine.clone(), metrics.clone(), config.connectors.clone())
+    let connectors = crate::connector::Connectors::start(engine.clone(), config.connectors.clone())
         .await
         .context("starting the connectors")?;
     let state = AppState {

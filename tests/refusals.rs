@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::json;
-use support::cluster::{certificates, peer_address, start_peer, until_status};
+use support::cluster::{certificates, peer_address, start_peer, until_peer, until_status};
 use support::{Node, metric, noise, record_path, temporary_directory};
 use tempfile::TempDir;
 use transport::{Bytes, CloseCode, DisconnectReason, Endpoint, EndpointConfig, NodeCertificates, PeerEvent, PeerId};
@@ -43,6 +43,8 @@ impl Target {
         certificates(&certs, CLUSTER, &["first", "second", "member"]);
         let first = start_peer(root.path(), &certs, "first", &[]).await;
         let second = start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await;
+        // Connected first, so a loaded machine's slow start does not eat the write's 5 s.
+        until_peer(&first, "second", true, Duration::from_secs(60)).await;
         let (status, body) = first
             .call(Method::PUT, &format!("{}?acks=1", record_path("c", "acknowledged")), Some(acknowledged()))
             .await;

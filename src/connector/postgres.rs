@@ -42,7 +42,6 @@ use tokio_postgres::{Client, NoTls};
 
 use super::{CheckpointStore, Checkpoints, ConnectorDefinition, ConnectorStatus, Control, Retry};
 use crate::engine::EngineHandle;
-use crate::metrics::Metrics;
 
 /// The logical decoding message prefix that marks the connector's own transactions.
 pub const ECHO_PREFIX: &str = "concord.apply";
@@ -56,6 +55,8 @@ const FEED_PAGE: usize = 256;
 /// How long the apply waits for the capture to read its sync message before it compares rows
 /// with records (so a change the capture has not written yet is not undone); a guard only.
 const CAPTURE_WAIT: Duration = Duration::from_secs(2);
+/// How long removing a connector waits for its slot to be released before dropping it fails.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// Backoff between sessions after an error.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -70,7 +71,6 @@ pub(crate) struct Context {
     pub(crate) definition: ConnectorDefinition,
     pub(crate) checkpoints: Checkpoints,
     pub(crate) engine: EngineHandle,
-    pub(crate) metrics: Arc<Metrics>,
     pub(crate) status: Arc<Mutex<ConnectorStatus>>,
     pub(crate) control: watch::Receiver<Control>,
     pub(crate) retries: mpsc::Receiver<Retry>,
@@ -452,7 +452,6 @@ async fn session(context: &mut Context) -> Result<(), String> {
         }
     }
     replication.abort();
-    let _ = context.metrics.as_ref();
     result
 }
 
@@ -1191,13 +1190,27 @@ async fn retry_one(shared: &Shared, sql: &mut Client, retry: Retry) -> Result<()
 /// Drops a removed connector's replication slot.
 pub(crate) async fn drop_slot(definition: &ConnectorDefinition) -> Result<(), String> {
     let sql = connect(&definition.dsn).await?;
-    sql.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-        &[&definition.slot()],
-    )
-    .await
-    .map_err(|error| sql_error("dropping the slot", &error))?;
-    Ok(())
+    // The stopped connector's walsender may still hold the slot for a moment after its
+    // connection closed (SQLSTATE 55006, object in use): try again for a few seconds.
+    let started = std::time::Instant::now();
+    loop {
+        let result = sql
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&definition.slot()],
+            )
+            .await;
+        match result {
+            Ok(_) => return Ok(()),
+            Err(error)
+                if error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && started.elapsed() < SLOT_RELEASE_WAIT =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(sql_error("dropping the slot", &error)),
+        }
+    }
 }
 
 #[cfg(test)]
