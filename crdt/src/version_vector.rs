@@ -183,10 +183,12 @@ impl VersionVector {
         self.origins.is_empty()
     }
 
-    /// The same holdings in canonical form: ranges with `end < start` or starting at 0 dropped,
-    /// overlapping and touching ranges merged, a range that meets the prefix joined to it, and
-    /// origins that hold nothing left out. A version vector decoded from a peer may be any shape;
-    /// the replication core takes it only through this.
+    /// The same holdings in canonical form: ranges with `end < start` dropped, a range starting
+    /// at 0 read from 1 (sequence 0 does not exist), overlapping and touching ranges merged, a
+    /// range that meets the prefix joined to it, and origins that hold nothing left out. It
+    /// holds everything [`VersionVector::contains`] finds in the original, and for a well-formed
+    /// vector nothing more. A version vector decoded from a peer may be any shape; the
+    /// replication core takes it only through this.
     pub fn normalized(&self) -> VersionVector {
         let mut normalized = VersionVector::new();
         for (origin, range) in &self.origins {
@@ -195,7 +197,8 @@ impl VersionVector {
                 clean.insert_range(1, range.contiguous);
             }
             for (&start, &end) in &range.beyond {
-                if start >= 1 && end >= start {
+                let start = start.max(1);
+                if end >= start {
                     clean.insert_range(start, end);
                 }
             }
@@ -235,6 +238,7 @@ mod tests {
         let mut range = OriginRange { contiguous: 3, beyond: BTreeMap::new() };
         range.beyond.insert(9, 2); // end before start
         range.beyond.insert(0, 0); // sequence 0 does not exist
+        range.beyond.insert(1, 0); // end before start
         range.beyond.insert(2, 6); // overlaps the prefix
         range.beyond.insert(8, 10);
         let mut origins = BTreeMap::new();
@@ -282,6 +286,28 @@ mod tests {
     }
 
     proptest! {
+        /// Normalizing keeps exactly the sequences some part of the original claims, so it never
+        /// drops one that `contains` finds in the original (the core relies on this to not send
+        /// a peer what it said it holds).
+        #[test]
+        fn normalizing_keeps_every_claimed_sequence(
+            contiguous in 0u64..20,
+            beyond in proptest::collection::btree_map(0u64..30, 0u64..30, 0..6),
+        ) {
+            let origin = OriginId([3; 16]);
+            let raw = OriginRange { contiguous, beyond: beyond.clone() };
+            let vector = VersionVector { origins: [(origin, raw.clone())].into_iter().collect() };
+            let normalized = vector.normalized();
+            for sequence in 0..40 {
+                let claimed = sequence >= 1
+                    && (sequence <= contiguous || beyond.iter().any(|(&start, &end)| start <= sequence && sequence <= end));
+                prop_assert_eq!(normalized.contains(&origin, sequence), claimed, "sequence {}", sequence);
+                if raw.contains(sequence) {
+                    prop_assert!(normalized.contains(&origin, sequence), "normalizing dropped {}", sequence);
+                }
+            }
+        }
+
         #[test]
         fn range_inserts_match_single_inserts(ranges in proptest::collection::vec((1u64..50, 0u64..6), 0..20)) {
             let mut by_range = OriginRange::default();

@@ -1388,7 +1388,10 @@ fn deliver_message(
                 if *epoch >= peer.epoch_to_core {
                     peer.epoch_to_core = *epoch;
                     peer.credit_to_core = (*credit).min(window);
-                    peer.known = version_vector.clone();
+                    // As the core reads it: normalized (a property test in `version_vector`
+                    // checks that this keeps exactly what the vector claims). The raw vector may
+                    // be ill-formed, where `insert` is not defined.
+                    peer.known = version_vector.normalized();
                 }
                 None
             }
