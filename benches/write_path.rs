@@ -9,7 +9,8 @@ use std::sync::Arc;
 use concord::engine::{self, EngineSettings};
 use concord::metrics::Metrics;
 use crdt::clock::Timestamp;
-use crdt::identity::OriginId;
+use crdt::envelope::{DocumentKind, Envelope};
+use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
 use crdt::record::{Operation, Record};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -101,5 +102,55 @@ fn durable_writes(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, record_operations, durable_writes);
+/// Catch-up of records new to the node, as the replication loop applies them: change envelopes
+/// from another origin, each creating a record, applied through the engine and committed in
+/// groups of [`APPLY_BATCH`] (one peer frame's worth).
+fn peer_applies(criterion: &mut Criterion) {
+    const APPLY_BATCH: u64 = 256;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let store = store::Store::open(directory.path()).expect("store");
+    let settings = EngineSettings { name: Some("bench".into()), ..EngineSettings::default() };
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+    let origin = OriginId([9; 16]);
+    let mut sequence = 0u64;
+    let mut group = criterion.benchmark_group("engine");
+    group.throughput(Throughput::Elements(APPLY_BATCH));
+    group.bench_function("apply 256 peer changes creating records", |bencher| {
+        bencher.iter_batched(
+            || {
+                (0..APPLY_BATCH)
+                    .map(|_| {
+                        sequence += 1;
+                        let key = RecordKey::new("customers", &format!("peer{sequence}")).expect("key");
+                        let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+                        let operation = Operation::Replace(small_object(sequence));
+                        let change = Record::default()
+                            .write(&key, &origin, timestamp, &operation)
+                            .expect("write")
+                            .expect("a change");
+                        Envelope {
+                            origin,
+                            node: NodeId([9; 16]),
+                            sequence,
+                            timestamp,
+                            key,
+                            kind: DocumentKind::Record,
+                            change,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |envelopes| {
+                runtime.block_on(engine.call(move |engine| {
+                    envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope)).collect::<Result<Vec<_>, _>>()
+                }))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, record_operations, durable_writes, peer_applies);
 criterion_main!(benches);

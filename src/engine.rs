@@ -21,7 +21,7 @@ use crdt::envelope::{DocumentKind, Envelope};
 use crdt::identity::{NodeId, OriginId};
 use crdt::key::RecordKey;
 use crdt::map_record::MapRecord;
-use crdt::record::{Operation, OperationError, Record, RecordError, RecordView};
+use crdt::record::{ChangeHash, FirstChange, Operation, OperationError, Record, RecordError, RecordView};
 use crdt::text::{TextDocument, TextError, TextLimits};
 use crdt::version_vector::VersionVector;
 use lru::LruCache;
@@ -134,6 +134,19 @@ pub struct FeedEntry {
     pub timestamp: Timestamp,
 }
 
+impl FeedEntry {
+    /// The feed entry of a change envelope.
+    fn of(envelope: &Envelope) -> FeedEntry {
+        FeedEntry {
+            key: envelope.key.clone(),
+            kind: envelope.kind,
+            origin: envelope.origin,
+            sequence: envelope.sequence,
+            timestamp: envelope.timestamp,
+        }
+    }
+}
+
 /// The identity and counters kept in the store's metadata.
 #[derive(Serialize, Deserialize)]
 struct StoredIdentity {
@@ -235,12 +248,7 @@ impl Body {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&key.to_bytes());
         match self {
-            Body::Record(record) => {
-                hasher.update(b"\0record\0");
-                for head in record.heads() {
-                    hasher.update(head.as_ref());
-                }
-            }
+            Body::Record(record) => return record_digest(key, &record.heads()),
             Body::Map(record) => {
                 hasher.update(b"\0map record\0");
                 hasher.update(&record.digest());
@@ -276,6 +284,29 @@ impl Before {
             digest: document.stored.then(|| document.body.digest(key)),
         }
     }
+}
+
+/// The same about a document after the change.
+struct After {
+    live: bool,
+    digest: [u8; 32],
+}
+
+impl After {
+    fn of(document: &Document, key: &RecordKey) -> After {
+        After { live: document.body.is_live(), digest: document.body.digest(key) }
+    }
+}
+
+/// The digest term of an automerge record with these sorted heads.
+fn record_digest(key: &RecordKey, heads: &[ChangeHash]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&key.to_bytes());
+    hasher.update(b"\0record\0");
+    for head in heads {
+        hasher.update(head.as_ref());
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// A record as reads return it.
@@ -351,6 +382,10 @@ pub struct Engine {
     dirty: HashSet<RecordKey>,
     /// Dirty documents the cache evicted, kept until the commit (bounded by the batch).
     evicted_dirty: std::collections::HashMap<RecordKey, Document>,
+    /// Records new to this node stored in the batch straight from their first change, without
+    /// building them (see [`Engine::stage_first_change`]): their bytes until the commit, so a
+    /// read or change in the same batch builds them from these, not from a store that lacks them.
+    unbuilt: std::collections::HashMap<RecordKey, Vec<u8>>,
     identity: Identity,
     clock: Clock,
     next_sequence: u64,
@@ -501,6 +536,7 @@ pub fn start(
         cache: LruCache::new(settings.cache_documents),
         dirty: HashSet::new(),
         evicted_dirty: Default::default(),
+        unbuilt: Default::default(),
         identity: identity.clone(),
         clock: Clock::new(),
         next_sequence: 1,
@@ -627,6 +663,7 @@ impl Engine {
         // Durable now: the store holds every document the batch changed.
         self.dirty.clear();
         self.evicted_dirty.clear();
+        self.unbuilt.clear();
         self.metrics.observe_commit(started.elapsed(), operations);
         Ok(())
     }
@@ -643,8 +680,13 @@ impl Engine {
         if let Some(document) = self.evicted_dirty.remove(key) {
             return Ok(Some(document));
         }
-        let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
         let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
+        if let Some(change) = self.unbuilt.remove(key) {
+            // Staged in this batch: the key stays in `dirty`, so the cache keeps it until the commit.
+            let record = Record::load(&change, &[]).map_err(|error| corrupt(error.to_string()))?;
+            return Ok(Some(Document { body: Body::Record(Box::new(record)), next_increment: 0, stored: true }));
+        }
+        let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
         let entry: DocumentEntry = rmp_serde::from_slice(&stored.value).map_err(|error| corrupt(error.to_string()))?;
         let increments: Vec<&[u8]> = stored.increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
         let next_increment = stored.increments.last().map_or(0, |(index, _)| index + 1);
@@ -785,7 +827,13 @@ impl Engine {
         let key = envelope.key.clone();
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
-            None => self.empty_document(envelope.kind),
+            None => {
+                if let Some(first) = self.unbuilt_first_change(&envelope)? {
+                    self.stage_first_change(&envelope, first);
+                    return Ok(true);
+                }
+                self.empty_document(envelope.kind)
+            }
         };
         let result = self.apply_envelope_in(&mut document, &envelope);
         if document.stored {
@@ -806,6 +854,39 @@ impl Engine {
         Ok(changed)
     }
 
+    /// What a change that creates a record this node lacks holds, read without building the
+    /// record ([`Record::first_change`]), when nothing about it needs the built record: a user
+    /// collection without a schema to check (a first change cannot conflict). `None` sends it
+    /// the building way.
+    fn unbuilt_first_change(&mut self, envelope: &Envelope) -> Result<Option<FirstChange>, EngineError> {
+        if envelope.kind != DocumentKind::Record || is_system_collection(envelope.key.collection()) {
+            return Ok(None);
+        }
+        if self.definition(envelope.key.collection())?.is_some_and(|definition| !definition.fields.is_empty()) {
+            return Ok(None);
+        }
+        Ok(Record::first_change(&envelope.change))
+    }
+
+    /// Stages a record new to this node from its first change, as [`Engine::stage_change`] does
+    /// for a built one, without building it: automerge's load of the change and the drop of the
+    /// document were most of the cost of catching up on new records (BENCHMARKS.md). It is
+    /// stored as that change (the form a new document always takes, see `stage_bytes`) and built
+    /// on first use.
+    fn stage_first_change(&mut self, envelope: &Envelope, first: FirstChange) {
+        let key = &envelope.key;
+        self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
+        self.version_vector.insert(envelope.origin, envelope.sequence);
+        self.batch.put_document(&key.to_bytes(), &encode_entry(DocumentKind::Record, envelope.change.clone()));
+        self.dirty.insert(key.clone());
+        self.unbuilt.insert(key.clone(), envelope.change.clone());
+        let before = Before { live: false, digest: None };
+        let after = After { live: first.live, digest: record_digest(key, &[first.head]) };
+        self.stage_accounting(key, before, after, Some(FeedEntry::of(envelope)));
+        self.stage_audit_change(key, envelope.node);
+        self.metrics.records_stored_unbuilt.inc();
+    }
+
     fn empty_document(&self, kind: DocumentKind) -> Document {
         let body = match kind {
             DocumentKind::Record => Body::Record(Box::default()),
@@ -823,14 +904,8 @@ impl Engine {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
         self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change);
-        let feed = visible.then(|| FeedEntry {
-            key: envelope.key.clone(),
-            kind: envelope.kind,
-            origin: envelope.origin,
-            sequence: envelope.sequence,
-            timestamp: envelope.timestamp,
-        });
-        self.stage_accounting(document, &envelope.key, before, feed);
+        let feed = visible.then(|| FeedEntry::of(envelope));
+        self.stage_accounting(&envelope.key, before, After::of(document, &envelope.key), feed);
         self.stage_audit_change(&envelope.key, envelope.node);
     }
 
@@ -859,10 +934,10 @@ impl Engine {
     }
 
     /// After a document changed: the record count, the digest, and the feed entry if any.
-    fn stage_accounting(&mut self, document: &Document, key: &RecordKey, before: Before, feed: Option<FeedEntry>) {
+    fn stage_accounting(&mut self, key: &RecordKey, before: Before, after: After, feed: Option<FeedEntry>) {
         self.counters_dirty = true;
         self.definitions.changed(key);
-        match (before.live, document.body.is_live()) {
+        match (before.live, after.live) {
             (false, true) => self.counters.record_count += 1,
             (true, false) => self.counters.record_count = self.counters.record_count.saturating_sub(1),
             _ => {}
@@ -870,7 +945,7 @@ impl Engine {
         if let Some(digest) = before.digest {
             xor_into(&mut self.counters.digest, &digest);
         }
-        xor_into(&mut self.counters.digest, &document.body.digest(key));
+        xor_into(&mut self.counters.digest, &after.digest);
         let Some(feed) = feed else { return };
         self.counters.feed_sequence += 1;
         self.batch.put_feed(self.counters.feed_sequence, &rmp_serde::to_vec(&feed).unwrap_or_default());

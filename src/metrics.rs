@@ -117,6 +117,9 @@ pub struct Metrics {
     pub peer_protocol_errors: Counter,
     /// Documents merged from peers' snapshots.
     pub snapshot_records_received: Counter,
+    /// Records new to this node stored straight from a peer's first change, without building
+    /// them (the rest of a catch-up builds each record to merge into it).
+    pub records_stored_unbuilt: Counter,
     /// Change-log entries deleted by retention.
     pub log_entries_trimmed: Counter,
     /// Members the failure detector declared down (each time one goes down).
@@ -163,7 +166,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 21] = [
+        let counters: [(&str, &str, &Counter); 22] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -200,6 +203,11 @@ impl Metrics {
                 "concord_snapshot_records_received_total",
                 "Documents merged from peers' snapshots (bootstrap).",
                 &self.snapshot_records_received,
+            ),
+            (
+                "concord_records_stored_unbuilt_total",
+                "Records new to this node stored straight from a peer's first change, without building them.",
+                &self.records_stored_unbuilt,
             ),
             (
                 "concord_log_entries_trimmed_total",

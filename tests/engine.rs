@@ -982,3 +982,77 @@ async fn a_change_that_breaks_the_schema_is_quarantined_and_retried_after_the_fi
     assert_eq!(read_value(&engine, "o1").await.unwrap(), object(json!({"price": -5})));
     assert_eq!(status(&engine).await.quarantined, 0);
 }
+
+/// Records new to a node arrive as their first change and are stored without being built
+/// (`Record::first_change`); everything else about them must be as if they had been built: the
+/// same reads, record count and digest as the writer's, a second change in the same batch, a
+/// read before the commit, eviction from a tiny cache before the commit, and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_new_to_a_node_are_stored_from_their_first_change_and_behave_as_built() {
+    let writer_directory = tempfile::tempdir().unwrap();
+    let reader_directory = tempfile::tempdir().unwrap();
+    let writer = start(writer_directory.path(), "writer").await;
+    let metrics = Arc::new(Metrics::default());
+    let open_reader = |metrics: Arc<Metrics>| {
+        let store = store::Store::open(reader_directory.path()).expect("open store");
+        let settings = EngineSettings {
+            name: Some("reader".into()),
+            cache_documents: NonZeroUsize::new(2).expect("non-zero"),
+            ..EngineSettings::default()
+        };
+        engine::start(store, settings, metrics).expect("engine")
+    };
+    let (reader, thread) = open_reader(metrics.clone());
+
+    let mut envelopes = Vec::new();
+    for index in 0..12 {
+        let fields = json!({"name": format!("customer {index}"), "tags": ["a", index], "address": {"city": "Zürich"}});
+        envelopes.push(write(&writer, &format!("o{index}"), Operation::Replace(object(fields))).await);
+    }
+    // A second change to a record, and a record created by an increment (its genesis needs the
+    // building way), then deleted.
+    envelopes.push(write(&writer, "o3", Operation::MergePatch(object(json!({"name": "renamed"})))).await);
+    envelopes.push(write(&writer, "visits", Operation::Increment { field: "count".into(), by: 2 }).await);
+    envelopes.push(write(&writer, "visits", Operation::Delete).await);
+
+    // All in one engine job: one batch, one commit, a cache of two documents.
+    let key = RecordKey::new("orders", "o3").unwrap();
+    let (applied, read) = reader
+        .call(move |engine| {
+            let applied: Vec<bool> =
+                envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope).unwrap()).collect();
+            (applied, engine.read_record(key).unwrap())
+        })
+        .await
+        .unwrap();
+    assert!(applied.iter().all(|applied| *applied), "every envelope applied: {applied:?}");
+    assert_eq!(read.unwrap().view.value.unwrap()["name"], json!("renamed"), "read before the commit");
+    assert_eq!(metrics.records_stored_unbuilt.get(), 12, "the twelve creations by replace were stored unbuilt");
+
+    let check = |reader: EngineHandle| {
+        let writer = writer.clone();
+        async move {
+            let (written, stored) = (status(&writer).await, status(&reader).await);
+            assert_eq!(stored.digest, written.digest);
+            assert_eq!((stored.record_count, written.record_count), (12, 12));
+            for index in [0, 3, 11] {
+                let key = RecordKey::new("orders", &format!("o{index}")).unwrap();
+                let read = |engine: &EngineHandle| {
+                    let (engine, key) = (engine.clone(), key.clone());
+                    async move { engine.call(move |engine| engine.read_record(key)).await.unwrap().unwrap().unwrap() }
+                };
+                assert_eq!(read(&reader).await.view, read(&writer).await.view);
+            }
+        }
+    };
+    check(reader.clone()).await;
+    // Written over after the commit: built from the stored first change.
+    let later = write(&writer, "o5", Operation::MergePatch(object(json!({"vip": true})))).await;
+    assert!(apply(&reader, later).await);
+    check(reader.clone()).await;
+
+    drop(reader);
+    thread.join().unwrap().unwrap();
+    let (reopened, _thread) = open_reader(Arc::new(Metrics::default()));
+    check(reopened).await;
+}

@@ -35,8 +35,9 @@
 
 use std::borrow::Cow;
 
+pub use automerge::ChangeHash;
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, AutomergeError, ChangeHash, ROOT, ReadDoc, ScalarValue};
+use automerge::{ActorId, Automerge, AutomergeError, ROOT, ReadDoc, ScalarValue};
 use serde_json::{Map, Value};
 
 use crate::clock::Timestamp;
@@ -100,6 +101,15 @@ pub struct RecordView {
     pub version: String,
 }
 
+/// What a record made of one first change holds: see [`Record::first_change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstChange {
+    /// The record's only head: the change's hash.
+    pub head: ChangeHash,
+    /// Whether the record exists (its causal length is odd).
+    pub live: bool,
+}
+
 /// One record document.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -129,6 +139,48 @@ impl Record {
             }
             Ok(Record { document })
         })
+    }
+
+    /// Reads change bytes that would start a record, without building the document: the head
+    /// the record would have and whether it would be live. Building a record from its first
+    /// change costs automerge a whole load (and the drop after), which dominated catch-up of
+    /// records new to a node, while parsing and checking the change is a fraction of it.
+    ///
+    /// `None` unless the bytes are exactly one well-formed change with no dependencies, sequence
+    /// 1, no operation that supersedes another (no predecessors: nothing in it can conflict),
+    /// and at most one write of the causal length, a plain non-negative integer. Anything else
+    /// (a held-back change, several changes, an increment's genesis) goes the building way.
+    /// The fuzz target `record_changes` checks that whatever this accepts loads as a record with
+    /// that head and liveness.
+    pub fn first_change(bytes: &[u8]) -> Option<FirstChange> {
+        use automerge::legacy::{Key, ObjectId, OpType};
+        let change = automerge::Change::try_from(bytes).ok()?;
+        if !change.deps().is_empty() || change.seq() != 1 {
+            return None;
+        }
+        // `decode` trusts what `try_from` verified, but it is automerge's legacy path: a panic
+        // in it is a refusal, never a crash.
+        let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())).ok()?;
+        let mut causal_length = None;
+        for operation in &expanded.operations {
+            if !operation.pred.is_empty() {
+                return None;
+            }
+            let is_causal_length = matches!(operation.obj, ObjectId::Root)
+                && matches!(&operation.key, Key::Map(key) if key.as_str() == CAUSAL_LENGTH);
+            if !is_causal_length {
+                continue;
+            }
+            let length = match &operation.action {
+                OpType::Put(ScalarValue::Uint(length)) if !operation.insert => *length,
+                OpType::Put(ScalarValue::Int(length)) if !operation.insert => u64::try_from(*length).ok()?,
+                _ => return None,
+            };
+            if causal_length.replace(length).is_some() {
+                return None;
+            }
+        }
+        Some(FirstChange { head: change.hash(), live: causal_length.unwrap_or(0) % 2 == 1 })
     }
 
     /// The whole document, compacted.

@@ -1369,3 +1369,50 @@ fn garbage_from_a_peer_leaves_the_record_unchanged() {
         assert_eq!(replica.view(), view);
     }
 }
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Reading a first change without building the record (how a node stores records new to it)
+    /// agrees with building it: the same head and liveness, for every first write; and a
+    /// creation by replace or merge patch takes that path. A second change never does: it has
+    /// a dependency.
+    #[test]
+    fn a_first_change_read_without_building_matches_the_built_record(
+        first in operation(),
+        second in operation(),
+    ) {
+        let mut writer = Replica::new(1);
+        let Ok(Some(change)) = writer.try_write(&first) else { return Ok(()) };
+        let built = Record::load(&change, &[]).expect("a first change loads");
+        match Record::first_change(&change) {
+            Some(read) => {
+                prop_assert_eq!(vec![read.head], built.heads());
+                prop_assert_eq!(read.live, built.is_live());
+            }
+            None => prop_assert!(
+                !matches!(first, Operation::Replace(_) | Operation::MergePatch(_)),
+                "a creation by {:?} was not read as a first change", first
+            ),
+        }
+        if let Ok(Some(next)) = writer.try_write(&second) {
+            prop_assert_eq!(Record::first_change(&next), None);
+        }
+    }
+}
+
+#[test]
+fn bytes_that_are_not_one_first_change_are_not_read_as_one() {
+    let mut writer = Replica::new(1);
+    let first = writer.write_changing(&Operation::Replace(object(json!({"name": "Ada"}))));
+    assert!(Record::first_change(&first).is_some());
+    let mut two = first.clone();
+    two.extend_from_slice(&first);
+    assert_eq!(Record::first_change(&two), None, "two changes");
+    assert_eq!(Record::first_change(&first[..first.len() - 1]), None, "cut short");
+    let mut flipped = first.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    assert_eq!(Record::first_change(&flipped), None, "checksum");
+    assert_eq!(Record::first_change(b""), None, "empty");
+}

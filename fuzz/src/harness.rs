@@ -288,6 +288,7 @@ pub fn record_changes(data: &[u8]) {
     if mode & 1 == 1 {
         fix_chunk_checksums(&mut bytes);
     }
+    check_first_change(&bytes);
     let (base, saved) = base_record();
     match mode >> 1 & 3 {
         0 => {
@@ -301,6 +302,26 @@ pub fn record_changes(data: &[u8]) {
             }
         }
         _ => apply_to_base(base, saved, &bytes),
+    }
+}
+
+/// A node stores a record new to it straight from a first change that `Record::first_change`
+/// reads, without building it: the bytes must then apply to an empty record as the building path
+/// would, and load to that head and liveness.
+fn check_first_change(bytes: &[u8]) {
+    let Some(first) = Record::first_change(bytes) else { return };
+    let mut applied = Record::new();
+    match applied.apply_changes_intact(bytes) {
+        Ok(changed) => assert!(changed, "a first change that changes nothing"),
+        Err(error) => panic!("a first change read without building does not apply: {error}"),
+    }
+    let loaded = match Record::load(bytes, &[]) {
+        Ok(loaded) => loaded,
+        Err(error) => panic!("a first change read without building does not load: {error}"),
+    };
+    for record in [&applied, &loaded] {
+        assert_eq!(record.heads(), vec![first.head], "a first change read to another head");
+        assert_eq!(record.is_live(), first.live, "a first change read to another liveness");
     }
 }
 

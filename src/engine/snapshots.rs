@@ -18,7 +18,7 @@ use crdt::version_vector::VersionVector;
 use serde_bytes::ByteBuf;
 use store::Store;
 
-use super::{Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
+use super::{After, Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
 
 /// The most bytes one snapshot record carries. A larger document travels as several records
 /// with the same key, each a run of its stored parts; compaction never makes one part larger
@@ -200,7 +200,7 @@ impl Engine {
             sequence: 0,
             timestamp,
         });
-        self.stage_accounting(document, &record.key, before, feed);
+        self.stage_accounting(&record.key, before, After::of(document, &record.key), feed);
         self.stage_audit_snapshot(&record.key);
         Ok(changed)
     }
