@@ -152,5 +152,78 @@ fn peer_applies(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, record_operations, durable_writes, peer_applies);
+/// Catch-up of records changed on both sides: each record was created here, patched here, and
+/// patched concurrently at a peer (on the other field); the peer's changes are applied through
+/// the engine in groups of [`APPLY_BATCH`] (one peer frame's worth).
+fn concurrent_applies(criterion: &mut Criterion) {
+    const APPLY_BATCH: u64 = 256;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let store = store::Store::open(directory.path()).expect("store");
+    let settings = EngineSettings { name: Some("bench".into()), ..EngineSettings::default() };
+    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+    let origin = OriginId([9; 16]);
+    let mut sequence = 0u64;
+    let mut group = criterion.benchmark_group("engine");
+    group.throughput(Throughput::Elements(APPLY_BATCH));
+    group.bench_function("apply 256 peer changes concurrent with local ones", |bencher| {
+        bencher.iter_batched(
+            || {
+                let first = sequence + 1;
+                sequence += APPLY_BATCH;
+                let keys: Vec<RecordKey> = (first..=sequence)
+                    .map(|index| RecordKey::new("customers", &format!("both{index}")).expect("key"))
+                    .collect();
+                let created = keys.clone();
+                // Created and patched here, in one job; the creations go to the peer.
+                let bases = runtime
+                    .block_on(engine.call(move |engine| {
+                        created
+                            .into_iter()
+                            .enumerate()
+                            .map(|(index, key)| {
+                                let create = Operation::Replace(small_object(index as u64));
+                                let base = engine.write_record(key.clone(), create).expect("create");
+                                let patch = Operation::MergePatch(small_object(index as u64 + 1_000_000));
+                                engine.write_record(key, patch).expect("patch");
+                                base.envelope.expect("a change").change
+                            })
+                            .collect::<Vec<_>>()
+                    }))
+                    .expect("engine");
+                keys.into_iter()
+                    .zip(bases)
+                    .enumerate()
+                    .map(|(index, (key, base))| {
+                        let mut record = Record::load(&base, &[]).expect("base loads");
+                        let timestamp = Timestamp { wall_ms: first + index as u64, logical: 0 };
+                        let patch = Operation::MergePatch(match json!({"city": "Basel", "orders": index}) {
+                            serde_json::Value::Object(map) => map,
+                            _ => serde_json::Map::new(),
+                        });
+                        let change = record.write(&key, &origin, timestamp, &patch).expect("write").expect("a change");
+                        Envelope {
+                            origin,
+                            node: NodeId([9; 16]),
+                            sequence: first + index as u64,
+                            timestamp,
+                            key,
+                            kind: DocumentKind::Record,
+                            change,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |envelopes| {
+                runtime.block_on(engine.call(move |engine| {
+                    envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope)).collect::<Result<Vec<_>, _>>()
+                }))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, record_operations, durable_writes, peer_applies, concurrent_applies);
 criterion_main!(benches);
