@@ -307,7 +307,7 @@ async fn write(
     if let (Some(envelope), true) = (&outcome.envelope, query.acks > 0) {
         await_acknowledgements(state, envelope.origin, envelope.sequence, &query).await?;
     }
-    Ok(Json(RecordBody::new(&key, outcome.view)))
+    Ok(Json(RecordBody::new(&key, outcome.answer)))
 }
 
 /// `PUT /v1/collections/{c}/definition`: the body is a definition in JSON, or TOML (anything that
@@ -332,7 +332,7 @@ async fn put_definition(
     Ok(Json(serde_json::json!({
         "collection": collection,
         "definition": serde_json::from_str::<Value>(&definition.encode()).unwrap_or(Value::Null),
-        "version": outcome.view.version,
+        "version": outcome.answer.version,
     })))
 }
 
@@ -423,7 +423,7 @@ async fn resolve_conflict(
             move |engine| engine.resolve_conflict(key, &resolution.field, resolution.value, &principal)
         })
         .await??;
-    Ok(Json(RecordBody::new(&key, outcome.view)))
+    Ok(Json(RecordBody::new(&key, outcome.answer)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -523,7 +523,7 @@ async fn batch(
                 .into_iter()
                 .map(|(key, operation)| {
                     let is_delete = operation == Operation::Delete;
-                    let outcome = engine.write_record_as(key.clone(), operation, &principal.0);
+                    let outcome = engine.write_version_as(key.clone(), operation, &principal.0);
                     (key, is_delete, outcome)
                 })
                 .collect::<Vec<_>>()
@@ -541,7 +541,7 @@ async fn batch(
                 if let Some(envelope) = &outcome.envelope {
                     envelopes.push((envelope.origin, envelope.sequence));
                 }
-                (StatusCode::OK, Some(outcome.view.version), None)
+                (StatusCode::OK, Some(outcome.answer), None)
             }
             Err(error) => {
                 let error = ApiError::from(error);

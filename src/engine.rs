@@ -318,13 +318,18 @@ pub struct RecordRead {
 
 /// The outcome of a write that was accepted.
 #[derive(Debug, Clone)]
-pub struct WriteOutcome {
+pub struct WriteOutcome<A = RecordView> {
     /// False when the write changed nothing (no envelope, no feed event).
     pub changed: bool,
-    pub view: RecordView,
+    /// What the write answers with: the record as reads return it, or only its version
+    /// ([`Engine::write_version_as`]).
+    pub answer: A,
     /// The envelope that carries the change, when there was one.
     pub envelope: Option<Envelope>,
 }
+
+/// How a local write makes its answer from the written document (see [`WriteOutcome::answer`]).
+type Answer<A> = fn(&mut Engine, &RecordKey, &Document) -> Result<A, EngineError>;
 
 /// One event of the change feed.
 #[derive(Debug, Clone, Serialize)]
@@ -732,32 +737,43 @@ impl Engine {
     }
 
     /// [`Engine::write_record`] once the audit trail knows whom to attribute it to.
-    fn write_record_attributed(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+    fn write_record_attributed<A>(
+        &mut self,
+        key: RecordKey,
+        operation: Operation,
+        answer: Answer<A>,
+    ) -> Result<WriteOutcome<A>, EngineError> {
         if is_system_collection(key.collection()) {
             return Err(EngineError::SystemCollection(key.collection().to_owned()));
         }
-        self.write_document(key, operation)
+        self.write_document(key, operation, answer)
     }
 
     /// A record write without the system-collection check.
-    fn write_document(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+    fn write_document<A>(
+        &mut self,
+        key: RecordKey,
+        operation: Operation,
+        answer: Answer<A>,
+    ) -> Result<WriteOutcome<A>, EngineError> {
         let mut document = match self.take_document(&key)? {
             Some(document) => document,
             None => self.empty_document(self.record_kind(&key)),
         };
-        let outcome = self.write_record_in(&key, &mut document, &operation);
+        let outcome = self.write_record_in(&key, &mut document, &operation, answer);
         if document.stored {
             self.put_back(key, document);
         }
         outcome
     }
 
-    fn write_record_in(
+    fn write_record_in<A>(
         &mut self,
         key: &RecordKey,
         document: &mut Document,
         operation: &Operation,
-    ) -> Result<WriteOutcome, EngineError> {
+        answer: Answer<A>,
+    ) -> Result<WriteOutcome<A>, EngineError> {
         self.check_schema(key, document, operation)?;
         let whole_fields = self.whole_fields(key.collection())?;
         let before = Before::of(document, key);
@@ -773,12 +789,26 @@ impl Engine {
                 return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
             }
         };
-        let view = document.body.view(key)?;
-        let view = self.resolved_view(key, document, view)?;
-        let Some(change) = change else { return Ok(WriteOutcome { changed: false, view, envelope: None }) };
+        let answer = answer(self, key, document)?;
+        let Some(change) = change else { return Ok(WriteOutcome { changed: false, answer, envelope: None }) };
         let envelope = self.local_envelope(key, document.body.kind(), timestamp, change);
         self.stage_change(document, &envelope, before, true);
-        Ok(WriteOutcome { changed: true, view, envelope: Some(envelope) })
+        Ok(WriteOutcome { changed: true, answer, envelope: Some(envelope) })
+    }
+
+    /// A write's answer: the record as reads return it, its policies applied.
+    fn view_answer(&mut self, key: &RecordKey, document: &Document) -> Result<RecordView, EngineError> {
+        let view = document.body.view(key)?;
+        self.resolved_view(key, document, view)
+    }
+
+    /// A write's answer when only the version is wanted (a batch): an automerge record's
+    /// version comes from its heads, without reading the record back.
+    fn version_answer(&mut self, key: &RecordKey, document: &Document) -> Result<String, EngineError> {
+        match &document.body {
+            Body::Record(record) => Ok(record.version()),
+            body => Ok(body.view(key)?.version),
+        }
     }
 
     /// Stamps a local change as the next envelope of this node's current origin.

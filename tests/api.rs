@@ -299,6 +299,10 @@ async fn a_batch_applies_writes_independently_and_durably() {
     assert_eq!((results[203]["status"].as_u64(), results[203]["id"].as_str()), (Some(404), Some("never")));
     assert_eq!(results[204]["status"], 422);
     assert!(results[204]["error"].as_str().unwrap().contains("not a number"), "{}", results[204]);
+    // A batch answers only versions (it does not read the records back): the versions reads give.
+    for (index, id) in [(200, "o1"), (199, "o199"), (201, "o2")] {
+        assert_eq!(results[index]["version"], node.get("orders", id).await.1["version"], "the version of {id}");
+    }
 
     node.kill();
     node.start_again().await;

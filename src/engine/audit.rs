@@ -142,10 +142,31 @@ impl Engine {
         operation: Operation,
         principal: &str,
     ) -> Result<WriteOutcome, EngineError> {
+        self.write_attributed_as(key, operation, principal, Engine::view_answer)
+    }
+
+    /// [`Engine::write_record_as`] answering only the record's version, as a batch does: it
+    /// saves reading the record back.
+    pub fn write_version_as(
+        &mut self,
+        key: RecordKey,
+        operation: Operation,
+        principal: &str,
+    ) -> Result<WriteOutcome<String>, EngineError> {
+        self.write_attributed_as(key, operation, principal, Engine::version_answer)
+    }
+
+    fn write_attributed_as<A>(
+        &mut self,
+        key: RecordKey,
+        operation: Operation,
+        principal: &str,
+        answer: super::Answer<A>,
+    ) -> Result<WriteOutcome<A>, EngineError> {
         let fields = self.fields_touched(&key, &operation);
         let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(fields) };
         let previous = self.audit.attribution.replace(attribution);
-        let outcome = self.write_record_attributed(key, operation);
+        let outcome = self.write_record_attributed(key, operation, answer);
         self.audit.attribution = previous;
         outcome
     }
