@@ -542,10 +542,12 @@ fn causal_length<D: ReadDoc>(document: &D) -> u64 {
         .unwrap_or(0)
 }
 
-fn bump_causal_length<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<(), JsonError> {
+/// Raises the causal length by one; returns the new value (what `causal_length` now reads: the
+/// put supersedes every value the transaction sees).
+fn bump_causal_length<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<u64, JsonError> {
     let next = causal_length(transaction).saturating_add(1);
     transaction.put(ROOT, CAUSAL_LENGTH, ScalarValue::Uint(next))?;
-    Ok(())
+    Ok(next)
 }
 
 /// Removes the user fields of every life except `keep`.
@@ -564,11 +566,13 @@ fn remove_fields<T: Transactable + ReadDoc>(transaction: &mut T, keep: Option<u6
 /// Makes the record live for this write, starting a new, empty life if it is deleted; returns
 /// the life the write belongs to.
 fn enter_life<T: Transactable + ReadDoc>(transaction: &mut T) -> Result<u64, JsonError> {
-    if causal_length(transaction).is_multiple_of(2) {
-        bump_causal_length(transaction)?;
-        remove_fields(transaction, None)?;
+    let length = causal_length(transaction);
+    if !length.is_multiple_of(2) {
+        return Ok(length);
     }
-    Ok(causal_length(transaction))
+    let life = bump_causal_length(transaction)?;
+    remove_fields(transaction, None)?;
+    Ok(life)
 }
 
 /// Once a write has changed something, removes keys left over from earlier lives (updates that
