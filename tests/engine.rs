@@ -753,8 +753,8 @@ async fn declared_policies_resolve_concurrent_writes_identically_in_every_delive
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(resolved.view.value.unwrap()["price"], json!(42));
-    assert!(resolved.view.conflicts.iter().all(|conflict| conflict.field != "/price"));
+    assert_eq!(resolved.answer.value.unwrap()["price"], json!(42));
+    assert!(resolved.answer.conflicts.iter().all(|conflict| conflict.field != "/price"));
     let (entries, _) = engines[0].call(|engine| engine.conflicts_page(None, 0, 100)).await.unwrap().unwrap();
     for (_, entry) in entries.iter().filter(|(_, entry)| entry.field == "/price") {
         let resolution = entry.resolution.as_ref().expect("resolved");
