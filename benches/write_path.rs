@@ -6,7 +6,7 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use concord::engine::{self, EngineSettings};
+use concord::engine::{self, EngineHandle, EngineSettings};
 use concord::metrics::Metrics;
 use crdt::clock::Timestamp;
 use crdt::envelope::{DocumentKind, Envelope};
@@ -102,6 +102,37 @@ fn durable_writes(criterion: &mut Criterion) {
     group.finish();
 }
 
+/// The peer whose changes the apply benchmarks deliver.
+const PEER: u8 = 9;
+
+/// An engine with default settings on a store in `directory`.
+fn plain_engine(directory: &std::path::Path) -> EngineHandle {
+    let store = store::Store::open(directory).expect("store");
+    let settings = EngineSettings { name: Some("bench".into()), ..EngineSettings::default() };
+    engine::start(store, settings, Arc::new(Metrics::default())).expect("engine").0
+}
+
+/// A change of the peer's, as replication hands it to the engine.
+fn peer_envelope(sequence: u64, timestamp: Timestamp, key: RecordKey, change: Vec<u8>) -> Envelope {
+    Envelope {
+        origin: OriginId([PEER; 16]),
+        node: NodeId([PEER; 16]),
+        sequence,
+        timestamp,
+        key,
+        kind: DocumentKind::Record,
+        change,
+    }
+}
+
+/// Applies `envelopes` in one engine job: one group commit, as one peer frame's worth is.
+fn apply_envelopes(runtime: &tokio::runtime::Runtime, engine: &EngineHandle, envelopes: Vec<Envelope>) {
+    let applied = runtime.block_on(engine.call(move |engine| {
+        envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope)).collect::<Result<Vec<_>, _>>()
+    }));
+    assert!(applied.expect("engine").expect("applied").into_iter().all(|changed| changed), "every change applied");
+}
+
 /// Catch-up of records new to the node, as the replication loop applies them: change envelopes
 /// from another origin, each creating a record, applied through the engine and committed in
 /// groups of [`APPLY_BATCH`] (one peer frame's worth).
@@ -109,10 +140,8 @@ fn peer_applies(criterion: &mut Criterion) {
     const APPLY_BATCH: u64 = 256;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let directory = tempfile::tempdir().expect("temporary directory");
-    let store = store::Store::open(directory.path()).expect("store");
-    let settings = EngineSettings { name: Some("bench".into()), ..EngineSettings::default() };
-    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
-    let origin = OriginId([9; 16]);
+    let engine = plain_engine(directory.path());
+    let origin = OriginId([PEER; 16]);
     let mut sequence = 0u64;
     let mut group = criterion.benchmark_group("engine");
     group.throughput(Throughput::Elements(APPLY_BATCH));
@@ -129,23 +158,11 @@ fn peer_applies(criterion: &mut Criterion) {
                             .write(&key, &origin, timestamp, &operation)
                             .expect("write")
                             .expect("a change");
-                        Envelope {
-                            origin,
-                            node: NodeId([9; 16]),
-                            sequence,
-                            timestamp,
-                            key,
-                            kind: DocumentKind::Record,
-                            change,
-                        }
+                        peer_envelope(sequence, timestamp, key, change)
                     })
                     .collect::<Vec<_>>()
             },
-            |envelopes| {
-                runtime.block_on(engine.call(move |engine| {
-                    envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope)).collect::<Result<Vec<_>, _>>()
-                }))
-            },
+            |envelopes| apply_envelopes(&runtime, &engine, envelopes),
             BatchSize::SmallInput,
         )
     });
@@ -159,10 +176,8 @@ fn concurrent_applies(criterion: &mut Criterion) {
     const APPLY_BATCH: u64 = 256;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let directory = tempfile::tempdir().expect("temporary directory");
-    let store = store::Store::open(directory.path()).expect("store");
-    let settings = EngineSettings { name: Some("bench".into()), ..EngineSettings::default() };
-    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
-    let origin = OriginId([9; 16]);
+    let engine = plain_engine(directory.path());
+    let origin = OriginId([PEER; 16]);
     let mut sequence = 0u64;
     let mut group = criterion.benchmark_group("engine");
     group.throughput(Throughput::Elements(APPLY_BATCH));
@@ -202,23 +217,11 @@ fn concurrent_applies(criterion: &mut Criterion) {
                             _ => serde_json::Map::new(),
                         });
                         let change = record.write(&key, &origin, timestamp, &patch).expect("write").expect("a change");
-                        Envelope {
-                            origin,
-                            node: NodeId([9; 16]),
-                            sequence: first + index as u64,
-                            timestamp,
-                            key,
-                            kind: DocumentKind::Record,
-                            change,
-                        }
+                        peer_envelope(first + index as u64, timestamp, key, change)
                     })
                     .collect::<Vec<_>>()
             },
-            |envelopes| {
-                runtime.block_on(engine.call(move |engine| {
-                    envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope)).collect::<Result<Vec<_>, _>>()
-                }))
-            },
+            |envelopes| apply_envelopes(&runtime, &engine, envelopes),
             BatchSize::SmallInput,
         )
     });
