@@ -133,34 +133,29 @@ fn apply_envelopes(runtime: &tokio::runtime::Runtime, engine: &EngineHandle, env
     assert!(applied.expect("engine").expect("applied").into_iter().all(|changed| changed), "every change applied");
 }
 
-/// Catch-up of records new to the node, as the replication loop applies them: change envelopes
-/// from another origin, each creating a record, applied through the engine and committed in
-/// groups of [`APPLY_BATCH`] (one peer frame's worth).
-fn peer_applies(criterion: &mut Criterion) {
-    const APPLY_BATCH: u64 = 256;
+/// The peer changes one apply benchmark applies per iteration: one peer frame's worth, applied
+/// in one engine job and one group commit.
+const APPLY_BATCH: u64 = 256;
+
+/// Benchmarks applying what `envelopes` makes for each iteration (given the engine and the first
+/// of the iteration's [`APPLY_BATCH`] sequence numbers) through a real engine and sled store.
+fn apply_benchmark(
+    criterion: &mut Criterion,
+    name: &str,
+    mut envelopes: impl FnMut(&tokio::runtime::Runtime, &EngineHandle, u64) -> Vec<Envelope>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let directory = tempfile::tempdir().expect("temporary directory");
     let engine = plain_engine(directory.path());
-    let origin = OriginId([PEER; 16]);
-    let mut sequence = 0u64;
+    let mut first = 1u64;
     let mut group = criterion.benchmark_group("engine");
     group.throughput(Throughput::Elements(APPLY_BATCH));
-    group.bench_function("apply 256 peer changes creating records", |bencher| {
+    group.bench_function(name, |bencher| {
         bencher.iter_batched(
             || {
-                (0..APPLY_BATCH)
-                    .map(|_| {
-                        sequence += 1;
-                        let key = RecordKey::new("customers", &format!("peer{sequence}")).expect("key");
-                        let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
-                        let operation = Operation::Replace(small_object(sequence));
-                        let change = Record::default()
-                            .write(&key, &origin, timestamp, &operation)
-                            .expect("write")
-                            .expect("a change");
-                        peer_envelope(sequence, timestamp, key, change)
-                    })
-                    .collect::<Vec<_>>()
+                let made = envelopes(&runtime, &engine, first);
+                first += APPLY_BATCH;
+                made
             },
             |envelopes| apply_envelopes(&runtime, &engine, envelopes),
             BatchSize::SmallInput,
@@ -169,63 +164,66 @@ fn peer_applies(criterion: &mut Criterion) {
     group.finish();
 }
 
-/// Catch-up of records changed on both sides: each record was created here, patched here, and
-/// patched concurrently at a peer (on the other field); the peer's changes are applied through
-/// the engine in groups of [`APPLY_BATCH`] (one peer frame's worth).
+/// Catch-up of records new to the node, as the replication loop applies them: change envelopes
+/// from another origin, each creating a record.
+fn peer_applies(criterion: &mut Criterion) {
+    apply_benchmark(criterion, "apply 256 peer changes creating records", |_, _, first| {
+        (first..first + APPLY_BATCH)
+            .map(|sequence| {
+                let key = RecordKey::new("customers", &format!("peer{sequence}")).expect("key");
+                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+                let operation = Operation::Replace(small_object(sequence));
+                let change = Record::default()
+                    .write(&key, &OriginId([PEER; 16]), timestamp, &operation)
+                    .expect("write")
+                    .expect("a change");
+                peer_envelope(sequence, timestamp, key, change)
+            })
+            .collect()
+    });
+}
+
+/// Catch-up of records changed on both sides: each record was created here and patched here,
+/// and patched concurrently at a peer on two of the same fields, so every apply merges
+/// concurrent histories and records conflicts.
 fn concurrent_applies(criterion: &mut Criterion) {
-    const APPLY_BATCH: u64 = 256;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let directory = tempfile::tempdir().expect("temporary directory");
-    let engine = plain_engine(directory.path());
-    let origin = OriginId([PEER; 16]);
-    let mut sequence = 0u64;
-    let mut group = criterion.benchmark_group("engine");
-    group.throughput(Throughput::Elements(APPLY_BATCH));
-    group.bench_function("apply 256 peer changes concurrent with local ones", |bencher| {
-        bencher.iter_batched(
-            || {
-                let first = sequence + 1;
-                sequence += APPLY_BATCH;
-                let keys: Vec<RecordKey> = (first..=sequence)
-                    .map(|index| RecordKey::new("customers", &format!("both{index}")).expect("key"))
-                    .collect();
-                let created = keys.clone();
-                // Created and patched here, in one job; the creations go to the peer.
-                let bases = runtime
-                    .block_on(engine.call(move |engine| {
-                        created
-                            .into_iter()
-                            .enumerate()
-                            .map(|(index, key)| {
-                                let create = Operation::Replace(small_object(index as u64));
-                                let base = engine.write_record(key.clone(), create).expect("create");
-                                let patch = Operation::MergePatch(small_object(index as u64 + 1_000_000));
-                                engine.write_record(key, patch).expect("patch");
-                                base.envelope.expect("a change").change
-                            })
-                            .collect::<Vec<_>>()
-                    }))
-                    .expect("engine");
-                keys.into_iter()
-                    .zip(bases)
+    apply_benchmark(criterion, "apply 256 peer changes concurrent with local ones", |runtime, engine, first| {
+        let keys: Vec<RecordKey> = (first..first + APPLY_BATCH)
+            .map(|index| RecordKey::new("customers", &format!("both{index}")).expect("key"))
+            .collect();
+        let created = keys.clone();
+        // Created and patched here, in one job; the creations go to the peer.
+        let bases = runtime
+            .block_on(engine.call(move |engine| {
+                created
+                    .into_iter()
                     .enumerate()
-                    .map(|(index, (key, base))| {
-                        let mut record = Record::load(&base, &[]).expect("base loads");
-                        let timestamp = Timestamp { wall_ms: first + index as u64, logical: 0 };
-                        let patch = Operation::MergePatch(match json!({"city": "Basel", "orders": index}) {
-                            serde_json::Value::Object(map) => map,
-                            _ => serde_json::Map::new(),
-                        });
-                        let change = record.write(&key, &origin, timestamp, &patch).expect("write").expect("a change");
-                        peer_envelope(first + index as u64, timestamp, key, change)
+                    .map(|(index, key)| {
+                        let create = Operation::Replace(small_object(index as u64));
+                        let base = engine.write_record(key.clone(), create).expect("create");
+                        let patch = Operation::MergePatch(small_object(index as u64 + 1_000_000));
+                        engine.write_record(key, patch).expect("patch");
+                        base.envelope.expect("a change").change
                     })
                     .collect::<Vec<_>>()
-            },
-            |envelopes| apply_envelopes(&runtime, &engine, envelopes),
-            BatchSize::SmallInput,
-        )
+            }))
+            .expect("engine");
+        keys.into_iter()
+            .zip(bases)
+            .zip(first..)
+            .map(|((key, base), sequence)| {
+                let mut record = Record::load(&base, &[]).expect("base loads");
+                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+                let patch = Operation::MergePatch(match json!({"city": "Basel", "orders": sequence}) {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                });
+                let change =
+                    record.write(&key, &OriginId([PEER; 16]), timestamp, &patch).expect("write").expect("a change");
+                peer_envelope(sequence, timestamp, key, change)
+            })
+            .collect()
     });
-    group.finish();
 }
 
 criterion_group!(benches, record_operations, durable_writes, peer_applies, concurrent_applies);

@@ -905,15 +905,12 @@ impl Engine {
     /// on first use.
     fn stage_first_change(&mut self, envelope: &Envelope, first: FirstChange) {
         let key = &envelope.key;
-        self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
-        self.version_vector.insert(envelope.origin, envelope.sequence);
         self.batch.put_document(&key.to_bytes(), &encode_entry(DocumentKind::Record, envelope.change.clone()));
         self.dirty.insert(key.clone());
         self.unbuilt.insert(key.clone(), envelope.change.clone());
         let before = Before { live: false, digest: None };
         let after = After { live: first.live, digest: record_digest(key, &[first.head]) };
-        self.stage_accounting(key, before, after, Some(FeedEntry::of(envelope)));
-        self.stage_audit_change(key, envelope.node);
+        self.stage_logged(envelope, before, after, true);
         self.metrics.records_stored_unbuilt.inc();
     }
 
@@ -931,11 +928,17 @@ impl Engine {
     /// became visible (one held back for missing dependencies does not), also a feed entry.
     /// Always an audit entry (see `audit`).
     fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
+        self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change);
+        self.stage_logged(envelope, before, After::of(document, &envelope.key), visible);
+    }
+
+    /// What every stored change stages besides the document: the log entry, the version vector,
+    /// the accounting (with a feed entry when `visible`) and the audit entry.
+    fn stage_logged(&mut self, envelope: &Envelope, before: Before, after: After, visible: bool) {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
-        self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change);
         let feed = visible.then(|| FeedEntry::of(envelope));
-        self.stage_accounting(&envelope.key, before, After::of(document, &envelope.key), feed);
+        self.stage_accounting(&envelope.key, before, after, feed);
         self.stage_audit_change(&envelope.key, envelope.node);
     }
 
