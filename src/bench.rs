@@ -189,7 +189,9 @@ const SINGLE_NODE_FIGURES: &[Expected] = &[
     ("disk.bytes_per_record", "disk per record", "B"),
     ("bootstrap.seconds", "bootstrap of a new node", "s"),
     ("bootstrap.records_per_second", "bootstrap rate", "/s"),
+    ("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B"),
 ];
+const STORED_BYTES_LABEL: &str = "stored bytes per record (keys and values, before sled's overhead)";
 const CLUSTER_FIGURES: &[Expected] = &[
     ("writes.three_nodes_per_second", "acknowledged writes/s, three nodes", "/s"),
     ("latency.1k.p50_ms", "replication latency p50 at 1k/s", "ms"),
@@ -763,7 +765,48 @@ impl Bench {
         .await;
         let stopped = solo.stop().await;
         result?;
-        stopped
+        stopped?;
+        figures.push(self.disk_breakdown().await);
+        Ok(())
+    }
+
+    /// Where the single node's disk went: the entries and bytes of each keyspace (a scan of the
+    /// stopped node's store), against the records it holds.
+    async fn disk_breakdown(&self) -> Figure {
+        let directory = self.root.join("solo");
+        let usage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let store = store::Store::open(&directory)?;
+            let counters = store.meta("counters")?.unwrap_or_default();
+            Ok((store.usage()?, crate::engine::stored_record_count(&counters)))
+        })
+        .await;
+        let (usage, records) = match usage {
+            Ok(Ok((usage, Some(records)))) if records > 0 => (usage, records),
+            Ok(Ok(_)) => {
+                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", "no records counted");
+            }
+            Ok(Err(error)) => {
+                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", &error.to_string());
+            }
+            Err(error) => {
+                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", &error.to_string());
+            }
+        };
+        let total: u64 = usage.iter().map(|keyspace| keyspace.key_bytes + keyspace.value_bytes).sum();
+        let parts: Vec<String> = usage
+            .iter()
+            .filter(|keyspace| keyspace.entries > 0)
+            .map(|keyspace| {
+                format!(
+                    "{} {:.2}/record × {:.0} B",
+                    keyspace.keyspace,
+                    keyspace.entries as f64 / records as f64,
+                    (keyspace.key_bytes + keyspace.value_bytes) as f64 / keyspace.entries as f64
+                )
+            })
+            .collect();
+        Figure::new("disk.stored_bytes_per_record", STORED_BYTES_LABEL, total as f64 / records as f64, "B")
+            .note(format!("{records} records: {}", parts.join(", ")))
     }
 
     /// Three nodes: writes/s, latency at 1k/s and 5k/s, then catch-up of the third.

@@ -161,6 +161,12 @@ struct StoredCounters {
     digest: [u8; 32],
 }
 
+/// The record count in the stored meta entry `counters`, for tools that read a stopped node's
+/// store (`concord bench`); `None` if the bytes are not counters.
+pub fn stored_record_count(counters: &[u8]) -> Option<u64> {
+    rmp_serde::from_slice::<StoredCounters>(counters).ok().map(|counters| counters.record_count)
+}
+
 enum Body {
     /// Boxed: an automerge document is several KiB inline, a text much less.
     Record(Box<Record>),

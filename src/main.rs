@@ -8,6 +8,7 @@ use concord::{client, node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    concord::tune_memory();
     // TLS uses ring only; installing it before anything else touches rustls.
     transport::install_crypto_provider();
     let cli = Cli::parse();

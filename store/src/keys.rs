@@ -33,6 +33,23 @@ pub enum Keyspace {
 }
 
 impl Keyspace {
+    /// Every keyspace, in prefix-byte order.
+    pub const ALL: [Keyspace; 8] = [
+        Keyspace::Audit,
+        Keyspace::Conflicts,
+        Keyspace::Documents,
+        Keyspace::Feed,
+        Keyspace::Increments,
+        Keyspace::Log,
+        Keyspace::Meta,
+        Keyspace::Quarantine,
+    ];
+
+    /// The keyspace whose keys start with `prefix`.
+    pub(crate) fn of_prefix(prefix: u8) -> Option<Keyspace> {
+        Keyspace::ALL.into_iter().find(|keyspace| keyspace.prefix() == prefix)
+    }
+
     /// The byte every key of this keyspace starts with.
     pub(crate) const fn prefix(self) -> u8 {
         match self {
@@ -169,19 +186,13 @@ mod tests {
 
     #[test]
     fn every_keyspace_has_its_own_prefix_byte() {
-        let all = [
-            Keyspace::Documents,
-            Keyspace::Increments,
-            Keyspace::Log,
-            Keyspace::Feed,
-            Keyspace::Meta,
-            Keyspace::Audit,
-            Keyspace::Conflicts,
-            Keyspace::Quarantine,
-        ];
+        let all = Keyspace::ALL;
         for (index, keyspace) in all.iter().enumerate() {
             assert!(all[..index].iter().all(|other| other.prefix() != keyspace.prefix()), "{keyspace}");
+            assert_eq!(Keyspace::of_prefix(keyspace.prefix()), Some(*keyspace));
         }
+        assert!(all.windows(2).all(|pair| pair[0].prefix() < pair[1].prefix()), "ALL is in prefix order");
+        assert_eq!(Keyspace::of_prefix(b'z'), None);
     }
 
     #[test]

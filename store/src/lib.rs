@@ -108,6 +108,21 @@ pub struct WriteBatch {
     refused: Option<WriteError>,
 }
 
+/// What one keyspace holds: see [`Store::usage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyspaceUsage {
+    pub keyspace: Keyspace,
+    pub entries: u64,
+    pub key_bytes: u64,
+    pub value_bytes: u64,
+}
+
+impl KeyspaceUsage {
+    fn empty(keyspace: Keyspace) -> KeyspaceUsage {
+        KeyspaceUsage { keyspace, entries: 0, key_bytes: 0, value_bytes: 0 }
+    }
+}
+
 /// A document's value and the increments stored after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDocument {
@@ -290,6 +305,30 @@ impl Store {
         }
         guarded(|| self.db.flush()).map_err(|message| WriteError::Panicked { message })?.map_err(WriteError::Flush)?;
         Ok(())
+    }
+
+    /// How many entries and bytes of keys and values each keyspace holds: a scan of the whole
+    /// store, for benchmarks and diagnosis (seconds at millions of entries), not for a hot path.
+    pub fn usage(&self) -> Result<Vec<KeyspaceUsage>, ReadError> {
+        self.read(|| {
+            let mut usage: Vec<KeyspaceUsage> = Keyspace::ALL.into_iter().map(KeyspaceUsage::empty).collect();
+            let mut unknown = KeyspaceUsage::empty(Keyspace::Meta);
+            for entry in self.db.iter() {
+                let (key, value) = entry?;
+                let slot = key
+                    .first()
+                    .and_then(|&prefix| Keyspace::of_prefix(prefix))
+                    .and_then(|keyspace| usage.iter_mut().find(|usage| usage.keyspace == keyspace))
+                    .unwrap_or(&mut unknown);
+                slot.entries += 1;
+                slot.key_bytes += key.len() as u64;
+                slot.value_bytes += value.len() as u64;
+            }
+            if unknown.entries > 0 {
+                return Err(ReadError::Corrupt { keyspace: Keyspace::Meta, key: b"(keys of no keyspace)".to_vec() });
+            }
+            Ok(usage)
+        })
     }
 
     /// The bytes the store's files take on disk, as sled counts them.

@@ -438,3 +438,32 @@ fn a_store_open_elsewhere_is_refused() {
     assert!(matches!(error, OpenError::Sled { .. }));
     assert!(error.to_string().starts_with("sled could not open"), "{error}");
 }
+
+#[test]
+fn usage_counts_the_entries_and_bytes_of_each_keyspace() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| {
+        batch.put_document(b"doc", b"12345");
+        batch.put_increment(b"doc", 0, b"123");
+        batch.put_increment(b"doc", 1, b"1");
+        batch.put_log(&ORIGIN_A, 1, b"1234567");
+        batch.put_feed(1, b"12");
+        batch.put_audit(1, b"");
+    });
+    let usage = store.usage().expect("usage");
+    let of = |keyspace: Keyspace| {
+        let found = usage.iter().find(|usage| usage.keyspace == keyspace).expect("every keyspace is listed");
+        (found.entries, found.key_bytes, found.value_bytes)
+    };
+    assert_eq!(usage.len(), Keyspace::ALL.len());
+    assert_eq!(of(Keyspace::Documents), (1, 4, 5));
+    // `i`, a u16 length, the key, a u32 index.
+    assert_eq!(of(Keyspace::Increments), (2, 2 * 10, 4));
+    assert_eq!(of(Keyspace::Log), (1, 25, 7));
+    assert_eq!(of(Keyspace::Feed), (1, 9, 2));
+    assert_eq!(of(Keyspace::Audit), (1, 9, 0));
+    assert_eq!(of(Keyspace::Conflicts), (0, 0, 0));
+    // The format marker is the one meta entry of a new store.
+    assert_eq!(of(Keyspace::Meta).0, 1);
+}
