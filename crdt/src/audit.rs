@@ -240,10 +240,12 @@ impl AuditEntry {
         Digest(*hasher.finalize().as_bytes())
     }
 
-    /// The MessagePack encoding for the store.
+    /// The MessagePack encoding for the store: the fields as an array, without their names
+    /// (about 80 bytes less per entry than a map; an entry is written for every applied change).
+    /// [`AuditEntry::decode`] also reads the map form, which stores written before session 7 hold.
     pub fn encode(&self) -> Vec<u8> {
         // Plain data into a Vec cannot fail.
-        rmp_serde::to_vec_named(self).unwrap_or_default()
+        rmp_serde::to_vec(self).unwrap_or_default()
     }
 
     /// Decodes bytes from the store, at most [`AUDIT_ENTRY_BYTES_MAX`].
@@ -837,6 +839,11 @@ mod tests {
             assert!(AuditEntry::decode(&bytes[..length]).is_err(), "a prefix of {length} bytes decoded");
         }
         assert!(matches!(AuditEntry::decode(&vec![0; AUDIT_ENTRY_BYTES_MAX + 1]), Err(AuditDecodeError::TooLarge(_))));
+        // Entries stored with their field names (before session 7) still decode, and the
+        // array form stores no names.
+        let named = rmp_serde::to_vec_named(&entry).expect("encodes");
+        assert_eq!(AuditEntry::decode(&named).expect("decodes"), entry);
+        assert!(bytes.len() + 80 < named.len(), "{} against {} bytes", bytes.len(), named.len());
         assert!(matches!(
             AuditEntry::from_json_line(&" ".repeat(AUDIT_ENTRY_BYTES_MAX + 1)),
             Err(AuditDecodeError::TooLarge(_))

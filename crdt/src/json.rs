@@ -165,7 +165,9 @@ pub fn read_slot<D: ReadDoc>(
     depth: usize,
     conflicts: &mut Vec<Conflict>,
 ) -> Result<Option<Value>, JsonError> {
-    let all = document.get_all(object, prop.clone())?;
+    // One seek: automerge's `get` is the last of what `get_all` returns (the highest operation
+    // id wins), so the winner is taken from the same list.
+    let all = document.get_all(object, prop)?;
     if all.len() > 1 {
         let mut values = Vec::with_capacity(all.len());
         for (value, id) in &all {
@@ -174,8 +176,8 @@ pub fn read_slot<D: ReadDoc>(
         }
         conflicts.push(Conflict { field: path.to_owned(), values });
     }
-    match document.get(object, prop)? {
-        Some((value, id)) => Ok(Some(read_value(document, &value, &id, path, depth + 1, conflicts)?)),
+    match all.last() {
+        Some((value, id)) => Ok(Some(read_value(document, value, id, path, depth + 1, conflicts)?)),
         None => Ok(None),
     }
 }
@@ -432,4 +434,42 @@ fn fill_list<T: Transactable>(transaction: &mut T, id: &ObjId, items: &[Value]) 
         insert_fresh(transaction, id, index, value)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{ActorId, AutoCommit, ROOT};
+    use serde_json::json;
+
+    /// Three replicas write key `f` concurrently (a scalar, an object, another scalar).
+    fn conflicted() -> AutoCommit {
+        let values = [json!("left"), json!({"city": "Paris"}), json!(7)];
+        let mut replicas: Vec<AutoCommit> =
+            (1..=3u8).map(|actor| AutoCommit::new().with_actor(ActorId::from(vec![actor; 16]))).collect();
+        for (replica, value) in replicas.iter_mut().zip(&values) {
+            put_fresh(replica, &ROOT, "f".into(), value).expect("a fresh value is written");
+        }
+        let mut merged = replicas.remove(0);
+        for mut other in replicas {
+            merged.merge(&mut other).expect("merges");
+        }
+        merged
+    }
+
+    #[test]
+    fn a_slot_reads_automerge_s_winner_and_lists_every_concurrent_value() {
+        let document = conflicted();
+        let mut conflicts = Vec::new();
+        let read = read_slot(&document, &ROOT, "f".into(), "/f", 0, &mut conflicts).expect("reads");
+        let (winner, id) = document.get(&ROOT, "f").expect("reads").expect("f is set");
+        let mut unused = Vec::new();
+        let expected = read_value(&document, &winner, &id, "/f", 1, &mut unused).expect("reads");
+        assert_eq!(read, Some(expected));
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].values.len(), 3);
+        let mut empty = Vec::new();
+        assert_eq!(read_slot(&document, &ROOT, "missing".into(), "/missing", 0, &mut empty).expect("reads"), None);
+        assert!(empty.is_empty());
+    }
 }
