@@ -780,17 +780,12 @@ impl Bench {
             Ok((store.usage()?, crate::engine::stored_record_count(&counters)))
         })
         .await;
+        let missing = |reason: &str| Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", reason);
         let (usage, records) = match usage {
             Ok(Ok((usage, Some(records)))) if records > 0 => (usage, records),
-            Ok(Ok(_)) => {
-                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", "no records counted");
-            }
-            Ok(Err(error)) => {
-                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", &error.to_string());
-            }
-            Err(error) => {
-                return Figure::missing("disk.stored_bytes_per_record", STORED_BYTES_LABEL, "B", &error.to_string());
-            }
+            Ok(Ok(_)) => return missing("no records counted"),
+            Ok(Err(error)) => return missing(&error.to_string()),
+            Err(error) => return missing(&error.to_string()),
         };
         let total: u64 = usage.iter().map(|keyspace| keyspace.key_bytes + keyspace.value_bytes).sum();
         let parts: Vec<String> = usage

@@ -29,10 +29,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// huge pages whenever it can (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`, as on
 /// these machines) every first touch of an arena region makes 2 MiB resident: a node started at
 /// 55 MB instead of 12 MB, and peaked 50–90 MB higher under load (session 7, `tests/memory.rs`
-/// and `tests/edge.rs`). Failure (an old kernel) only costs that memory, so it is logged, not
-/// fatal.
-pub fn tune_memory() {
-    if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
-        tracing::debug!(%error, "could not turn transparent huge pages off");
-    }
+/// and `tests/edge.rs`). A failure (an old kernel) only costs that memory: `main` logs it once
+/// logging is set up and goes on.
+pub fn tune_memory() -> std::io::Result<()> {
+    rustix::thread::disable_transparent_huge_pages(true).map_err(std::io::Error::from)
 }

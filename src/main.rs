@@ -8,7 +8,7 @@ use concord::{client, node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    concord::tune_memory();
+    let memory_tuned = concord::tune_memory();
     // TLS uses ring only; installing it before anything else touches rustls.
     transport::install_crypto_provider();
     let cli = Cli::parse();
@@ -21,6 +21,9 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
         .init();
+    if let Err(error) = memory_tuned {
+        tracing::debug!(%error, "could not turn transparent huge pages off; memory use may be higher");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
