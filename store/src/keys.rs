@@ -45,11 +45,6 @@ impl Keyspace {
         Keyspace::Quarantine,
     ];
 
-    /// The keyspace whose keys start with `prefix`.
-    pub(crate) fn of_prefix(prefix: u8) -> Option<Keyspace> {
-        Keyspace::ALL.into_iter().find(|keyspace| keyspace.prefix() == prefix)
-    }
-
     /// The byte every key of this keyspace starts with.
     pub(crate) const fn prefix(self) -> u8 {
         match self {
@@ -189,10 +184,8 @@ mod tests {
         let all = Keyspace::ALL;
         for (index, keyspace) in all.iter().enumerate() {
             assert!(all[..index].iter().all(|other| other.prefix() != keyspace.prefix()), "{keyspace}");
-            assert_eq!(Keyspace::of_prefix(keyspace.prefix()), Some(*keyspace));
         }
         assert!(all.windows(2).all(|pair| pair[0].prefix() < pair[1].prefix()), "ALL is in prefix order");
-        assert_eq!(Keyspace::of_prefix(b'z'), None);
     }
 
     #[test]

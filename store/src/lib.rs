@@ -312,20 +312,17 @@ impl Store {
     pub fn usage(&self) -> Result<Vec<KeyspaceUsage>, ReadError> {
         self.read(|| {
             let mut usage: Vec<KeyspaceUsage> = Keyspace::ALL.into_iter().map(KeyspaceUsage::empty).collect();
-            let mut unknown = KeyspaceUsage::empty(Keyspace::Meta);
             for entry in self.db.iter() {
                 let (key, value) = entry?;
-                let slot = key
-                    .first()
-                    .and_then(|&prefix| Keyspace::of_prefix(prefix))
-                    .and_then(|keyspace| usage.iter_mut().find(|usage| usage.keyspace == keyspace))
-                    .unwrap_or(&mut unknown);
+                let found =
+                    key.first().and_then(|&prefix| usage.iter_mut().find(|usage| usage.keyspace.prefix() == prefix));
+                // Every key the store writes starts with a keyspace's prefix byte.
+                let Some(slot) = found else {
+                    return Err(ReadError::Corrupt { keyspace: Keyspace::Meta, key: key.to_vec() });
+                };
                 slot.entries += 1;
                 slot.key_bytes += key.len() as u64;
                 slot.value_bytes += value.len() as u64;
-            }
-            if unknown.entries > 0 {
-                return Err(ReadError::Corrupt { keyspace: Keyspace::Meta, key: b"(keys of no keyspace)".to_vec() });
             }
             Ok(usage)
         })
