@@ -200,6 +200,9 @@ const CLUSTER_FIGURES: &[Expected] = &[
     ("latency.5k.p50_ms", "replication latency p50 at 5k/s", "ms"),
     ("latency.5k.p99_ms", "replication latency p99 at 5k/s", "ms"),
     ("latency.5k.max_ms", "replication latency max at 5k/s", "ms"),
+    ("latency_yrs.5k.p50_ms", "replication latency p50 at 5k/s, yrs engine", "ms"),
+    ("latency_yrs.5k.p99_ms", "replication latency p99 at 5k/s, yrs engine", "ms"),
+    ("latency_yrs.5k.max_ms", "replication latency max at 5k/s, yrs engine", "ms"),
     ("catch_up.new_records_per_second", "catch-up, records new to the node", "/s"),
     ("catch_up.both_changed_records_per_second", "catch-up, records changed on both sides", "/s"),
 ];
@@ -243,7 +246,7 @@ fn attach_ceilings(figures: &mut [Figure]) {
             ("ceiling.yrs_changes_per_second", yrs)
         } else if figure.key.starts_with("writes") || figure.key.starts_with("catch_up.") {
             ("ceiling.automerge_changes_per_second", automerge)
-        } else if figure.key.starts_with("latency.") {
+        } else if figure.key.starts_with("latency") {
             ("ceiling.quic_rtt_us", round_trip_ms)
         } else {
             continue;
@@ -272,7 +275,7 @@ fn table(report: &Report) -> String {
             None => "not measured".to_owned(),
         };
         let ceiling = figure.ceiling.as_deref().unwrap_or("").trim_start_matches("ceiling.");
-        let ratio = match (figure.ratio, figure.key.starts_with("latency.")) {
+        let ratio = match (figure.ratio, figure.key.starts_with("latency")) {
             (Some(ratio), true) => format!("{ratio:.0}× RTT"),
             (Some(ratio), false) => format!("{ratio:.3}"),
             (None, _) => String::new(),
@@ -845,8 +848,23 @@ impl Bench {
         println!("  three nodes: {:.0} writes/s", run.rate());
         self.converge(&[node_a, node_b, node_c]).await?;
 
-        for (rate, name) in [(1000_u64, "1k"), (5000, "5k")] {
-            let measured = self.latency(node_a, [node_b, node_c], rate, name).await?;
+        // The last phase offers the same load on a collection of the yrs record engine: the same
+        // HTTP, engine, mesh and feed path with a cheaper CRDT, so what is automerge's share of
+        // the latency shows.
+        let automerge = |rate, name, collection| Latency { rate, name, collection, key: "latency", label: "" };
+        let phases = [
+            automerge(1000, "1k", "latency_1k"),
+            automerge(5000, "5k", "latency_5k"),
+            Latency {
+                rate: 5000,
+                name: "5k",
+                collection: crate::demo::YRS_COLLECTION,
+                key: "latency_yrs",
+                label: ", yrs engine",
+            },
+        ];
+        for phase in phases {
+            let measured = self.latency(node_a, [node_b, node_c], phase).await?;
             figures.extend(measured);
             self.converge(&[node_a, node_b, node_c]).await?;
         }
@@ -924,17 +942,12 @@ impl Bench {
         Ok(acknowledged as u64)
     }
 
-    /// Writes at `rate` per second to `writer` on a fixed schedule and matches each key on the
+    /// Writes at the phase's rate to `writer` on a fixed schedule and matches each key on the
     /// change feeds of `readers`. Latency is from the scheduled time of a write (so a slow
     /// acknowledgement counts against it) to the moment the last reader's feed carries it.
-    async fn latency(
-        &self,
-        writer: &DemoNode,
-        readers: [&DemoNode; 2],
-        rate: u64,
-        name: &str,
-    ) -> anyhow::Result<Vec<Figure>> {
-        let collection = format!("latency_{name}");
+    async fn latency(&self, writer: &DemoNode, readers: [&DemoNode; 2], phase: Latency) -> anyhow::Result<Vec<Figure>> {
+        let Latency { rate, name, collection, key, label: engine } = phase;
+        let collection = collection.to_owned();
         let probes: Arc<Mutex<HashMap<String, Probe>>> = Arc::default();
         let mut feeds = Vec::new();
         for (reader_index, reader) in readers.iter().enumerate() {
@@ -1035,33 +1048,44 @@ impl Bench {
         let note =
             if achieved < rate as f64 * 0.9 { format!("{note}; the offered load was not sustained") } else { note };
         println!(
-            "  latency at {name}/s: p50 {:.1} ms, p99 {:.1} ms",
+            "  latency at {name}/s{engine}: p50 {:.1} ms, p99 {:.1} ms",
             milliseconds(percentile(&latencies, 0.5)),
             milliseconds(percentile(&latencies, 0.99))
         );
-        let label = |what: &str| format!("replication latency {what} at {name}/s");
+        let label = |what: &str| format!("replication latency {what} at {name}/s{engine}");
         Ok(vec![
             Figure::new(
-                &format!("latency.{name}.p50_ms"),
+                &format!("{key}.{name}.p50_ms"),
                 &label("p50"),
                 milliseconds(percentile(&latencies, 0.5)),
                 "ms",
             )
             .note(note),
             Figure::new(
-                &format!("latency.{name}.p99_ms"),
+                &format!("{key}.{name}.p99_ms"),
                 &label("p99"),
                 milliseconds(percentile(&latencies, 0.99)),
                 "ms",
             ),
             Figure::new(
-                &format!("latency.{name}.max_ms"),
+                &format!("{key}.{name}.max_ms"),
                 &label("max"),
                 milliseconds(percentile(&latencies, 1.0)),
                 "ms",
             ),
         ])
     }
+}
+
+/// One latency phase: the offered writes per second and its name, the collection written, and
+/// the figures' key prefix and label suffix.
+#[derive(Clone, Copy)]
+struct Latency {
+    rate: u64,
+    name: &'static str,
+    collection: &'static str,
+    key: &'static str,
+    label: &'static str,
 }
 
 /// A write under observation: when it was due, and when each reader's feed carried it.

@@ -383,6 +383,12 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
+/// A document as [`Engine::find_document`] finds it.
+enum Found {
+    Built(Document),
+    Bytes { kind: DocumentKind, saved: Vec<u8>, increments: Vec<(u32, Vec<u8>)> },
+}
+
 /// The engine's state, owned by its thread.
 pub struct Engine {
     pub(crate) store: Store,
@@ -685,36 +691,67 @@ impl Engine {
 
     /// Takes the document for `key` out of the cache (loading it from the store on a miss).
     fn take_document(&mut self, key: &RecordKey) -> Result<Option<Document>, EngineError> {
+        match self.find_document(key)? {
+            None => Ok(None),
+            Some(Found::Built(document)) => Ok(Some(document)),
+            Some(Found::Bytes { kind, saved, increments }) => {
+                self.build_document(key, kind, &saved, &increments).map(Some)
+            }
+        }
+    }
+
+    /// Finds the document for `key`: built (taken out of the cache, or from those kept aside until
+    /// the commit) or as bytes (staged unbuilt in this batch, or in the store). Bytes staged
+    /// unbuilt are left staged, since a read of them needs no build; [`Engine::build_document`]
+    /// takes them out, and its caller puts the built document back while the key is still dirty,
+    /// so the cache keeps it until the commit.
+    fn find_document(&mut self, key: &RecordKey) -> Result<Option<Found>, EngineError> {
         if let Some(document) = self.cache.pop(key) {
-            return Ok(Some(document));
+            return Ok(Some(Found::Built(document)));
         }
         if let Some(document) = self.evicted_dirty.remove(key) {
-            return Ok(Some(document));
+            return Ok(Some(Found::Built(document)));
         }
-        let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
-        if let Some(change) = self.unbuilt.remove(key) {
-            // Staged in this batch: the key stays in `dirty`, so the cache keeps it until the commit.
-            let record = Record::load(&change, &[]).map_err(|error| corrupt(error.to_string()))?;
-            return Ok(Some(Document { body: Body::Record(Box::new(record)), next_increment: 0, stored: true }));
+        if let Some(change) = self.unbuilt.get(key) {
+            return Ok(Some(Found::Bytes {
+                kind: DocumentKind::Record,
+                saved: change.clone(),
+                increments: Vec::new(),
+            }));
         }
         let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
-        let entry: DocumentEntry = rmp_serde::from_slice(&stored.value).map_err(|error| corrupt(error.to_string()))?;
-        let increments: Vec<&[u8]> = stored.increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
-        let next_increment = stored.increments.last().map_or(0, |(index, _)| index + 1);
-        let body = match entry.kind {
-            DocumentKind::Record => Body::Record(Box::new(
-                Record::load(&entry.saved, &increments).map_err(|error| corrupt(error.to_string()))?,
-            )),
+        let entry: DocumentEntry = rmp_serde::from_slice(&stored.value)
+            .map_err(|error| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() })?;
+        Ok(Some(Found::Bytes { kind: entry.kind, saved: entry.saved, increments: stored.increments }))
+    }
+
+    /// Builds a document from its stored bytes: the saved document (or first change) and the
+    /// increments after it.
+    fn build_document(
+        &mut self,
+        key: &RecordKey,
+        kind: DocumentKind,
+        saved: &[u8],
+        increments: &[(u32, Vec<u8>)],
+    ) -> Result<Document, EngineError> {
+        let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
+        self.unbuilt.remove(key);
+        let next_increment = increments.last().map_or(0, |(index, _)| index + 1);
+        let increments: Vec<&[u8]> = increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
+        let body = match kind {
+            DocumentKind::Record => {
+                Body::Record(Box::new(Record::load(saved, &increments).map_err(|error| corrupt(error.to_string()))?))
+            }
             DocumentKind::MapRecord => Body::Map(Box::new(
-                MapRecord::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
+                MapRecord::load(self.identity.origin.text_client_id(), saved, &increments, &self.text_limits)
                     .map_err(|error| corrupt(error.to_string()))?,
             )),
             DocumentKind::Text => Body::Text(
-                TextDocument::load(self.identity.origin.text_client_id(), &entry.saved, &increments, &self.text_limits)
+                TextDocument::load(self.identity.origin.text_client_id(), saved, &increments, &self.text_limits)
                     .map_err(|error| corrupt(error.to_string()))?,
             ),
         };
-        Ok(Some(Document { body, next_increment, stored: true }))
+        Ok(Document { body, next_increment, stored: true })
     }
 
     /// Returns a document to the cache. One the cache evicts while it has uncommitted changes is
@@ -998,8 +1035,28 @@ impl Engine {
     }
 
     /// The view of a record document, deleted or not; `None` when there is no document.
+    ///
+    /// A record that is still one first change and not in the cache (one new to this node, or
+    /// written once and evicted) is read from that change without building it
+    /// ([`Record::first_change_view`]): building it cost a replica most of its time serving
+    /// each new record to a change feed once (BENCHMARKS.md, session 8). Such a record has no
+    /// conflicts, so no policy applies to its view.
     fn record_view(&mut self, key: &RecordKey) -> Result<Option<RecordView>, EngineError> {
-        let Some(document) = self.take_document(key)? else { return Ok(None) };
+        let document = match self.find_document(key)? {
+            None => return Ok(None),
+            Some(Found::Built(document)) => document,
+            Some(Found::Bytes { kind, saved, increments }) => {
+                let unbuilt = (kind == DocumentKind::Record && increments.is_empty())
+                    .then(|| Record::first_change_view(&saved))
+                    .flatten();
+                if let Some(view) = unbuilt {
+                    self.metrics.reads.inc();
+                    self.metrics.records_read_unbuilt.inc();
+                    return Ok(Some(view));
+                }
+                self.build_document(key, kind, &saved, &increments)?
+            }
+        };
         let result = document.body.view(key).and_then(|view| self.resolved_view(key, &document, view));
         self.put_back(key.clone(), document);
         self.metrics.reads.inc();

@@ -120,6 +120,8 @@ pub struct Metrics {
     /// Records new to this node stored straight from a peer's first change, without building
     /// them (the rest of a catch-up builds each record to merge into it).
     pub records_stored_unbuilt: Counter,
+    /// Reads served straight from a record's one first change, without building it.
+    pub records_read_unbuilt: Counter,
     /// Change-log entries deleted by retention.
     pub log_entries_trimmed: Counter,
     /// Members the failure detector declared down (each time one goes down).
@@ -166,7 +168,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 22] = [
+        let counters: [(&str, &str, &Counter); 23] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -208,6 +210,11 @@ impl Metrics {
                 "concord_records_stored_unbuilt_total",
                 "Records new to this node stored straight from a peer's first change, without building them.",
                 &self.records_stored_unbuilt,
+            ),
+            (
+                "concord_records_read_unbuilt_total",
+                "Reads (GET, listing, change feed) served straight from a record's one first change, without building it.",
+                &self.records_read_unbuilt,
             ),
             (
                 "concord_log_entries_trimmed_total",

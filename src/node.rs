@@ -5,6 +5,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::{Listener, ListenerExt};
 use crdt::text::TextLimits;
 use store::Store;
 use tokio::net::TcpListener;
@@ -88,7 +89,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     let audit_ticker = tokio::spawn(audit_ticks(engine.clone(), stop.clone()));
     let mut server_stop = stop.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(without_delay(listener), app)
             .with_graceful_shutdown(async move {
                 let _ = server_stop.wait_for(|&stopping| stopping).await;
             })
@@ -156,6 +157,18 @@ fn write_address_file(data_dir: &std::path::Path, name: &str, address: std::net:
     std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The API's connections with TCP_NODELAY. Without it, a change-feed line written while the
+/// previous one is unacknowledged waits for the client's delayed ACK (Nagle's algorithm): this
+/// put about 20 ms on every replicated write's way to a feed reader on loopback (BENCHMARKS.md,
+/// session 8).
+fn without_delay(listener: TcpListener) -> impl Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on an API connection");
+        }
+    })
+}
+
 async fn shutdown_signal() -> &'static str {
     let interrupt = tokio::signal::ctrl_c();
     let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -169,5 +182,21 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = interrupt => "SIGINT",
         _ = terminate.recv() => "SIGTERM",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn api_connections_are_accepted_without_nagle_s_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding on loopback");
+        let address = listener.local_addr().expect("the bound address");
+        let mut listener = without_delay(listener);
+        let client = tokio::net::TcpStream::connect(address).await.expect("connecting");
+        let (accepted, _) = listener.accept().await;
+        assert!(accepted.nodelay().expect("reading TCP_NODELAY"), "an accepted API connection delays small writes");
+        drop(client);
     }
 }

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-const FIGURES: [&str; 17] = [
+const FIGURES: [&str; 20] = [
     "ceiling.sled_puts_per_second",
     "ceiling.quic_rtt_us",
     "ceiling.automerge_changes_per_second",
@@ -20,6 +20,9 @@ const FIGURES: [&str; 17] = [
     "latency.5k.p50_ms",
     "latency.5k.p99_ms",
     "latency.5k.max_ms",
+    "latency_yrs.5k.p50_ms",
+    "latency_yrs.5k.p99_ms",
+    "latency_yrs.5k.max_ms",
     "catch_up.new_records_per_second",
     "catch_up.both_changed_records_per_second",
 ];
@@ -49,7 +52,8 @@ fn quick_bench_reports_every_figure() {
             assert!(ratio.is_finite() && ratio > 0.0, "{figure}");
         }
     }
-    let ratioed = ["writes.one_node_per_second", "writes.three_nodes_per_second", "latency.5k.p99_ms"];
+    let ratioed =
+        ["writes.one_node_per_second", "writes.three_nodes_per_second", "latency.5k.p99_ms", "latency_yrs.5k.p99_ms"];
     for key in ratioed {
         let figure = figures.iter().find(|figure| figure["key"] == key).unwrap();
         assert!(figure["ratio"].as_f64().is_some(), "{key} has no ratio: {figure}");

@@ -193,6 +193,27 @@ async fn wire(engines: &[EngineHandle], links: &[(usize, usize)]) {
             engines[this].call(move |engine| engine.handle_peer_connected(other as u64, info)).await.unwrap();
         }
     }
+    // Frames travel on spawned tasks, so wait until each side has handled the other's first
+    // summary: a write made before that could reach a peer judged brand new, which is sent a
+    // snapshot instead of the changes (under load, the audit test saw exactly that).
+    for &(first, second) in links {
+        for (this, other) in [(first, second), (second, first)] {
+            let name = format!("engine-{other}");
+            let mut heard = false;
+            for _ in 0..3_000 {
+                heard = status(&engines[this])
+                    .await
+                    .peers
+                    .iter()
+                    .any(|peer| peer.info.name == name && peer.connected && peer.traffic.bytes_received > 0);
+                if heard {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(heard, "engine-{this} never heard from {name}");
+        }
+    }
 }
 
 async fn wait_for_equal_digests(engines: &[EngineHandle]) -> Vec<engine::Status> {
@@ -1017,17 +1038,24 @@ async fn records_new_to_a_node_are_stored_from_their_first_change_and_behave_as_
 
     // All in one engine job: one batch, one commit, a cache of two documents.
     let key = RecordKey::new("orders", "o3").unwrap();
-    let (applied, read) = reader
+    let unbuilt_key = RecordKey::new("orders", "o7").unwrap();
+    let (applied, read, unbuilt_read) = reader
         .call(move |engine| {
             let applied: Vec<bool> =
                 envelopes.into_iter().map(|envelope| engine.apply_envelope(envelope).unwrap()).collect();
-            (applied, engine.read_record(key).unwrap())
+            (applied, engine.read_record(key).unwrap(), engine.read_record(unbuilt_key).unwrap())
         })
         .await
         .unwrap();
     assert!(applied.iter().all(|applied| *applied), "every envelope applied: {applied:?}");
     assert_eq!(read.unwrap().view.value.unwrap()["name"], json!("renamed"), "read before the commit");
+    assert_eq!(
+        unbuilt_read.unwrap().view.value.unwrap(),
+        object(json!({"name": "customer 7", "tags": ["a", 7], "address": {"city": "Zürich"}})),
+        "a record staged unbuilt, read before the commit"
+    );
     assert_eq!(metrics.records_stored_unbuilt.get(), 12, "the twelve creations by replace were stored unbuilt");
+    assert_eq!(metrics.records_read_unbuilt.get(), 1, "o7 was read from its first change, o3 was built");
 
     let check = |reader: EngineHandle| {
         let writer = writer.clone();
@@ -1046,6 +1074,7 @@ async fn records_new_to_a_node_are_stored_from_their_first_change_and_behave_as_
         }
     };
     check(reader.clone()).await;
+    assert_eq!(metrics.records_read_unbuilt.get(), 3, "o0 and o11 were read from their first changes in the store");
     // Written over after the commit: built from the stored first change.
     let later = write(&writer, "o5", Operation::MergePatch(object(json!({"vip": true})))).await;
     assert!(apply(&reader, later).await);

@@ -43,11 +43,11 @@ impl Target {
         certificates(&certs, CLUSTER, &["first", "second", "member"]);
         let first = start_peer(root.path(), &certs, "first", &[]).await;
         let second = start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await;
-        // Connected first, so a loaded machine's slow start does not eat the write's 5 s.
+        // Connected first, and the acknowledgement may take up to the hang guard: on a loaded
+        // machine (the whole suite in parallel on two cores) the default 5 s ran out once.
         until_peer(&first, "second", true, Duration::from_secs(60)).await;
-        let (status, body) = first
-            .call(Method::PUT, &format!("{}?acks=1", record_path("c", "acknowledged")), Some(acknowledged()))
-            .await;
+        let path = format!("{}?acks=1&timeout_ms={}", record_path("c", "acknowledged"), HANG_GUARD.as_millis());
+        let (status, body) = first.call(Method::PUT, &path, Some(acknowledged())).await;
         assert_eq!(status, 200, "the good peer acknowledges a write before the test: {body}");
         Target { _root: root, certs, first, second }
     }

@@ -45,6 +45,8 @@ use crate::identity::OriginId;
 use crate::json::{self, Conflict, JsonError};
 use crate::key::RecordKey;
 
+mod unbuilt;
+
 const CAUSAL_LENGTH: &str = "$cl";
 
 /// The longest field name accepted for `increment`, in bytes.
@@ -139,48 +141,6 @@ impl Record {
             }
             Ok(Record { document })
         })
-    }
-
-    /// Reads change bytes that would start a record, without building the document: the head
-    /// the record would have and whether it would be live. Building a record from its first
-    /// change costs automerge a whole load (and the drop after), which dominated catch-up of
-    /// records new to a node, while parsing and checking the change is a fraction of it.
-    ///
-    /// `None` unless the bytes are exactly one well-formed change with no dependencies, sequence
-    /// 1, no operation that supersedes another (no predecessors: nothing in it can conflict),
-    /// and at most one write of the causal length, a plain non-negative integer. Anything else
-    /// (a held-back change, several changes, an increment's genesis) goes the building way.
-    /// The fuzz target `record_changes` checks that whatever this accepts loads as a record with
-    /// that head and liveness.
-    pub fn first_change(bytes: &[u8]) -> Option<FirstChange> {
-        use automerge::legacy::{Key, ObjectId, OpType};
-        let change = automerge::Change::try_from(bytes).ok()?;
-        if !change.deps().is_empty() || change.seq() != 1 {
-            return None;
-        }
-        // `decode` trusts what `try_from` verified, but it is automerge's legacy path: a panic
-        // in it is a refusal, never a crash.
-        let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())).ok()?;
-        let mut causal_length = None;
-        for operation in &expanded.operations {
-            if !operation.pred.is_empty() {
-                return None;
-            }
-            let is_causal_length = matches!(operation.obj, ObjectId::Root)
-                && matches!(&operation.key, Key::Map(key) if key.as_str() == CAUSAL_LENGTH);
-            if !is_causal_length {
-                continue;
-            }
-            let length = match &operation.action {
-                OpType::Put(ScalarValue::Uint(length)) if !operation.insert => *length,
-                OpType::Put(ScalarValue::Int(length)) if !operation.insert => u64::try_from(*length).ok()?,
-                _ => return None,
-            };
-            if causal_length.replace(length).is_some() {
-                return None;
-            }
-        }
-        Some(FirstChange { head: change.hash(), live: causal_length.unwrap_or(0) % 2 == 1 })
     }
 
     /// The whole document, compacted.
@@ -361,6 +321,9 @@ impl Record {
     }
 }
 
+/// The operations that wrote a field's concurrent values, as (counter, actor), sorted.
+pub type WritingOperations = Vec<(u64, Vec<u8>)>;
+
 /// One of a top-level field's concurrent values, with what conflict resolution needs to know
 /// about the operation that wrote it.
 #[derive(Debug, Clone, PartialEq)]
@@ -374,19 +337,28 @@ pub struct ConcurrentValue {
 }
 
 impl Record {
-    /// The user fields of the current life that hold concurrent values, in key order: what the
-    /// conflict ledger watches.
-    pub fn conflicted_fields(&self) -> Vec<String> {
-        if !self.is_live() {
+    /// The user fields of the current life that hold concurrent values, in key order, each with
+    /// the operations (counter, actor) that wrote its values, sorted: what the conflict ledger
+    /// compares before and after an apply. One automerge seek per field, and no value is read
+    /// (the ledger reads the values of the fields whose signature changed).
+    pub fn conflict_signatures(&self) -> Vec<(String, WritingOperations)> {
+        let life = causal_length(&self.document);
+        if life.is_multiple_of(2) {
             return Vec::new();
         }
-        let prefix = life_prefix(causal_length(&self.document));
-        self.document
-            .keys(ROOT)
-            .filter(|key| key.starts_with(prefix.as_str()))
-            .filter(|key| self.document.get_all(ROOT, key.as_str()).is_ok_and(|values| values.len() > 1))
-            .filter_map(|key| key.strip_prefix(prefix.as_str()).map(str::to_owned))
-            .collect()
+        let prefix = life_prefix(life);
+        let mut signatures = Vec::new();
+        for key in self.document.keys(ROOT) {
+            let Some(field) = key.strip_prefix(prefix.as_str()) else { continue };
+            let Ok(all) = self.document.get_all(ROOT, key.as_str()) else { continue };
+            if all.len() < 2 {
+                continue;
+            }
+            let mut operations: WritingOperations = all.iter().map(|(_, id)| operation_of(id)).collect();
+            operations.sort();
+            signatures.push((field.to_owned(), operations));
+        }
+        signatures
     }
 
     /// Every concurrent value of top-level field `field` (of the current life): one when there
@@ -401,10 +373,7 @@ impl Record {
         for (value, id) in &all {
             let mut nested = Vec::new();
             let json = json::read_value(&self.document, value, id, "", 1, &mut nested)?;
-            let (counter, actor) = match id {
-                automerge::ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
-                automerge::ObjId::Root => (0, Vec::new()),
-            };
+            let (counter, actor) = operation_of(id);
             values.push(ConcurrentValue { value: json, actor, counter });
         }
         Ok(values)
@@ -508,6 +477,15 @@ where
             transaction.rollback();
             Err(error.into())
         }
+    }
+}
+
+/// The (counter, actor) of the operation that wrote a value: automerge's total order of
+/// operations.
+fn operation_of(id: &automerge::ObjId) -> (u64, Vec<u8>) {
+    match id {
+        automerge::ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
+        automerge::ObjId::Root => (0, Vec::new()),
     }
 }
 

@@ -701,11 +701,28 @@ fn concurrent_edits_of_one_field_conflict_with_the_same_winner_everywhere() {
     // The winner is one of the values, and (checked by `assert_same`) the same on both replicas.
     assert!(["green", "blue"].contains(&value["color"].as_str().expect("color is text")));
 
+    // The ledger's signatures: the top-level fields in conflict (not `address`, whose conflict is
+    // inside it), each with the two writing operations in order, the same on both replicas.
+    let signatures = first.record.conflict_signatures();
+    let fields: Vec<&str> = signatures.iter().map(|(field, _)| field.as_str()).collect();
+    assert_eq!(fields, ["$x", "a/b", "color"]);
+    for (field, operations) in &signatures {
+        let actors: Vec<&[u8]> = operations.iter().map(|(_, actor)| actor.as_slice()).collect();
+        assert_eq!(operations.len(), 2, "{field}");
+        assert!(operations.is_sorted(), "{field}: {operations:?}");
+        assert!(actors.contains(&[1_u8; 16].as_slice()) && actors.contains(&[2_u8; 16].as_slice()), "{field}");
+    }
+    assert_eq!(signatures, second.record.conflict_signatures());
+
     // A later write supersedes the conflict.
     let three = second.write_changing(&Operation::MergePatch(object(json!({"color": "black"}))));
     first.receive(&three);
     assert_same(&[&first, &second]);
     assert!(first.view().conflicts.iter().all(|conflict| conflict.field != "/color"));
+    let fields: Vec<String> = first.record.conflict_signatures().into_iter().map(|(field, _)| field).collect();
+    assert_eq!(fields, ["$x", "a/b"]);
+    first.write_changing(&Operation::Delete);
+    assert_eq!(first.record.conflict_signatures(), Vec::new(), "a deleted record has no conflicts");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1399,6 +1416,99 @@ proptest! {
             prop_assert_eq!(Record::first_change(&next), None);
         }
     }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// A record that is one first change is served from the change's operations (a replica's
+    /// feed and GETs of records new to it): the view equals the built record's, for any JSON
+    /// the API accepts, and every creation by replace or merge patch takes that way.
+    #[test]
+    fn a_first_change_viewed_without_building_reads_as_the_built_record(
+        fields in json_object(),
+        patch in any::<bool>(),
+    ) {
+        let mut writer = Replica::new(1);
+        let operation = if patch { Operation::MergePatch(fields) } else { Operation::Replace(fields) };
+        let Some(change) = writer.write(&operation) else { return Ok(()) };
+        let built = Record::load(&change, &[]).expect("a first change loads").view().expect("it reads");
+        let viewed = Record::first_change_view(&change);
+        prop_assert_eq!(viewed.as_ref(), Some(&built), "a creation by {:?}", operation);
+    }
+}
+
+/// Builds one change with automerge directly, as any peer could send it: lists with elements
+/// inserted at the head, in the middle and after later ones; every scalar type; a field of
+/// another life; and nesting.
+fn crafted_first_change(live: bool) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ROOT, ScalarValue};
+    let mut document = AutoCommit::new().with_actor(automerge::ActorId::from([7_u8; 16]));
+    let write = |document: &mut AutoCommit| -> Result<(), automerge::AutomergeError> {
+        document.put(ROOT, "$cl", if live { 1_u64 } else { 2_u64 })?;
+        let items = document.put_object(ROOT, "1:items", ObjType::List)?;
+        document.insert(&items, 0, "a")?;
+        document.insert(&items, 0, "b")?;
+        document.insert(&items, 1, "c")?;
+        document.insert(&items, 3, "d")?;
+        document.insert(&items, 1, "e")?;
+        let nested = document.insert_object(&items, 2, ObjType::Map)?;
+        document.put(&nested, "deep", ScalarValue::F64(1.5))?;
+        let inner = document.put_object(&nested, "list", ObjType::List)?;
+        document.insert(&inner, 0, ScalarValue::Null)?;
+        document.insert(&inner, 0, ScalarValue::Boolean(true))?;
+        document.put(ROOT, "1:when", ScalarValue::Timestamp(1_700_000_000_000))?;
+        document.put(ROOT, "1:count", ScalarValue::counter(41))?;
+        document.put(ROOT, "1:bytes", ScalarValue::Bytes(vec![1, 2, 255]))?;
+        document.put(ROOT, "1:big", ScalarValue::Uint(u64::MAX))?;
+        document.put(ROOT, "1:nan", ScalarValue::F64(f64::NAN))?;
+        document.put(ROOT, "1:", "an empty field name")?;
+        document.put(ROOT, "0:old", "another life")?;
+        document.put(ROOT, "$other", "not a field")?;
+        Ok(())
+    };
+    write(&mut document).expect("the crafted change is valid");
+    document.commit();
+    document.get_last_local_change().expect("a change was made").raw_bytes().to_vec()
+}
+
+#[test]
+fn a_first_change_with_every_shape_is_viewed_as_automerge_builds_it() {
+    for live in [true, false] {
+        let change = crafted_first_change(live);
+        let built = Record::load(&change, &[]).expect("it loads").view().expect("it reads");
+        assert_eq!(Record::first_change_view(&change), Some(built.clone()), "live: {live}");
+        if live {
+            let value = Value::Object(built.value.expect("a live record"));
+            assert_eq!(value["items"], json!(["b", "e", {"deep": 1.5, "list": [true, null]}, "c", "a", "d"]));
+            assert_eq!(value["count"], json!(41));
+            assert_eq!(value["nan"], Value::Null);
+            assert_eq!(value.get("old"), None);
+        } else {
+            assert_eq!(built.value, None);
+        }
+    }
+}
+
+#[test]
+fn a_first_change_the_viewer_does_not_cover_is_left_to_automerge() {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ROOT};
+    let mut with_text = AutoCommit::new();
+    with_text.put(ROOT, "$cl", 1_u64).expect("put");
+    let text = with_text.put_object(ROOT, "1:notes", ObjType::Text).expect("text");
+    with_text.splice_text(&text, 0, 0, "hello").expect("splice");
+    with_text.commit();
+    let change = with_text.get_last_local_change().expect("a change").raw_bytes().to_vec();
+    assert!(Record::first_change(&change).is_some(), "a text object is still a first change");
+    assert_eq!(Record::first_change_view(&change), None, "text objects are built, not read");
+
+    let mut writer = Replica::new(1);
+    writer.write_changing(&Operation::Replace(object(json!({"name": "Ada"}))));
+    let second = writer.write_changing(&Operation::Replace(object(json!({"name": "Grace"}))));
+    assert_eq!(Record::first_change_view(&second), None, "a later change");
+    assert_eq!(Record::first_change_view(b"not a change"), None, "garbage");
 }
 
 #[test]

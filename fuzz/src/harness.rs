@@ -307,7 +307,8 @@ pub fn record_changes(data: &[u8]) {
 
 /// A node stores a record new to it straight from a first change that `Record::first_change`
 /// reads, without building it: the bytes must then apply to an empty record as the building path
-/// would, and load to that head and liveness.
+/// would, and load to that head and liveness. A node also serves such a record from
+/// `Record::first_change_view`: that must be the built record's view.
 fn check_first_change(bytes: &[u8]) {
     let Some(first) = Record::first_change(bytes) else { return };
     let mut applied = Record::new();
@@ -322,6 +323,12 @@ fn check_first_change(bytes: &[u8]) {
     for record in [&applied, &loaded] {
         assert_eq!(record.heads(), vec![first.head], "a first change read to another head");
         assert_eq!(record.is_live(), first.live, "a first change read to another liveness");
+    }
+    if let Some(viewed) = Record::first_change_view(bytes) {
+        match loaded.view() {
+            Ok(built) => assert_eq!(viewed, built, "a first change viewed without building reads otherwise"),
+            Err(error) => panic!("a first change viewed without building does not read when built: {error}"),
+        }
     }
 }
 

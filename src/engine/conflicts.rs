@@ -31,7 +31,7 @@ pub(crate) struct Ledger {
 }
 
 /// A record's conflicted fields, each with the operations that wrote its concurrent values.
-pub(crate) type Signatures = BTreeMap<String, Vec<(u64, Vec<u8>)>>;
+pub(crate) type Signatures = BTreeMap<String, crdt::record::WritingOperations>;
 
 /// The conflicted fields of `document`, when it is an automerge record (the only kind that
 /// keeps concurrent values).
@@ -41,16 +41,7 @@ pub(crate) fn signatures(document: &Document) -> Signatures {
 }
 
 fn signatures_of(record: &Record) -> Signatures {
-    record
-        .conflicted_fields()
-        .into_iter()
-        .filter_map(|field| {
-            let mut operations: Vec<(u64, Vec<u8>)> =
-                record.concurrent_values(&field).ok()?.into_iter().map(|value| (value.counter, value.actor)).collect();
-            operations.sort();
-            Some((field, operations))
-        })
-        .collect()
+    record.conflict_signatures().into_iter().collect()
 }
 
 impl Engine {
@@ -75,7 +66,13 @@ impl Engine {
         let definition = self.definition(key.collection())?;
         for field in fresh {
             let policy = definition.as_ref().map(|definition| definition.policy(field).clone()).unwrap_or_default();
-            let candidates = candidates(key, record, field, &policy)?;
+            // A field whose values do not read (nested past the depth bound, from a crafted
+            // peer) gets no entry: the read of the record reports it.
+            let candidates = match candidates(key, record, field, &policy) {
+                Ok(candidates) => candidates,
+                Err(EngineError::Corrupt { .. }) => continue,
+                Err(error) => return Err(error),
+            };
             let Some(resolution) = crdt::policy::resolve(&policy, &candidates) else { continue };
             let pointer = format!("/{}", crdt::json::escape_pointer(field));
             let entry = LedgerEntry::new(key.clone(), &pointer, &policy, &candidates, &resolution, physical_ms());
