@@ -969,6 +969,41 @@ async fn an_unappliable_change_goes_to_quarantine_and_blocks_nothing() {
     assert!(engine.call(move |engine| engine.retry_quarantined(id)).await.unwrap().unwrap().is_none());
 }
 
+/// A peer's change of 70 bytes that declares eight million operations (automerge's run-length
+/// encoding allows it; the `record_changes` fuzz target found it costing 3 GB) is refused before
+/// automerge reads it, for a record new to the node and for one it holds: it goes to the
+/// quarantine with the bound as its reason, and the record keeps its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_declaring_more_operations_than_the_bound_is_quarantined_unread() {
+    let directory = tempfile::tempdir().unwrap();
+    let source_directory = tempfile::tempdir().unwrap();
+    let (engine, _thread) = engine::start(
+        store::Store::open(directory.path()).unwrap(),
+        EngineSettings { name: Some("target".into()), ..EngineSettings::default() },
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let source = start(source_directory.path(), "source").await;
+    // The fuzz regression: a mode byte, then the change.
+    let declaring =
+        include_bytes!("../fuzz/regressions/record_changes/operations-declared-by-run-lengths-mode-0")[1..].to_vec();
+    let held = write(&source, "held", Operation::Replace(object(json!({"a": 1})))).await;
+    assert!(engine.call(move |engine| engine.apply_or_quarantine(held, "source")).await.unwrap().unwrap());
+    for id in ["new", "held"] {
+        let mut envelope = write(&source, id, Operation::Replace(object(json!({"b": 2})))).await;
+        envelope.change = declaring.clone();
+        let refused = engine.call(move |engine| engine.apply_or_quarantine(envelope, "source")).await.unwrap();
+        assert!(refused.is_err(), "{id}: {refused:?}");
+    }
+    assert_eq!(read_value(&engine, "held").await.unwrap(), object(json!({"a": 1})));
+    assert!(read_value(&engine, "new").await.is_none());
+    let page = engine.call(|engine| engine.quarantine_page(0, 10)).await.unwrap().unwrap();
+    assert_eq!(page.len(), 2);
+    for (_, entry) in &page {
+        assert!(entry.reason.contains("declare more than"), "{}", entry.reason);
+    }
+}
+
 async fn status_of(engine: &EngineHandle) -> engine::Status {
     status(engine).await
 }

@@ -45,7 +45,11 @@ use crate::identity::OriginId;
 use crate::json::{self, Conflict, JsonError};
 use crate::key::RecordKey;
 
+mod bounds;
 mod unbuilt;
+
+use bounds::Budget;
+pub use bounds::{BoundError, INFLATED_BYTES_MAX, ITEMS_MAX, RECORD_ITEMS_MAX};
 
 const CAUSAL_LENGTH: &str = "$cl";
 
@@ -80,6 +84,8 @@ pub enum OperationError {
     Document(#[from] AutomergeError),
     #[error(transparent)]
     Map(#[from] crate::map_record::MapRecordError),
+    #[error("the record would hold more than {RECORD_ITEMS_MAX} operations and changes")]
+    RecordFull,
 }
 
 /// Why stored or received bytes could not become (part of) a record. The document is unchanged
@@ -88,6 +94,8 @@ pub enum OperationError {
 pub enum RecordError {
     #[error("record document does not decode: {0}")]
     Decode(AutomergeError),
+    #[error("record bytes refused before decoding: {0}")]
+    Bound(#[from] BoundError),
     #[error(transparent)]
     Json(#[from] JsonError),
 }
@@ -134,6 +142,8 @@ impl Record {
     /// `saved` may also be change bytes (a document stored as its first change), and an empty
     /// `saved` means a document that starts from nothing (its changes are all in `increments`).
     pub fn load(saved: &[u8], increments: &[&[u8]]) -> Result<Record, RecordError> {
+        let mut budget = Budget::after(0);
+        std::iter::once(&saved).chain(increments).try_for_each(|part| budget.charge(part))?;
         decode(|| {
             let mut document = Automerge::new();
             for increment in std::iter::once(&saved).chain(increments).filter(|part| !part.is_empty()) {
@@ -169,6 +179,7 @@ impl Record {
     /// Changes whose dependencies have not arrived yet (gossip delivers out of order) are kept,
     /// invisible, until they do; they do not count as a change, and `save` includes them.
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
+        Budget::after(self.items()).charge(bytes)?;
         let before = self.document.get_heads();
         decode(|| self.document.load_incremental(bytes))?;
         Ok(self.document.get_heads() != before)
@@ -184,6 +195,12 @@ impl Record {
         let changed = candidate.apply_changes(bytes)?;
         *self = candidate;
         Ok(changed)
+    }
+
+    /// How big the record is, in the unit of the decoding bounds ([`ITEMS_MAX`]): its
+    /// operations plus its changes.
+    pub fn items(&self) -> u64 {
+        items_of(&self.document)
     }
 
     /// True when the record exists (its causal length is odd).
@@ -467,8 +484,14 @@ fn transact<F>(document: &mut Automerge, options: CommitOptions, body: F) -> Res
 where
     F: FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), JsonError>,
 {
+    let items = items_of(document);
     let mut transaction = document.transaction();
     match body(&mut transaction) {
+        // The change itself counts as one item.
+        Ok(()) if items.saturating_add(transaction.pending_ops() as u64 + 1) > RECORD_ITEMS_MAX => {
+            transaction.rollback();
+            Err(OperationError::RecordFull)
+        }
         Ok(()) => {
             transaction.commit_with(options);
             Ok(())
@@ -478,6 +501,11 @@ where
             Err(error.into())
         }
     }
+}
+
+fn items_of(document: &Automerge) -> u64 {
+    let stats = document.stats();
+    stats.num_ops.saturating_add(stats.num_changes)
 }
 
 /// The (counter, actor) of the operation that wrote a value: automerge's total order of

@@ -9,7 +9,10 @@ use crdt::clock::Timestamp;
 use crdt::identity::OriginId;
 use crdt::json::{Conflict, JsonError};
 use crdt::key::RecordKey;
-use crdt::record::{FIELD_BYTES_MAX, Operation, OperationError, Record, RecordView};
+use crdt::record::{
+    BoundError, FIELD_BYTES_MAX, ITEMS_MAX, Operation, OperationError, RECORD_ITEMS_MAX, Record, RecordError,
+    RecordView,
+};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use serde_json::{Map, Value, json};
@@ -1385,6 +1388,106 @@ fn garbage_from_a_peer_leaves_the_record_unchanged() {
         }
         assert_eq!(replica.view(), view);
     }
+}
+
+/// A first change by `actor` of `count` operations: a list and `count - 1` nulls appended to it.
+/// automerge's run-length encoding makes it about a hundred bytes whatever the count.
+fn declared_operations(count: u64, actor: u8) -> Vec<u8> {
+    use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
+    let actor = automerge::ActorId::from([actor; 16]);
+    let list = Op {
+        action: OpType::Make(automerge::ObjType::List),
+        obj: ObjectId::Root,
+        key: Key::Map("list".into()),
+        pred: SortedVec::new(),
+        insert: false,
+    };
+    let elements = (2..=count).map(|counter| Op {
+        action: OpType::Put(automerge::ScalarValue::Null),
+        obj: ObjectId::Id(OpId::new(1, &actor)),
+        key: Key::Seq(if counter == 2 { ElementId::Head } else { ElementId::Id(OpId::new(counter - 1, &actor)) }),
+        pred: SortedVec::new(),
+        insert: true,
+    });
+    let expanded = automerge::ExpandedChange {
+        operations: std::iter::once(list).chain(elements).collect(),
+        actor_id: actor,
+        hash: None,
+        seq: 1,
+        start_op: std::num::NonZeroU64::MIN,
+        time: 0,
+        message: None,
+        deps: Vec::new(),
+        extra_bytes: Vec::new(),
+        author: None,
+    };
+    automerge::Change::from(expanded).bytes().to_vec()
+}
+
+/// The `record_changes` fuzz target found that 70 bytes declaring eight million operations made
+/// automerge allocate 3 GB. Bytes that declare more than `ITEMS_MAX` are refused before
+/// automerge reads them, wherever they arrive; within the bound they load.
+#[test]
+fn bytes_declaring_more_operations_than_the_bound_are_refused_before_decoding() {
+    let over = declared_operations(ITEMS_MAX + 1, 7);
+    assert!(over.len() < 200, "run-length encoding keeps the change small: {} bytes", over.len());
+    let refused = |result: Result<Record, RecordError>| matches!(result, Err(RecordError::Bound(BoundError::Items)));
+    assert!(refused(Record::load(&over, &[])), "loaded as a saved document");
+    assert!(refused(Record::load(&[], &[&over])), "loaded as an increment");
+    let (mut replica, _) = sample_record();
+    let view = replica.view();
+    assert!(matches!(replica.record.apply_changes_intact(&over), Err(RecordError::Bound(BoundError::Items))));
+    assert_eq!(replica.view(), view, "the refused bytes left the record as it was");
+    assert_eq!(Record::first_change(&over), None);
+    assert_eq!(Record::first_change_view(&over), None);
+
+    // The parts of one load share the bound, and a record's own size counts against what is
+    // applied to it.
+    let half = declared_operations(ITEMS_MAX / 2 + 1, 7);
+    let loaded = Record::load(&half, &[]).expect("half the bound loads");
+    assert_eq!(loaded.items(), ITEMS_MAX / 2 + 2, "its operations and its change");
+    assert!(refused(Record::load(&half, &[&half])), "two halves exceed the bound");
+    let mut applied = Record::new();
+    assert!(applied.apply_changes(&half).expect("half the bound applies"));
+    let other = declared_operations(ITEMS_MAX / 2 + 1, 8);
+    assert!(matches!(applied.apply_changes(&other), Err(RecordError::Bound(BoundError::Items))));
+}
+
+/// A local write may not grow a record past `RECORD_ITEMS_MAX`, half the decoding bound, so
+/// every record a node writes loads again, with room for what other nodes write concurrently.
+/// automerge deflates document columns past 256 bytes, and `Change::bytes` deflates a change
+/// past 256 bytes into a compressed chunk (what another automerge implementation may send):
+/// both pass the bound's inflating walk and load as the plain bytes do.
+#[test]
+fn deflated_changes_and_documents_load_under_the_bound() {
+    let mut replica = Replica::new(1);
+    let long = "concord ".repeat(20_000);
+    let list: Vec<Value> = (0..5_000).map(|index| json!(index % 7)).collect();
+    let change = replica.write_changing(&Operation::Replace(object(json!({ "long": long, "list": list }))));
+    let compressed = automerge::Change::try_from(&change[..]).expect("a change").bytes().to_vec();
+    assert_eq!(compressed[8], 2, "a compressed chunk");
+    assert!(compressed.len() < long.len() / 10, "its contents are deflated: {} bytes", compressed.len());
+    let saved = replica.record.save();
+    assert!(saved.len() < long.len() / 10, "the document's columns are deflated: {} bytes", saved.len());
+    for parts in [(&compressed[..], &[][..]), (&saved[..], &[][..]), (&[][..], &[&compressed[..]][..])] {
+        let loaded = Record::load(parts.0, parts.1).expect("it loads");
+        assert_eq!(loaded.view().expect("it reads"), replica.view());
+    }
+}
+
+#[test]
+fn a_write_that_would_grow_the_record_past_its_bound_is_refused_and_changes_nothing() {
+    let mut replica = Replica::new(1);
+    replica.record = Record::load(&declared_operations(RECORD_ITEMS_MAX - 20, 7), &[]).expect("it loads");
+    let version = replica.record.version();
+    let long = Operation::MergePatch(object(json!({ "long": vec![Value::Null; 20] })));
+    assert!(matches!(replica.try_write(&long), Err(OperationError::RecordFull)));
+    assert_eq!(replica.record.version(), version, "the refused write changed the record");
+    let short = Operation::MergePatch(object(json!({ "short": vec![Value::Null; 10] })));
+    replica.write_changing(&short);
+    // The loaded list and its change, then the write: the causal length, a list and ten nulls,
+    // and its change.
+    assert_eq!(replica.record.items(), RECORD_ITEMS_MAX - 20 + 1 + 13);
 }
 
 proptest! {

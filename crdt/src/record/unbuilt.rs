@@ -17,7 +17,7 @@ use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
 use automerge::{ActorId, ChangeHash, ObjType, ScalarValue};
 use serde_json::{Map, Value};
 
-use super::{CAUSAL_LENGTH, FirstChange, Record, RecordView, life_prefix, version_of};
+use super::{Budget, CAUSAL_LENGTH, FirstChange, Record, RecordView, life_prefix, version_of};
 use crate::json::{self, DEPTH_MAX};
 
 impl Record {
@@ -69,6 +69,8 @@ struct Parsed {
 
 impl Parsed {
     fn read(bytes: &[u8]) -> Option<Parsed> {
+        // Parsing walks every operation the bytes declare, and `decode` allocates them all.
+        Budget::after(0).charge(bytes).ok()?;
         let change = automerge::Change::try_from(bytes).ok()?;
         if !change.deps().is_empty() || change.seq() != 1 {
             return None;
