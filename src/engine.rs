@@ -14,7 +14,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crdt::clock::{Clock, Timestamp};
 use crdt::envelope::{DocumentKind, Envelope};
@@ -48,6 +48,9 @@ pub use collections::is_system_collection;
 
 pub(crate) use snapshots::StoreSource;
 pub use snapshots::{LOG_RETENTION_DEFAULT, SNAPSHOT_RECORD_BYTES_MAX};
+
+/// A group commit slower than this is logged with its size.
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
 
 /// The most jobs that share one group commit.
 pub const BATCH_JOBS_MAX: usize = 512;
@@ -495,12 +498,12 @@ pub struct EngineSettings {
     pub text_limits: TextLimits,
     pub replication: crdt::replica::Settings,
     /// How long the change log keeps a change (see `snapshots`).
-    pub log_retention: std::time::Duration,
+    pub log_retention: Duration,
     /// Collections whose new records use the yrs record engine ([`crdt::map_record`]) instead
     /// of automerge. Every node must declare the same ones.
     pub yrs_collections: std::collections::BTreeSet<String>,
     /// How long audit entries are kept; zero keeps them all (see `audit`).
-    pub audit_retention: std::time::Duration,
+    pub audit_retention: Duration,
 }
 
 impl Default for EngineSettings {
@@ -681,7 +684,13 @@ impl Engine {
         self.dirty.clear();
         self.evicted_dirty.clear();
         self.unbuilt.clear();
-        self.metrics.observe_commit(started.elapsed(), operations);
+        let elapsed = started.elapsed();
+        self.metrics.observe_commit(elapsed, operations);
+        if elapsed > SLOW_COMMIT {
+            // Rare stalls of 100–250 ms were seen at low rates (BENCHMARKS.md): the size says
+            // whether the batch or the disk was the cause.
+            tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, operations, "slow group commit");
+        }
         Ok(())
     }
 
