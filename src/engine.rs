@@ -788,19 +788,6 @@ impl Engine {
         self.write_record_as(key, operation, LOCAL_PRINCIPAL)
     }
 
-    /// [`Engine::write_record`] once the audit trail knows whom to attribute it to.
-    fn write_record_attributed<A>(
-        &mut self,
-        key: RecordKey,
-        operation: Operation,
-        answer: Answer<A>,
-    ) -> Result<WriteOutcome<A>, EngineError> {
-        if is_system_collection(key.collection()) {
-            return Err(EngineError::SystemCollection(key.collection().to_owned()));
-        }
-        self.write_document(key, operation, answer)
-    }
-
     /// A record write without the system-collection check.
     fn write_document<A>(
         &mut self,
@@ -808,7 +795,20 @@ impl Engine {
         operation: Operation,
         answer: Answer<A>,
     ) -> Result<WriteOutcome<A>, EngineError> {
-        let mut document = match self.take_document(&key)? {
+        let document = self.take_document(&key)?;
+        self.write_taken(key, document, operation, answer)
+    }
+
+    /// A record write to `document`, already taken out of the cache (`None`: the record is
+    /// new), which goes back into the cache after.
+    fn write_taken<A>(
+        &mut self,
+        key: RecordKey,
+        document: Option<Document>,
+        operation: Operation,
+        answer: Answer<A>,
+    ) -> Result<WriteOutcome<A>, EngineError> {
+        let mut document = match document {
             Some(document) => document,
             None => self.empty_document(self.record_kind(&key)),
         };

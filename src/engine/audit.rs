@@ -40,7 +40,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use store::Store;
 
-use super::{Engine, EngineError, WriteOutcome, physical_ms};
+use super::collections::is_system_collection;
+use super::{Document, Engine, EngineError, WriteOutcome, physical_ms};
 
 /// How long audit entries are kept unless configured: 90 days.
 pub const AUDIT_RETENTION_DEFAULT: Duration = Duration::from_secs(90 * 24 * 60 * 60);
@@ -163,10 +164,16 @@ impl Engine {
         principal: &str,
         answer: super::Answer<A>,
     ) -> Result<WriteOutcome<A>, EngineError> {
-        let fields = self.fields_touched(&key, &operation);
+        if is_system_collection(key.collection()) {
+            return Err(EngineError::SystemCollection(key.collection().to_owned()));
+        }
+        // Taken once, for the fields it touches and then for the write: a record new to the
+        // node is one store lookup, not two.
+        let document = self.take_document(&key)?;
+        let fields = fields_touched(document.as_ref(), &key, &operation);
         let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(fields) };
         let previous = self.audit.attribution.replace(attribution);
-        let outcome = self.write_record_attributed(key, operation, answer);
+        let outcome = self.write_taken(key, document, operation, answer);
         self.audit.attribution = previous;
         outcome
     }
@@ -245,28 +252,20 @@ impl Engine {
             None => id,
         }
     }
+}
 
-    /// The top-level fields a local record write touches (see the module doc). A replace
-    /// compares with the record before it; a record that does not read lists the new keys.
-    fn fields_touched(&mut self, key: &RecordKey, operation: &Operation) -> Vec<String> {
-        match operation {
-            Operation::Delete => vec![ALL_FIELDS.to_owned()],
-            Operation::Increment { field, .. } => vec![field.clone()],
-            Operation::MergePatch(patch) => patch.keys().cloned().collect(),
-            Operation::Replace(value) => match self.value_before(key) {
-                Some(before) => changed_fields(&before, value),
-                None => value.keys().cloned().collect(),
-            },
-        }
-    }
-
-    /// The record's value now, without counting a read; `None` when absent, deleted, not a
-    /// record, or unreadable (the write reports that).
-    fn value_before(&mut self, key: &RecordKey) -> Option<Map<String, Value>> {
-        let document = self.take_document(key).ok()??;
-        let view = document.body.view(key);
-        self.put_back(key.clone(), document);
-        view.ok()?.value
+/// The top-level fields a local record write to `document` (`None`: a new record) touches (see
+/// the module doc). A replace compares with the record before it; a record that does not read
+/// lists the new keys.
+fn fields_touched(document: Option<&Document>, key: &RecordKey, operation: &Operation) -> Vec<String> {
+    match operation {
+        Operation::Delete => vec![ALL_FIELDS.to_owned()],
+        Operation::Increment { field, .. } => vec![field.clone()],
+        Operation::MergePatch(patch) => patch.keys().cloned().collect(),
+        Operation::Replace(value) => match document.and_then(|document| document.body.view(key).ok()?.value) {
+            Some(before) => changed_fields(&before, value),
+            None => value.keys().cloned().collect(),
+        },
     }
 }
 
