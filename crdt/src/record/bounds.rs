@@ -44,6 +44,8 @@ pub enum BoundError {
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHECKSUM_BYTES: usize = 4;
 const HASH_BYTES: u64 = 32;
+/// The most bytes of a LEB128 number of 64 bits.
+const LEB128_BYTES_MAX: usize = 10;
 
 /// A column specification's type (its low three bits) and whether the column is deflated.
 const TYPE_MASK: u64 = 0b0111;
@@ -98,7 +100,7 @@ impl Budget {
         input.prefixed()?; // actor
         input.unsigned()?; // sequence number
         input.unsigned()?; // start operation
-        input.unsigned()?; // time (signed, framed the same way)
+        input.signed()?; // time
         input.prefixed()?; // message
         let other_actors = input.unsigned()?;
         for _ in 0..other_actors {
@@ -268,14 +270,18 @@ impl<'bytes> Cursor<'bytes> {
     }
 
     /// One value of a run-length encoded column of type `kind`: a length-prefixed string, or a
-    /// number.
+    /// number, signed or not (only its framing matters here).
     fn skip_value(&mut self, kind: u64) -> Result<(), BoundError> {
         if kind == STRING {
             self.prefixed()?;
-        } else {
-            self.unsigned()?;
+            return Ok(());
         }
-        Ok(())
+        for _ in 0..LEB128_BYTES_MAX {
+            if self.take(1)?[0] & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(BoundError::Malformed("a number does not fit 64 bits"))
     }
 }
 
@@ -368,6 +374,28 @@ mod tests {
         unsigned(bomb.len() as u64, &mut chunk);
         chunk.extend(&bomb);
         assert_eq!(Budget::after(0).charge(&chunk), Err(BoundError::Inflated));
+    }
+
+    /// Times are signed, and a document's change columns hold their deltas: the extremes take
+    /// ten-byte numbers of either sign, which the walk reads as automerge does.
+    #[test]
+    fn extreme_times_and_deltas_pass_the_walk() {
+        use automerge::transaction::{CommitOptions, Transactable};
+        // Deltas of -(2^63 - 1) and 2^62 (automerge itself overflows on larger ones).
+        for times in [&[i64::MAX / 2, i64::MIN / 2, 0, i64::MIN / 2 + 1][..], &[i64::MIN][..]] {
+            let mut document = automerge::Automerge::new();
+            for (index, &time) in times.iter().enumerate() {
+                let mut transaction = document.transaction();
+                transaction.put(automerge::ROOT, "field", (index as i64 + 1) * (i64::MIN / 4)).unwrap();
+                transaction.commit_with(CommitOptions::default().with_time(time));
+            }
+            let saved = document.save();
+            assert_eq!(Budget::after(0).charge(&saved), Ok(()), "{times:?}");
+            for change in document.get_changes(&[]) {
+                assert_eq!(Budget::after(0).charge(change.raw_bytes()), Ok(()), "time {}", change.timestamp());
+            }
+            assert!(automerge::Automerge::load(&saved).is_ok());
+        }
     }
 
     #[test]
