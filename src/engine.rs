@@ -687,8 +687,9 @@ impl Engine {
         let elapsed = started.elapsed();
         self.metrics.observe_commit(elapsed, operations);
         if elapsed > SLOW_COMMIT {
-            // Rare stalls of 100–250 ms were seen at low rates (BENCHMARKS.md): the size says
-            // whether the batch or the disk was the cause.
+            // Stalls of 50–500 ms come from the disk, with sled's flush queued behind other
+            // processes' writeback (BENCHMARKS.md, session 9); the size tells them apart from a
+            // large batch.
             tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, operations, "slow group commit");
         }
         Ok(())
