@@ -7,8 +7,8 @@
 //! inflates without a bound as well. automerge 0.12 has no limit of its own, so [`Budget`] walks
 //! the chunk and column headers and adds up the runs of every column, inflating deflated parts
 //! under a byte budget. The walk takes time linear in the bytes (inflated ones included) and
-//! allocates nothing beyond the inflated parts, and a record refuses bytes that overdraw the
-//! budget before automerge sees them.
+//! allocates only the inflated parts and each chunk's list of columns, and a record refuses
+//! bytes that overdraw the budget before automerge sees them.
 //!
 //! The unit is an *item*: one entry of a column, which is one operation, one change or one
 //! predecessor or successor reference. A chunk costs the largest column it holds, so a change
@@ -131,14 +131,13 @@ impl Budget {
     fn columns(&mut self, columns: &Columns, input: &mut Cursor<'_>) -> Result<u64, BoundError> {
         let mut largest = 0;
         for &(specification, length) in &columns.0 {
-            let data = input.take(length)?;
-            let items = if specification & DEFLATE_BIT == 0 {
-                column_items(specification, data, self.items)?
-            } else {
-                let inflated = self.inflate(data)?;
-                column_items(specification, &inflated, self.items)?
-            };
-            largest = largest.max(items);
+            let mut data = input.take(length)?;
+            let inflated;
+            if specification & DEFLATE_BIT != 0 {
+                inflated = self.inflate(data)?;
+                data = &inflated;
+            }
+            largest = largest.max(column_items(specification, data, self.items)?);
         }
         Ok(largest)
     }
