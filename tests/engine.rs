@@ -1002,6 +1002,17 @@ async fn a_change_declaring_more_operations_than_the_bound_is_quarantined_unread
     for (_, entry) in &page {
         assert!(entry.reason.contains("declare more than"), "{}", entry.reason);
     }
+
+    // A first change that names actors besides its author (another fuzz regression: automerge
+    // panics applying it) is not stored unbuilt, where it would fail to build later: it is
+    // refused now.
+    let naming_others =
+        include_bytes!("../fuzz/regressions/record_changes/first-change-naming-other-actors")[1..].to_vec();
+    let mut envelope = write(&source, "named", Operation::Replace(object(json!({"c": 3})))).await;
+    envelope.change = naming_others;
+    assert!(engine.call(move |engine| engine.apply_or_quarantine(envelope, "source")).await.unwrap().is_err());
+    assert!(read_value(&engine, "named").await.is_none());
+    assert_eq!(status_of(&engine).await.quarantined, 3);
 }
 
 async fn status_of(engine: &EngineHandle) -> engine::Status {
