@@ -303,9 +303,7 @@ impl Engine {
         if let Err(tamper) = crdt::audit::verify(trimmed.iter().cloned(), self.audit.anchor) {
             return tracing::warn!(%tamper, "not trimming the audit log: it does not verify, and trimming would delete the evidence");
         }
-        for entry in trimmed {
-            self.batch.remove_audit(entry.sequence);
-        }
+        self.batch.trim_audit_through(point.sequence);
         self.batch.put_meta(ANCHOR_META, &point.encode());
         self.audit.anchor = point;
         self.metrics.audit_entries_trimmed.add(trimmed.len() as u64);

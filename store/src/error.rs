@@ -39,6 +39,9 @@ pub enum ReadError {
     /// A key on disk does not have the shape its keyspace requires.
     #[error("corrupt key in the {keyspace} keyspace: {} bytes {key:02x?}", key.len())]
     Corrupt { keyspace: Keyspace, key: Vec<u8> },
+    /// A value on disk does not have the shape its keyspace requires (a journal page).
+    #[error("corrupt value in the {keyspace} keyspace under key {key:02x?}: {reason}")]
+    CorruptValue { keyspace: Keyspace, key: Vec<u8>, reason: &'static str },
     /// sled panicked, which it does on some damaged files.
     #[error("sled panicked while reading (the store is probably damaged): {message}")]
     Panicked { message: String },
@@ -53,6 +56,9 @@ pub enum WriteError {
     /// The meta name is the store's own format marker.
     #[error("meta name {name:?} is reserved by the store")]
     ReservedMeta { name: String },
+    /// Reading the journal pages the batch changes failed.
+    #[error("could not read the journal pages the batch changes: {0}")]
+    Read(#[from] ReadError),
     /// sled could not apply the batch.
     #[error("sled could not apply the batch: {0}")]
     Apply(#[source] sled::Error),

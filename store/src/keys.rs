@@ -20,11 +20,11 @@ pub enum Keyspace {
     Increments,
     /// `l` + origin (16 bytes) + sequence (u64 BE).
     Log,
-    /// `f` + feed sequence (u64 BE).
+    /// `F` + the feed sequence (u64 BE) of a page's first entry (see `journal`).
     Feed,
     /// `m` + name (UTF-8).
     Meta,
-    /// `a` + audit sequence (u64 BE).
+    /// `A` + the audit sequence (u64 BE) of a page's first entry (see `journal`).
     Audit,
     /// `c` + conflict sequence (u64 BE).
     Conflicts,
@@ -36,9 +36,9 @@ impl Keyspace {
     /// Every keyspace, in prefix-byte order.
     pub const ALL: [Keyspace; 8] = [
         Keyspace::Audit,
+        Keyspace::Feed,
         Keyspace::Conflicts,
         Keyspace::Documents,
-        Keyspace::Feed,
         Keyspace::Increments,
         Keyspace::Log,
         Keyspace::Meta,
@@ -51,9 +51,9 @@ impl Keyspace {
             Keyspace::Documents => b'd',
             Keyspace::Increments => b'i',
             Keyspace::Log => b'l',
-            Keyspace::Feed => b'f',
+            Keyspace::Feed => b'F',
             Keyspace::Meta => b'm',
-            Keyspace::Audit => b'a',
+            Keyspace::Audit => b'A',
             Keyspace::Conflicts => b'c',
             Keyspace::Quarantine => b'q',
         }
@@ -77,7 +77,11 @@ impl fmt::Display for Keyspace {
 
 const LOG_KEY_LENGTH: usize = 1 + 16 + 8;
 /// A prefix byte and a u64: the feed, audit, conflicts and quarantine keys.
-const NUMBERED_KEY_LENGTH: usize = 1 + 8;
+pub(crate) const NUMBERED_KEY_LENGTH: usize = 1 + 8;
+
+/// Where format 1 kept the feed and the audit trail, one entry per key (`numbered` layout);
+/// format 2 moved them into pages under their keyspaces' prefixes (see `Store::open`).
+pub(crate) const FORMAT_1_JOURNALS: [(u8, Keyspace); 2] = [(b'f', Keyspace::Feed), (b'a', Keyspace::Audit)];
 
 pub(crate) fn document(key: &[u8]) -> Vec<u8> {
     let mut encoded = Vec::with_capacity(1 + key.len());
@@ -131,14 +135,6 @@ pub(crate) fn log_sequence(stored: &[u8]) -> Result<u64, ReadError> {
     trailing(stored, LOG_KEY_LENGTH, Keyspace::Log).map(u64::from_be_bytes)
 }
 
-pub(crate) fn feed(sequence: u64) -> [u8; NUMBERED_KEY_LENGTH] {
-    numbered(Keyspace::Feed, sequence)
-}
-
-pub(crate) fn feed_sequence(stored: &[u8]) -> Result<u64, ReadError> {
-    number(Keyspace::Feed, stored)
-}
-
 /// The key of entry `number` in a keyspace keyed by a u64 alone (feed, audit, conflicts,
 /// quarantine).
 pub(crate) fn numbered(keyspace: Keyspace, number: u64) -> [u8; NUMBERED_KEY_LENGTH] {
@@ -186,6 +182,9 @@ mod tests {
             assert!(all[..index].iter().all(|other| other.prefix() != keyspace.prefix()), "{keyspace}");
         }
         assert!(all.windows(2).all(|pair| pair[0].prefix() < pair[1].prefix()), "ALL is in prefix order");
+        for (legacy, _) in FORMAT_1_JOURNALS {
+            assert!(all.iter().all(|keyspace| keyspace.prefix() != legacy), "format 1's journal prefixes are free");
+        }
     }
 
     #[test]
@@ -207,7 +206,7 @@ mod tests {
         for length in 0..40 {
             let stored = vec![b'x'; length];
             assert_eq!(log_sequence(&stored).is_ok(), length == LOG_KEY_LENGTH);
-            assert_eq!(feed_sequence(&stored).is_ok(), length == NUMBERED_KEY_LENGTH);
+            assert_eq!(number(Keyspace::Feed, &stored).is_ok(), length == NUMBERED_KEY_LENGTH);
             assert_eq!(number(Keyspace::Audit, &stored).is_ok(), length == NUMBERED_KEY_LENGTH);
             assert_eq!(increment_index(&stored, 5).is_ok(), length == 9);
             assert!(increment_index(&stored, usize::MAX - 2).is_err());
@@ -221,7 +220,7 @@ mod tests {
     fn round_trips() {
         let origin = [7; 16];
         assert_eq!(log_sequence(&log(&origin, 42)).ok(), Some(42));
-        assert_eq!(feed_sequence(&feed(u64::MAX)).ok(), Some(u64::MAX));
+        assert_eq!(number(Keyspace::Feed, &numbered(Keyspace::Feed, u64::MAX)).ok(), Some(u64::MAX));
         for keyspace in [Keyspace::Audit, Keyspace::Conflicts, Keyspace::Quarantine] {
             assert_eq!(number(keyspace, &numbered(keyspace, 258)).ok(), Some(258));
         }

@@ -13,9 +13,9 @@
 //! | documents  | `d` + document key (at most [`MAX_DOCUMENT_KEY`] bytes)        | compacted document and its metadata  |
 //! | increments | `i` + key length (u16 BE) + document key + index (u32 BE)      | a change appended after the document |
 //! | log        | `l` + origin (16 bytes) + sequence (u64 BE)                    | a change-log entry                   |
-//! | feed       | `f` + feed sequence (u64 BE)                                   | a local change-feed entry            |
+//! | feed       | `F` + feed sequence of the page's first entry (u64 BE)         | a page of local change-feed entries  |
 //! | meta       | `m` + name                                                     | identity, version vector, counters   |
-//! | audit      | `a` + audit sequence (u64 BE)                                  | an audit-trail entry                 |
+//! | audit      | `A` + audit sequence of the page's first entry (u64 BE)        | a page of audit-trail entries        |
 //! | conflicts  | `c` + conflict sequence (u64 BE)                               | a conflict-ledger entry              |
 //! | quarantine | `q` + quarantine id (u64 BE)                                   | a change held back, with its reason  |
 //!
@@ -23,6 +23,12 @@
 //! document key keeps the increments of document `ab` apart from those of document `a`. The meta
 //! entry `format` holds `concord-store` + the format version (u32 BE): it is written when the
 //! store is created, checked on every open, and [`WriteBatch::put_meta`] refuses the name.
+//!
+//! The feed and the audit trail are journals: numbered entries appended at the end and trimmed
+//! from the front, stored as pages of consecutive entries, so that a commit of many changes adds
+//! a few sled entries to each instead of one per change (see `journal`). Format 1 stored one
+//! entry per key under `f` and `a`; [`Store::open`] moves a format 1 store's journals into pages
+//! and marks it format 2.
 //!
 //! # One writer, one flusher
 //!
@@ -56,6 +62,7 @@
 
 mod error;
 mod files;
+mod journal;
 mod keys;
 
 use std::any::Any;
@@ -80,7 +87,9 @@ const FORMAT_MAGIC: &[u8] = b"concord-store";
 /// and recent values, small enough that memory does not grow with the data set.
 pub const CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 /// The version of the key layout this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// How many format 1 journal entries [`Store::open`] moves per sled batch.
+const MIGRATION_CHUNK: usize = 4096;
 
 /// A handle on an open store. Clones share the same sled database.
 #[derive(Clone)]
@@ -103,6 +112,8 @@ struct Locks {
 #[derive(Debug, Default)]
 pub struct WriteBatch {
     batch: sled::Batch,
+    feed: journal::Pending,
+    audit: journal::Pending,
     operations: usize,
     /// The first refused operation; [`Store::commit`] returns it and writes nothing.
     refused: Option<WriteError>,
@@ -161,7 +172,11 @@ impl Store {
         })?;
         let marker_key = keys::meta(FORMAT_META);
         match during_open(directory, "reading the format marker", || db.get(&marker_key))? {
-            Some(marker) => check_format(&marker, directory)?,
+            Some(marker) => {
+                if check_format(&marker, directory)? == 1 {
+                    migrate_format_1(&db, directory)?;
+                }
+            }
             None if fresh => {
                 let mut marker = FORMAT_MAGIC.to_vec();
                 marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
@@ -232,26 +247,27 @@ impl Store {
 
     /// Feed entries with feed sequence > after, ascending, at most `limit`.
     pub fn feed_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        let Some(from) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let range = keys::feed(from)..=keys::feed(u64::MAX);
-        self.collect(range, limit, |stored, value| Ok(Some((keys::feed_sequence(stored)?, value.to_vec()))))
+        self.read(|| journal::range(&self.db, Keyspace::Feed, after, limit))
+    }
+
+    /// The feed entry with the highest sequence, if any.
+    pub fn feed_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+        self.read(|| journal::last(&self.db, Keyspace::Feed))
     }
 
     /// The audit entry at `sequence`.
     pub fn audit_entry(&self, sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
-        self.numbered_entry(Keyspace::Audit, sequence)
+        self.read(|| journal::entry(&self.db, Keyspace::Audit, sequence))
     }
 
     /// Audit entries with sequence > after, ascending, at most `limit`.
     pub fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        self.numbered_range(Keyspace::Audit, after, limit)
+        self.read(|| journal::range(&self.db, Keyspace::Audit, after, limit))
     }
 
     /// The audit entry with the highest sequence, if any.
     pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-        self.numbered_last(Keyspace::Audit)
+        self.read(|| journal::last(&self.db, Keyspace::Audit))
     }
 
     /// The conflict entry at `sequence`.
@@ -289,17 +305,31 @@ impl Store {
     /// This is the single path that flushes: sled 0.34.7 deadlocks when several tasks call
     /// flush_async concurrently (sled issue #1308), so the node calls commit from one thread only.
     /// Commits are also serialised by a lock shared by all clones of the store.
+    ///
+    /// The commit reads the last page of each journal (feed, audit) the batch writes to, and the
+    /// pages its removals and trims reach (see `journal`).
     pub fn commit(&self, batch: WriteBatch) -> Result<(), WriteError> {
-        if let Some(refused) = batch.refused {
+        let WriteBatch { batch: mut staged, feed, audit, operations, refused } = batch;
+        if let Some(refused) = refused {
             return Err(refused);
         }
-        if batch.operations == 0 {
+        if operations == 0 {
             return Ok(());
         }
         let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only commits change the tree, so the journals are read without blocking readers.
+        guarded(|| -> Result<(), WriteError> {
+            for (keyspace, pending) in [(Keyspace::Feed, feed), (Keyspace::Audit, audit)] {
+                if !pending.is_empty() {
+                    journal::stage(&self.db, keyspace, pending, &mut staged)?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|message| WriteError::Panicked { message })??;
         {
             let _applying = self.locks.visibility.write().unwrap_or_else(PoisonError::into_inner);
-            guarded(|| self.db.apply_batch(batch.batch))
+            guarded(|| self.db.apply_batch(staged))
                 .map_err(|message| WriteError::Panicked { message })?
                 .map_err(WriteError::Apply)?;
         }
@@ -436,19 +466,29 @@ impl WriteBatch {
         self.remove(keys::log(origin, sequence).to_vec());
     }
 
-    /// Stores the feed entry at `sequence`.
+    /// Stores the feed entry at `sequence`: cheapest after the feed's last entry (see
+    /// `journal`).
     pub fn put_feed(&mut self, sequence: u64, value: &[u8]) {
-        self.insert(keys::feed(sequence).to_vec(), value);
+        self.feed.put(sequence, value);
+        self.operations += 1;
     }
 
-    /// Stores the audit entry at `sequence`.
+    /// Stores the audit entry at `sequence`: cheapest after the audit trail's last entry.
     pub fn put_audit(&mut self, sequence: u64, value: &[u8]) {
-        self.insert(keys::numbered(Keyspace::Audit, sequence).to_vec(), value);
+        self.audit.put(sequence, value);
+        self.operations += 1;
     }
 
-    /// Removes the audit entry at `sequence` (retention).
+    /// Removes the audit entry at `sequence`.
     pub fn remove_audit(&mut self, sequence: u64) {
-        self.remove(keys::numbered(Keyspace::Audit, sequence).to_vec());
+        self.audit.remove(sequence);
+        self.operations += 1;
+    }
+
+    /// Removes every audit entry numbered `sequence` or less (retention).
+    pub fn trim_audit_through(&mut self, sequence: u64) {
+        self.audit.trim_through(sequence);
+        self.operations += 1;
     }
 
     /// Stores the conflict entry at `sequence`.
@@ -567,18 +607,58 @@ fn wait_for_lock(directory: &Path) {
     }
 }
 
-/// Checks the format marker's magic bytes and version.
-fn check_format(marker: &[u8], directory: &Path) -> Result<(), OpenError> {
+/// Checks the format marker's magic bytes and version: this build's, or format 1, which
+/// [`migrate_format_1`] brings up to date.
+fn check_format(marker: &[u8], directory: &Path) -> Result<u32, OpenError> {
     let version =
         marker.strip_prefix(FORMAT_MAGIC).and_then(|version| <[u8; 4]>::try_from(version).ok()).map(u32::from_be_bytes);
     match version {
-        Some(FORMAT_VERSION) => Ok(()),
+        Some(found @ (1 | FORMAT_VERSION)) => Ok(found),
         Some(found) => Err(OpenError::Version { path: directory.to_path_buf(), found, supported: FORMAT_VERSION }),
         None => Err(OpenError::Corrupt {
             path: directory.to_path_buf(),
             reason: format!("the format marker is garbled ({} bytes)", marker.len()),
         }),
     }
+}
+
+/// Moves a format 1 store's journals (an entry per key) into format 2's pages, then marks the
+/// store format 2. Each sled batch pages [`MIGRATION_CHUNK`] entries and removes them, so an
+/// interrupted migration goes on from where it stopped at the next open; the marker changes
+/// only once none is left.
+fn migrate_format_1(db: &sled::Db, directory: &Path) -> Result<(), OpenError> {
+    for (legacy, keyspace) in keys::FORMAT_1_JOURNALS {
+        loop {
+            let chunk = during_open(directory, "reading format 1 journal entries", || {
+                db.scan_prefix([legacy]).take(MIGRATION_CHUNK).collect::<sled::Result<Vec<_>>>()
+            })?;
+            if chunk.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            let mut entries = Vec::with_capacity(chunk.len());
+            for (key, value) in &chunk {
+                let number = keys::number(keyspace, key).map_err(|_| OpenError::Corrupt {
+                    path: directory.to_path_buf(),
+                    reason: format!("a format 1 {keyspace} entry has a malformed key {:02x?}", &key[..]),
+                })?;
+                batch.remove(key);
+                entries.push((number, &value[..]));
+            }
+            for page in journal::pages(entries) {
+                let (key, value) = page.into_entry(keyspace);
+                batch.insert(&key, value);
+            }
+            during_open(directory, "moving format 1 journal entries into pages", || db.apply_batch(batch))?;
+        }
+    }
+    let mut marker = FORMAT_MAGIC.to_vec();
+    marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    during_open(directory, "writing the format marker", || {
+        db.insert(keys::meta(FORMAT_META), marker)?;
+        db.flush()
+    })?;
+    Ok(())
 }
 
 /// Runs a sled operation of [`Store::open`], turning its error or panic into an [`OpenError`].

@@ -274,7 +274,7 @@ fn audit_conflicts_and_quarantine_keep_numbered_entries_apart() {
 fn numbered_keys_of_the_wrong_length_are_corrupt() {
     let (_temporary, directory) = folder();
     drop(Store::open(&directory).expect("create"));
-    insert_raw(&directory, &[b'a', 0, 0, 1]);
+    insert_raw(&directory, &[b'A', 0, 0, 1]);
     insert_raw(&directory, &[b'c', 0, 0, 0, 0, 0, 0, 0, 1, 9]);
     insert_raw(&directory, &[b'q', 1]);
     let store = Store::open(&directory).expect("open");
@@ -322,8 +322,15 @@ fn document_keys_paginate() {
 
 /// Writes `key` straight into sled, under the store, as if the disk had been damaged.
 fn insert_raw(directory: &Path, key: &[u8]) {
+    insert_raw_entries(directory, &[(key, b"value")]);
+}
+
+/// Writes entries straight into sled, under the store.
+fn insert_raw_entries(directory: &Path, entries: &[(&[u8], &[u8])]) {
     let db = sled::open(directory).expect("open with sled");
-    db.insert(key, b"value".as_slice()).expect("insert");
+    for (key, value) in entries {
+        db.insert(key, *value).expect("insert");
+    }
     db.flush().expect("flush");
 }
 
@@ -343,7 +350,7 @@ fn keys_of_the_wrong_length_are_corrupt() {
     assert!(error.to_string().contains("log keyspace"), "{error}");
     drop(store);
 
-    insert_raw(&directory, &[b'f', 0, 0, 1]);
+    insert_raw(&directory, &[b'F', 0, 0, 1]);
     let store = Store::open(&directory).expect("open");
     let error = store.feed_range(0, 10).expect_err("a short feed key");
     assert!(matches!(error, ReadError::Corrupt { keyspace: Keyspace::Feed, .. }), "{error}");
@@ -461,9 +468,160 @@ fn usage_counts_the_entries_and_bytes_of_each_keyspace() {
     // `i`, a u16 length, the key, a u32 index.
     assert_eq!(of(Keyspace::Increments), (2, 2 * 10, 4));
     assert_eq!(of(Keyspace::Log), (1, 25, 7));
-    assert_eq!(of(Keyspace::Feed), (1, 9, 2));
-    assert_eq!(of(Keyspace::Audit), (1, 9, 0));
+    // A journal page of one entry: its length (one byte) and its bytes.
+    assert_eq!(of(Keyspace::Feed), (1, 9, 3));
+    assert_eq!(of(Keyspace::Audit), (1, 9, 1));
     assert_eq!(of(Keyspace::Conflicts), (0, 0, 0));
     // The format marker is the one meta entry of a new store.
     assert_eq!(of(Keyspace::Meta).0, 1);
+}
+
+/// Feed entries `from..=to` with distinct values.
+fn feed_values(from: u64, to: u64) -> Vec<(u64, Vec<u8>)> {
+    (from..=to).map(|sequence| (sequence, format!("feed entry {sequence}").into_bytes())).collect()
+}
+
+fn entries_of(store: &Store, keyspace: Keyspace) -> u64 {
+    store.usage().expect("usage").into_iter().find(|usage| usage.keyspace == keyspace).map_or(0, |usage| usage.entries)
+}
+
+#[test]
+fn a_commit_stores_its_journal_entries_in_a_few_pages() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    // One commit of 300 entries and one of 5: three pages, then one more.
+    commit(&store, |batch| {
+        for (sequence, value) in feed_values(1, 300) {
+            batch.put_feed(sequence, &value);
+        }
+    });
+    assert_eq!(entries_of(&store, Keyspace::Feed), 3);
+    commit(&store, |batch| {
+        for (sequence, value) in feed_values(301, 305) {
+            batch.put_feed(sequence, &value);
+        }
+    });
+    assert_eq!(entries_of(&store, Keyspace::Feed), 4);
+    drop(store);
+
+    let store = Store::open(&directory).expect("reopen");
+    let all = feed_values(1, 305);
+    // Every start and length, across page boundaries (128, 256, 300).
+    for after in [0, 1, 127, 128, 129, 200, 255, 256, 299, 300, 304] {
+        for limit in [1, 2, 100, 1000] {
+            let expected: Vec<_> = all.iter().filter(|(sequence, _)| *sequence > after).take(limit).cloned().collect();
+            assert_eq!(store.feed_range(after, limit).expect("read"), expected, "after {after}, limit {limit}");
+        }
+    }
+    assert_eq!(store.feed_range(305, 10).expect("read"), vec![]);
+    assert_eq!(store.feed_last().expect("read"), all.last().cloned());
+}
+
+#[test]
+fn audit_entries_are_removed_replaced_and_trimmed_inside_their_pages() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    let value = |sequence: u64, version: &str| format!("audit {sequence} {version}").into_bytes();
+    commit(&store, |batch| {
+        for sequence in 1..=200 {
+            batch.put_audit(sequence, &value(sequence, "first"));
+        }
+    });
+    // Remove one in the middle of the first page, replace one in the second, and append.
+    commit(&store, |batch| {
+        batch.remove_audit(50);
+        batch.put_audit(150, &value(150, "second"));
+        batch.put_audit(201, &value(201, "first"));
+    });
+    assert_eq!(store.audit_entry(50).expect("read"), None);
+    assert_eq!(store.audit_entry(49).expect("read"), Some(value(49, "first")));
+    assert_eq!(store.audit_entry(51).expect("read"), Some(value(51, "first")));
+    assert_eq!(store.audit_entry(150).expect("read"), Some(value(150, "second")));
+    assert_eq!(
+        store.audit_range(48, 3).expect("read"),
+        vec![(49, value(49, "first")), (51, value(51, "first"))]
+            .into_iter()
+            .chain([(52, value(52, "first"))])
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(store.audit_last().expect("read"), Some((201, value(201, "first"))));
+
+    // A trim that ends inside a page keeps the rest of it.
+    let mut batch = WriteBatch::default();
+    batch.trim_audit_through(140);
+    store.commit(batch).expect("trim");
+    assert_eq!(store.audit_entry(140).expect("read"), None);
+    let rest = store.audit_range(0, 1000).expect("read");
+    assert_eq!(rest.first(), Some(&(141, value(141, "first"))));
+    assert_eq!(rest.len(), 61);
+    assert!(rest.contains(&(150, value(150, "second"))));
+    // And one past the end empties the journal.
+    let mut batch = WriteBatch::default();
+    batch.trim_audit_through(u64::MAX);
+    store.commit(batch).expect("trim all");
+    assert_eq!(store.audit_last().expect("read"), None);
+    assert_eq!(entries_of(&store, Keyspace::Audit), 0);
+}
+
+#[test]
+fn a_damaged_journal_page_is_an_error_and_appends_go_on() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    commit(&store, |batch| batch.put_feed(1, b"first"));
+    drop(store);
+    // Page 2 says its one entry is 9 bytes long, and holds 2.
+    insert_raw_entries(&directory, &[(&[b'F', 0, 0, 0, 0, 0, 0, 0, 2], &[9, 1, 2])]);
+    let store = Store::open(&directory).expect("open");
+    let error = store.feed_range(0, 10).expect_err("a damaged page");
+    assert!(matches!(error, ReadError::CorruptValue { keyspace: Keyspace::Feed, .. }), "{error}");
+    assert!(error.to_string().contains("longer than the page"), "{error}");
+    assert!(store.feed_last().is_err());
+    assert_eq!(store.feed_range(0, 1).expect("the page before"), vec![(1, b"first".to_vec())]);
+    commit(&store, |batch| batch.put_feed(3, b"third"));
+    assert_eq!(store.feed_range(2, 10).expect("past the damage"), vec![(3, b"third".to_vec())]);
+}
+
+#[test]
+fn a_format_1_store_has_its_journals_moved_into_pages() {
+    let (_temporary, directory) = folder();
+    drop(Store::open(&directory).expect("create"));
+    // Format 1: the marker says 1, and each feed and audit entry has a key of its own under `f`
+    // and `a`. 5,000 feed entries take two migration chunks.
+    let mut marker = b"concord-store".to_vec();
+    marker.extend_from_slice(&1u32.to_be_bytes());
+    let numbered = |prefix: u8, sequence: u64| {
+        let mut key = vec![prefix];
+        key.extend_from_slice(&sequence.to_be_bytes());
+        key
+    };
+    let feed: Vec<(Vec<u8>, Vec<u8>)> =
+        feed_values(1, 5000).into_iter().map(|(sequence, value)| (numbered(b'f', sequence), value)).collect();
+    let audit: Vec<(Vec<u8>, Vec<u8>)> = [3u64, 4, 9]
+        .iter()
+        .map(|&sequence| (numbered(b'a', sequence), format!("audit {sequence}").into_bytes()))
+        .collect();
+    let mut raw: Vec<(&[u8], &[u8])> = vec![(b"mformat", &marker)];
+    raw.extend(feed.iter().chain(&audit).map(|(key, value)| (key.as_slice(), value.as_slice())));
+    insert_raw_entries(&directory, &raw);
+
+    let store = Store::open(&directory).expect("open and migrate");
+    assert_eq!(store.feed_range(0, 10_000).expect("read"), feed_values(1, 5000));
+    assert_eq!(store.feed_range(4095, 2).expect("read"), feed_values(4096, 4097));
+    let audit_read: Vec<(u64, Vec<u8>)> =
+        [3u64, 4, 9].iter().map(|&sequence| (sequence, format!("audit {sequence}").into_bytes())).collect();
+    assert_eq!(store.audit_range(0, 10).expect("read"), audit_read);
+    // Every entry moved: `usage` refuses keys outside the keyspaces, so none is left under `f`
+    // or `a`; 5,000 consecutive entries in chunks of 4,096 make 32 + 8 pages.
+    assert_eq!(entries_of(&store, Keyspace::Feed), 40);
+    assert_eq!(entries_of(&store, Keyspace::Audit), 2);
+    commit(&store, |batch| batch.put_feed(5001, b"new"));
+    drop(store);
+
+    let store = Store::open(&directory).expect("reopen as format 2");
+    assert_eq!(store.feed_last().expect("read"), Some((5001, b"new".to_vec())));
+    drop(store);
+    let db = sled::open(&directory).expect("open with sled");
+    let mut current = b"concord-store".to_vec();
+    current.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    assert_eq!(db.get(b"mformat").expect("read").as_deref(), Some(current.as_slice()));
 }

@@ -1,0 +1,397 @@
+//! Journals: the feed and the audit trail, numbered entries appended in order, stored as pages
+//! of consecutive entries (one sled entry per page instead of one per entry).
+//!
+//! A node appends a feed entry and an audit entry for every change it stores. As sled entries of
+//! their own, they were half of a write's inserts, and sled splits a leaf every few inserts and
+//! copies its parent to do so. A commit's entries of one journal go into as few pages as the
+//! limits allow ([`PAGE_ENTRIES_MAX`], [`PAGE_BYTES_MAX`]).
+//!
+//! A page is stored under the number of its first entry. Its value is the entries, each as its
+//! length (LEB128) and its bytes; an entry's number is the page's plus its position. Pages never
+//! overlap, so the page holding entry `n` is the last one stored at or below `n`. Appending
+//! costs one read of the last page per commit; removing or replacing an entry rewrites its page.
+
+use std::collections::BTreeMap;
+
+use crate::error::{ReadError, WriteError};
+use crate::keys::{self, Keyspace};
+
+/// At most this many entries share a page.
+pub(crate) const PAGE_ENTRIES_MAX: usize = 128;
+/// A page is closed once its value reaches this many bytes (an entry larger than this gets a
+/// page of its own). Small pages keep sled's nodes small and a read of one entry cheap.
+pub(crate) const PAGE_BYTES_MAX: usize = 16 << 10;
+
+/// What a write batch does to one journal: entries put or removed, and how far to trim it.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    /// In the order they were made; `None` removes.
+    operations: Vec<(u64, Option<Vec<u8>>)>,
+    /// Remove every entry numbered at most this.
+    trim_through: Option<u64>,
+}
+
+impl Pending {
+    pub(crate) fn put(&mut self, number: u64, value: &[u8]) {
+        self.operations.push((number, Some(value.to_vec())));
+    }
+
+    pub(crate) fn remove(&mut self, number: u64) {
+        self.operations.push((number, None));
+    }
+
+    pub(crate) fn trim_through(&mut self, number: u64) {
+        self.trim_through = Some(self.trim_through.map_or(number, |earlier| earlier.max(number)));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.operations.is_empty() && self.trim_through.is_none()
+    }
+
+    /// The operations in number order, the last one made for a number replacing the others.
+    fn sorted(mut self) -> Vec<(u64, Option<Vec<u8>>)> {
+        // Stable, so that of equal numbers the one made last comes last.
+        self.operations.sort_by_key(|(number, _)| *number);
+        let mut sorted: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity(self.operations.len());
+        for (number, value) in self.operations {
+            match sorted.last_mut() {
+                Some(last) if last.0 == number => last.1 = value,
+                _ => sorted.push((number, value)),
+            }
+        }
+        sorted
+    }
+}
+
+/// A page being filled.
+#[derive(Debug)]
+pub(crate) struct PageBuilder {
+    first: u64,
+    count: usize,
+    bytes: Vec<u8>,
+}
+
+impl PageBuilder {
+    pub(crate) fn new(first: u64, value: &[u8]) -> PageBuilder {
+        let mut page = PageBuilder { first, count: 0, bytes: Vec::with_capacity(value.len() + 2) };
+        page.push(value);
+        page
+    }
+
+    /// Whether entry `number` continues this page within the limits.
+    pub(crate) fn takes(&self, number: u64, value: &[u8]) -> bool {
+        self.first.checked_add(self.count as u64) == Some(number)
+            && self.count < PAGE_ENTRIES_MAX
+            && self.bytes.len().saturating_add(value.len()) < PAGE_BYTES_MAX
+    }
+
+    pub(crate) fn push(&mut self, value: &[u8]) {
+        let mut length = value.len() as u64;
+        loop {
+            let byte = (length & 0x7f) as u8;
+            length >>= 7;
+            if length == 0 {
+                self.bytes.push(byte);
+                break;
+            }
+            self.bytes.push(byte | 0x80);
+        }
+        self.bytes.extend_from_slice(value);
+        self.count += 1;
+    }
+
+    pub(crate) fn into_entry(self, keyspace: Keyspace) -> ([u8; keys::NUMBERED_KEY_LENGTH], Vec<u8>) {
+        (keys::numbered(keyspace, self.first), self.bytes)
+    }
+}
+
+/// Packs entries in ascending number order into pages, a new page at every gap or limit.
+pub(crate) fn pages<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<PageBuilder> {
+    let mut pages: Vec<PageBuilder> = Vec::new();
+    for (number, value) in entries {
+        match pages.last_mut() {
+            Some(page) if page.takes(number, value) => page.push(value),
+            _ => pages.push(PageBuilder::new(number, value)),
+        }
+    }
+    pages
+}
+
+/// Stages a journal's pending operations into `batch`, reading what `tree` holds of it.
+///
+/// The usual case appends: every number is past the journal's last entry, and the new entries
+/// become new pages after one read of the last page. Operations on numbers the journal may
+/// already hold (a removal, a trim, a put that replaces) read the pages they reach, and those
+/// pages are stored again as they come out (split at any gap, under their first entry).
+pub(crate) fn stage(
+    tree: &sled::Tree,
+    keyspace: Keyspace,
+    pending: Pending,
+    batch: &mut sled::Batch,
+) -> Result<(), WriteError> {
+    let trim_through = pending.trim_through;
+    let operations = pending.sorted();
+    let last = last_number(tree, keyspace)?;
+    let held = operations.partition_point(|(number, _)| last.is_some_and(|last| *number <= last));
+    let (within, beyond) = operations.split_at(held);
+    if !within.is_empty() || trim_through.is_some() {
+        rewrite(tree, keyspace, within, trim_through, batch)?;
+    }
+    let appended = beyond.iter().filter_map(|(number, value)| Some((*number, value.as_deref()?)));
+    for page in pages(appended) {
+        let (key, value) = page.into_entry(keyspace);
+        batch.insert(&key, value);
+    }
+    Ok(())
+}
+
+/// Applies operations on numbers at or below the journal's last entry, and a trim, to the
+/// pages they reach.
+fn rewrite(
+    tree: &sled::Tree,
+    keyspace: Keyspace,
+    operations: &[(u64, Option<Vec<u8>>)],
+    trim_through: Option<u64>,
+    batch: &mut sled::Batch,
+) -> Result<(), WriteError> {
+    let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut read = |key: &[u8], value: &[u8], entries: &mut BTreeMap<u64, Vec<u8>>| -> Result<(), ReadError> {
+        let first = keys::number(keyspace, key)?;
+        for entry in Page::new(keyspace, key, first, value) {
+            let (number, value) = entry?;
+            entries.insert(number, value.to_vec());
+        }
+        batch.remove(key);
+        Ok(())
+    };
+    // The pages a trim reaches start at or below its number.
+    let mut reached_through = None;
+    if let Some(through) = trim_through {
+        for stored in tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, through)) {
+            let (key, value) = stored.map_err(ReadError::from)?;
+            read(&key, &value, &mut entries)?;
+        }
+        reached_through = entries.last_key_value().map(|(number, _)| *number);
+    }
+    // Each operation's page, unless a page read already covers its number.
+    for (number, _) in operations {
+        if reached_through.is_some_and(|through| *number <= through) || entries.contains_key(number) {
+            continue;
+        }
+        let page = tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, *number)).next_back();
+        if let Some(stored) = page {
+            let (key, value) = stored.map_err(ReadError::from)?;
+            read(&key, &value, &mut entries)?;
+        }
+    }
+    if let Some(through) = trim_through {
+        entries = entries.split_off(&through.saturating_add(1));
+        if through == u64::MAX {
+            entries.clear();
+        }
+    }
+    for (number, value) in operations {
+        match value {
+            Some(value) => entries.insert(*number, value.clone()),
+            None => entries.remove(number),
+        };
+    }
+    for page in pages(entries.iter().map(|(number, value)| (*number, value.as_slice()))) {
+        let (key, value) = page.into_entry(keyspace);
+        batch.insert(&key, value);
+    }
+    Ok(())
+}
+
+/// The entries of a stored page, in order.
+pub(crate) struct Page<'a> {
+    keyspace: Keyspace,
+    key: &'a [u8],
+    next: Option<u64>,
+    rest: &'a [u8],
+}
+
+impl<'a> Page<'a> {
+    pub(crate) fn new(keyspace: Keyspace, key: &'a [u8], first: u64, value: &'a [u8]) -> Page<'a> {
+        Page { keyspace, key, next: Some(first), rest: value }
+    }
+
+    fn corrupt(&mut self, reason: &'static str) -> ReadError {
+        self.rest = &[];
+        ReadError::CorruptValue { keyspace: self.keyspace, key: self.key.to_vec(), reason }
+    }
+}
+
+impl<'a> Iterator for Page<'a> {
+    type Item = Result<(u64, &'a [u8]), ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let Some(number) = self.next else {
+            return Some(Err(self.corrupt("its entries number past u64::MAX")));
+        };
+        let mut length: u64 = 0;
+        let mut read = 0;
+        loop {
+            let Some(&byte) = self.rest.get(read) else {
+                return Some(Err(self.corrupt("an entry's length is cut short")));
+            };
+            if read == 9 && byte > 1 {
+                return Some(Err(self.corrupt("an entry's length does not fit 64 bits")));
+            }
+            length |= u64::from(byte & 0x7f) << (7 * read);
+            read += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let rest = &self.rest[read..];
+        let Some(value) = usize::try_from(length).ok().and_then(|length| rest.get(..length)) else {
+            return Some(Err(self.corrupt("an entry is longer than the page")));
+        };
+        self.rest = &rest[value.len()..];
+        self.next = number.checked_add(1);
+        Some(Ok((number, value)))
+    }
+}
+
+/// The number of a journal's last entry, which tells appends from operations on held entries.
+/// A damaged last page counts as ending at its first entry: appends go on, and reads of that
+/// page report the damage.
+fn last_number(tree: &sled::Tree, keyspace: Keyspace) -> Result<Option<u64>, ReadError> {
+    let range = keys::numbered(keyspace, 0)..=keys::numbered(keyspace, u64::MAX);
+    let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
+    let (key, value) = stored?;
+    let first = keys::number(keyspace, &key)?;
+    let mut last = first;
+    for entry in Page::new(keyspace, &key, first, &value) {
+        match entry {
+            Ok((number, _)) => last = number,
+            Err(_) => return Ok(Some(first)),
+        }
+    }
+    Ok(Some(last))
+}
+
+/// The last entry of a journal: its number and bytes.
+pub(crate) fn last(tree: &sled::Tree, keyspace: Keyspace) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+    let range = keys::numbered(keyspace, 0)..=keys::numbered(keyspace, u64::MAX);
+    let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
+    let (key, value) = stored?;
+    let first = keys::number(keyspace, &key)?;
+    let mut last = None;
+    for entry in Page::new(keyspace, &key, first, &value) {
+        last = Some(entry?);
+    }
+    match last {
+        Some((number, value)) => Ok(Some((number, value.to_vec()))),
+        None => Err(ReadError::CorruptValue { keyspace, key: key.to_vec(), reason: "the page is empty" }),
+    }
+}
+
+/// Entries numbered above `after`, ascending, at most `limit`.
+pub(crate) fn range(
+    tree: &sled::Tree,
+    keyspace: Keyspace,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+    let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // The page holding `from`, if any, starts at or below it.
+    let start = match tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, from)).next_back() {
+        Some(stored) => keys::number(keyspace, &stored?.0)?,
+        None => from,
+    };
+    let mut found = Vec::new();
+    for stored in tree.range(keys::numbered(keyspace, start)..=keys::numbered(keyspace, u64::MAX)) {
+        let (key, value) = stored?;
+        let first = keys::number(keyspace, &key)?;
+        for entry in Page::new(keyspace, &key, first, &value) {
+            let (number, value) = entry?;
+            if number < from {
+                continue;
+            }
+            found.push((number, value.to_vec()));
+            if found.len() >= limit {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The entry numbered `number`.
+pub(crate) fn entry(tree: &sled::Tree, keyspace: Keyspace, number: u64) -> Result<Option<Vec<u8>>, ReadError> {
+    let range = number.checked_sub(1).map_or(Ok(Vec::new()), |after| range(tree, keyspace, after, 1));
+    Ok(range?.into_iter().find(|(found, _)| *found == number).map(|(_, value)| value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(page: &[u8], first: u64) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+        Page::new(Keyspace::Feed, b"key", first, page).map(|entry| entry.map(|(n, v)| (n, v.to_vec()))).collect()
+    }
+
+    #[test]
+    fn pages_round_trip_and_split_at_gaps_and_limits() {
+        let big = vec![7u8; PAGE_BYTES_MAX];
+        let values: Vec<(u64, Vec<u8>)> = (1..=300u64)
+            .map(|number| (number, format!("entry {number}").into_bytes()))
+            .chain([(302, Vec::new()), (303, vec![1; 200]), (304, big.clone()), (305, b"after".to_vec())])
+            .collect();
+        let built = pages(values.iter().map(|(number, value)| (*number, value.as_slice())));
+        let firsts: Vec<u64> = built.iter().map(|page| page.first).collect();
+        // 128 per page, a new page at the gap before 302 and for the entry over the byte limit,
+        // and one after it.
+        assert_eq!(firsts, vec![1, 129, 257, 302, 304, 305]);
+        let mut read = Vec::new();
+        for page in built {
+            let first = page.first;
+            let (_, bytes) = page.into_entry(Keyspace::Feed);
+            assert!(bytes.len() <= PAGE_BYTES_MAX + 4);
+            read.extend(entries(&bytes, first).expect("decodes"));
+        }
+        assert_eq!(read, values);
+    }
+
+    #[test]
+    fn damaged_pages_are_errors_not_panics() {
+        let damaged: [(&[u8], &str); 4] = [
+            (&[5, 1, 2], "longer than the page"),
+            (&[0x80], "cut short"),
+            (&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], "64 bits"),
+            (&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], "64 bits"),
+        ];
+        for (page, reason) in damaged {
+            let error = entries(page, 1).expect_err("damaged");
+            assert!(matches!(error, ReadError::CorruptValue { keyspace: Keyspace::Feed, .. }), "{error}");
+            assert!(error.to_string().contains(reason), "{error}");
+        }
+        // Two entries numbered from u64::MAX: the second has no number.
+        let error = entries(&[1, 9, 1, 9], u64::MAX).expect_err("past u64::MAX");
+        assert!(error.to_string().contains("past u64::MAX"), "{error}");
+        assert_eq!(entries(&[1, 9], u64::MAX).expect("one entry"), vec![(u64::MAX, vec![9])]);
+    }
+
+    #[test]
+    fn the_last_operation_on_a_number_wins() {
+        let mut pending = Pending::default();
+        for (number, value) in [(3, "c"), (1, "a"), (3, "C"), (2, "b"), (4, "d")] {
+            pending.put(number, value.as_bytes());
+        }
+        pending.remove(2);
+        pending.remove(4);
+        pending.put(4, b"D");
+        let sorted: Vec<(u64, Option<Vec<u8>>)> = pending.sorted();
+        let expected: Vec<(u64, Option<Vec<u8>>)> =
+            vec![(1, Some(b"a".to_vec())), (2, None), (3, Some(b"C".to_vec())), (4, Some(b"D".to_vec()))];
+        assert_eq!(sorted, expected);
+    }
+}
