@@ -67,10 +67,22 @@ pub struct Conflict {
 
 /// Checks that `value` nests at most [`DEPTH_MAX`] levels, without recursion.
 pub fn check_depth(value: &Value) -> Result<(), JsonError> {
+    check_and_count(value).map(|_| ())
+}
+
+/// Checks that `value` nests at most [`DEPTH_MAX`] levels, without recursion, and counts its
+/// values other than `null`: objects, arrays and scalars. Writing a value takes at least one
+/// automerge operation for each of them that ends up stored, so the count is a floor on what a
+/// record holding `value` holds.
+pub fn check_and_count(value: &Value) -> Result<u64, JsonError> {
     let mut pending = vec![(value, 1usize)];
+    let mut values = 0u64;
     while let Some((value, depth)) = pending.pop() {
         if depth > DEPTH_MAX {
             return Err(JsonError::TooDeep);
+        }
+        if !value.is_null() {
+            values += 1;
         }
         match value {
             Value::Array(items) => pending.extend(items.iter().map(|item| (item, depth + 1))),
@@ -78,7 +90,7 @@ pub fn check_depth(value: &Value) -> Result<(), JsonError> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(values)
 }
 
 /// The automerge scalar for a JSON scalar; `None` for objects and arrays.
@@ -441,6 +453,21 @@ mod tests {
     use super::*;
     use automerge::{ActorId, AutoCommit, ROOT};
     use serde_json::json;
+
+    #[test]
+    fn values_other_than_null_are_counted() {
+        let counted = |value: Value| check_and_count(&value).expect("shallow");
+        assert_eq!(counted(json!(null)), 0);
+        assert_eq!(counted(json!("text")), 1);
+        assert_eq!(counted(json!([])), 1);
+        assert_eq!(counted(json!([1, null, "x", [true]])), 5);
+        assert_eq!(counted(json!({"a": {"b": null, "c": [1, 2]}, "d": 0.5})), 6);
+        let mut deep = json!(1);
+        for _ in 0..DEPTH_MAX {
+            deep = json!([deep]);
+        }
+        assert!(matches!(check_and_count(&deep), Err(JsonError::TooDeep)));
+    }
 
     /// Three replicas write key `f` concurrently (a scalar, an object, another scalar).
     fn conflicted() -> AutoCommit {

@@ -433,7 +433,16 @@ pub fn version_of(heads: &[ChangeHash]) -> String {
 fn validate(operation: &Operation) -> Result<(), OperationError> {
     match operation {
         Operation::Replace(fields) | Operation::MergePatch(fields) => {
-            fields.values().try_for_each(json::check_depth)?;
+            // Every value that is not `null` ends up stored (a patch's `null` deletes), at an
+            // operation or more each: a write with more than the record may hold is refused here,
+            // before automerge spends seconds on it (`transact` checks the exact count after).
+            let mut values = 0u64;
+            for value in fields.values() {
+                values = values.saturating_add(json::check_and_count(value)?);
+            }
+            if values > RECORD_ITEMS_MAX {
+                return Err(OperationError::RecordFull);
+            }
         }
         Operation::Increment { field, .. } if field.is_empty() || field.len() > FIELD_BYTES_MAX => {
             return Err(OperationError::FieldName);
