@@ -408,7 +408,7 @@ pub struct Engine {
     unbuilt: std::collections::HashMap<RecordKey, Vec<u8>>,
     identity: Identity,
     clock: Clock,
-    next_sequence: u64,
+    pub(crate) next_sequence: u64,
     version_vector: VersionVector,
     /// Per origin, below which the change log lacks changes this node holds (see `snapshots`).
     log_floors: crdt::replica::LogFloors,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crdt::identity::OriginId;
-use crdt::replica::{Apply, Durable, Message, PeerId};
+use crdt::replica::{Acknowledgement, Apply, Durable, Message, PeerId};
 use serde::Serialize;
 
 use crate::engine::{Engine, StoreSource};
@@ -254,11 +254,28 @@ impl Engine {
 
     fn record_acknowledgements(&mut self) {
         let mut any = false;
-        while let Some((peer, origin, sequence)) = self.replication.replica.poll_acknowledged() {
-            if self.replication.peers.contains_key(&peer) {
-                self.replication.acknowledged.entry(peer).or_default().insert(origin, sequence);
-                any = true;
+        // Writers wait only for this process's own changes, so only those are kept: what a peer
+        // says it holds of other origins would only grow the map.
+        let own = self.identity().origin;
+        let issued = self.next_sequence.saturating_sub(1);
+        while let Some((peer, acknowledgement)) = self.replication.replica.poll_acknowledged() {
+            if !self.replication.peers.contains_key(&peer) {
+                continue;
             }
+            let held = self.replication.acknowledged.entry(peer).or_default();
+            match acknowledgement {
+                Acknowledgement::Change { origin, sequence } if origin == own && sequence <= issued => {
+                    held.insert(origin, sequence);
+                }
+                // A summary counts too: a peer that got the change in a snapshot, or from a third
+                // node, never names it in a credit message.
+                Acknowledgement::Holds(version_vector) => match version_vector.get(&own) {
+                    Some(range) => held.merge_origin(own, range, issued),
+                    None => continue,
+                },
+                Acknowledgement::Change { .. } => continue,
+            }
+            any = true;
         }
         if !any || self.replication.waiters.is_empty() {
             return;

@@ -203,6 +203,32 @@ async fn a_write_with_acks_waits_for_that_many_peers() {
     assert_eq!(third.get("acked", "from-cli").await.0, 200);
 }
 
+/// A peer that gets a change inside a snapshot never names it in a credit message; its summary
+/// says it holds it, and that counts. Before, such a write waited out its whole timeout (seen
+/// as a rare 504 in `tests/refusals.rs`, when the write raced the peer's first summary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_counts_the_acknowledgement_of_a_peer_that_got_it_in_a_snapshot() {
+    let root = temporary_directory();
+    let certs = root.path().join("certs");
+    certificates(&certs, "test-cluster", &["first", "second"]);
+    let first = start_peer(root.path(), &certs, "first", &[]).await;
+    let path = format!("{}?acks=1&timeout_ms=60000", record_path("early", "waiting"));
+    // The write is made with no peer connected, so the new peer, holding none of the first
+    // node's changes, is bootstrapped from a snapshot that holds it.
+    let write = first.call(Method::PUT, &path, Some(json!({"n": 1})));
+    let join = async {
+        while first.get("early", "waiting").await.0 != 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start_peer(root.path(), &certs, "second", &[peer_address(&first)]).await
+    };
+    let ((status, body), second) = tokio::join!(write, join);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(second.get("early", "waiting").await.0, 200);
+    let records = metric(&second.metrics().await, "concord_snapshot_records_received_total");
+    assert_eq!(records, 1, "the change came in a snapshot");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_learn_each_other_from_a_chain_of_seeds() {
     let root = temporary_directory();

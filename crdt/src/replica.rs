@@ -16,7 +16,9 @@
 //!   of at most `chunk_envelopes_max` envelopes and about `chunk_bytes_max` bytes.
 //! - **Credit** `{envelopes, durable}`: the receiver has made that many envelopes durable (or
 //!   found them to be duplicates), named in `durable`; the sender may send that many more, and
-//!   counts them as acknowledged (see [`Replica::poll_acknowledged`]).
+//!   counts them as acknowledged (see [`Replica::poll_acknowledged`]). A summary acknowledges
+//!   its version vector too, which is how changes a peer got some other way (in a snapshot, or
+//!   relayed by a third node) count.
 //!
 //! - **Peers** `{addresses}`: peer exchange, handled by the node (which dials addresses it does
 //!   not know); the core ignores it.
@@ -362,9 +364,19 @@ pub struct Replica {
     peers: BTreeMap<PeerId, Peer>,
     transmits: VecDeque<(PeerId, Message)>,
     applies: VecDeque<(PeerId, Apply)>,
-    /// Envelopes peers said they hold durably, for [`Replica::poll_acknowledged`].
-    acknowledged: VecDeque<(PeerId, OriginId, u64)>,
+    /// What peers said they hold durably, for [`Replica::poll_acknowledged`].
+    acknowledged: VecDeque<(PeerId, Acknowledgement)>,
     statistics: Statistics,
+}
+
+/// What a peer said it holds durably (see [`Replica::poll_acknowledged`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acknowledgement {
+    /// One change, named in a credit message.
+    Change { origin: OriginId, sequence: u64 },
+    /// Every change in a summary's version vector (normalized): a node summarizes only what it
+    /// holds durably.
+    Holds(VersionVector),
 }
 
 impl Replica {
@@ -443,6 +455,7 @@ impl Replica {
                 }
                 state.peer_epoch = epoch;
                 state.known = version_vector.normalized();
+                self.acknowledged.push_back((peer, Acknowledgement::Holds(state.known.clone())));
                 state.unconfirmed_summaries = state.unconfirmed_summaries.saturating_add(1);
                 let given_up = state.unconfirmed_summaries > UNCONFIRMED_SUMMARIES
                     && state.unconfirmed_until.is_none_or(|until| now >= until);
@@ -465,7 +478,9 @@ impl Replica {
                     state.credit = state.credit.saturating_add(envelopes).min(window);
                 }
                 // Bounded by the frame size; the node keeps only what a waiting writer needs.
-                self.acknowledged.extend(durable.into_iter().map(|(origin, sequence)| (peer, origin, sequence)));
+                self.acknowledged.extend(
+                    durable.into_iter().map(|(origin, sequence)| (peer, Acknowledgement::Change { origin, sequence })),
+                );
                 self.pump(now, peer, source);
             }
             Message::Peers { .. } => {}
@@ -592,8 +607,9 @@ impl Replica {
         self.applies.pop_front()
     }
 
-    /// An envelope a peer says it now holds durably: (peer, origin, sequence).
-    pub fn poll_acknowledged(&mut self) -> Option<(PeerId, OriginId, u64)> {
+    /// What a peer says it now holds durably: a change it made durable, or a summary's version
+    /// vector. The node drains these after each message it hands the core.
+    pub fn poll_acknowledged(&mut self) -> Option<(PeerId, Acknowledgement)> {
         self.acknowledged.pop_front()
     }
 
@@ -803,4 +819,52 @@ fn holds_none_of(peer: &VersionVector, local: &VersionVector) -> bool {
         }
     }
     any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Empty;
+    impl Source for Empty {
+        fn changes(&self, _origin: &OriginId, _from: u64, _limit: usize) -> Vec<Envelope> {
+            Vec::new()
+        }
+        fn records(&self, _after: Option<&RecordKey>, _limit: usize) -> Vec<SnapshotRecord> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn credits_and_summaries_both_acknowledge() {
+        let now = Instant::now();
+        let origin = OriginId([3; 16]);
+        let mut replica = Replica::new(VersionVector::new(), LogFloors::new(), Settings::default(), now);
+        replica.handle_peer_connected(now, 1);
+        let credit = Message::Credit { envelopes: 1, durable: vec![(origin, 4)], epoch: 0 };
+        replica.handle_peer_message(now, 1, credit, &Empty).expect("a credit");
+        assert_eq!(replica.poll_acknowledged(), Some((1, Acknowledgement::Change { origin, sequence: 4 })));
+        // A summary acknowledges what it says the peer holds, normalized as the core reads it.
+        let mut held = VersionVector::new();
+        for sequence in [0, 1, 2, 3] {
+            held.insert(origin, sequence);
+        }
+        let summary = Message::Summary { version_vector: held, credit: 8, snapshots: 0, receiving: false, epoch: 1 };
+        replica.handle_peer_message(now, 1, summary, &Empty).expect("a summary");
+        let Some((1, Acknowledgement::Holds(acknowledged))) = replica.poll_acknowledged() else {
+            panic!("the summary acknowledges")
+        };
+        assert!((1..=3).all(|sequence| acknowledged.contains(&origin, sequence)));
+        assert!(!acknowledged.contains(&origin, 0) && !acknowledged.contains(&origin, 4));
+        // A summary overtaken by a newer one says nothing new.
+        let stale = Message::Summary {
+            version_vector: VersionVector::new(),
+            credit: 8,
+            snapshots: 0,
+            receiving: false,
+            epoch: 0,
+        };
+        replica.handle_peer_message(now, 1, stale, &Empty).expect("a stale summary");
+        assert_eq!(replica.poll_acknowledged(), None);
+    }
 }

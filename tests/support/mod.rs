@@ -60,7 +60,9 @@ impl Node {
             .arg(&self.data_dir)
             .args(["--listen-api", "127.0.0.1:0"])
             .args(&self.extra_arguments)
-            .env("RUST_LOG", "error")
+            // `CONCORD_TEST_LOG` (a `RUST_LOG` filter) shows more of the nodes' logs when a test
+            // is being diagnosed.
+            .env("RUST_LOG", std::env::var("CONCORD_TEST_LOG").unwrap_or_else(|_| "error".to_owned()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
