@@ -381,6 +381,50 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_decode_to_entries_or_an_error() {
+        // Every page of up to three bytes, then pseudo-random pages of up to 64: the decoder
+        // returns entries that tile the page exactly, or stops at an error, and never panics.
+        let mut pages: Vec<Vec<u8>> = Vec::new();
+        let alphabet = [0u8, 1, 2, 0x7f, 0x80, 0x81, 0xff];
+        for a in alphabet {
+            pages.push(vec![a]);
+            for b in alphabet {
+                pages.push(vec![a, b]);
+                for c in alphabet {
+                    pages.push(vec![a, b, c]);
+                }
+            }
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let length = (state % 65) as usize;
+            pages.push((0..length).map(|index| (state >> (index % 8 * 8)) as u8 ^ index as u8).collect());
+        }
+        let length_bytes = |length: usize| (usize::BITS - length.leading_zeros()).div_ceil(7).max(1) as usize;
+        for page in pages {
+            let mut covered = 0;
+            let mut failed = false;
+            let mut expected_number = u64::MAX - 2;
+            for entry in Page::new(Keyspace::Audit, b"key", u64::MAX - 2, &page) {
+                match entry {
+                    Ok((number, value)) => {
+                        assert_eq!(number, expected_number);
+                        expected_number = expected_number.wrapping_add(1);
+                        covered += length_bytes(value.len()) + value.len();
+                    }
+                    Err(_) => failed = true,
+                }
+            }
+            // Lengths may be written with more bytes than needed (a zero continuation byte).
+            assert!(covered <= page.len(), "{page:?}");
+            assert!(failed || page.is_empty() || covered > 0, "{page:?}");
+        }
+    }
+
+    #[test]
     fn the_last_operation_on_a_number_wins() {
         let mut pending = Pending::default();
         for (number, value) in [(3, "c"), (1, "a"), (3, "C"), (2, "b"), (4, "d")] {
