@@ -1,9 +1,10 @@
-//! Journals: the feed and the audit trail, numbered entries appended in order, stored as pages
-//! of consecutive entries (one sled entry per page instead of one per entry).
+//! Journals: the feed, the audit trail and each origin's change log, numbered entries mostly
+//! appended in order, stored as pages of consecutive entries (one sled entry per page instead of
+//! one per entry).
 //!
-//! A node appends a feed entry and an audit entry for every change it stores. As sled entries of
-//! their own, they were half of a write's inserts, and sled splits a leaf every few inserts and
-//! copies its parent to do so. A commit's entries of one journal go into as few pages as the
+//! A node appends a log entry, a feed entry and an audit entry for every change it stores. As
+//! sled entries of their own, they were three of a write's four inserts, and sled splits a leaf
+//! every few inserts and copies its parent to do so. A commit's entries of one journal go into as few pages as the
 //! limits allow ([`PAGE_ENTRIES_MAX`], [`PAGE_BYTES_MAX`]).
 //!
 //! A page is stored under the number of its first entry. Its value is the entries, each as its
@@ -14,13 +15,67 @@
 use std::collections::BTreeMap;
 
 use crate::error::{ReadError, WriteError};
-use crate::keys::{self, Keyspace};
+use crate::keys::Keyspace;
 
 /// At most this many entries share a page.
 pub(crate) const PAGE_ENTRIES_MAX: usize = 128;
 /// A page is closed once its value reaches this many bytes (an entry larger than this gets a
 /// page of its own). Small pages keep sled's nodes small and a read of one entry cheap.
 pub(crate) const PAGE_BYTES_MAX: usize = 16 << 10;
+
+/// Where one journal's pages live: under a key prefix (its keyspace's byte, and for the log
+/// the origin), each page under the prefix and its first entry's number (u64 BE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Journal {
+    pub(crate) keyspace: Keyspace,
+    prefix: Vec<u8>,
+}
+
+impl Journal {
+    /// The journal of a keyspace numbered by a u64 alone (feed, audit).
+    pub(crate) fn numbered(keyspace: Keyspace) -> Journal {
+        Journal { keyspace, prefix: vec![keyspace.prefix()] }
+    }
+
+    /// The change log of one origin.
+    pub(crate) fn log(origin: &[u8; 16]) -> Journal {
+        let mut prefix = Vec::with_capacity(17);
+        prefix.push(Keyspace::Log.prefix());
+        prefix.extend_from_slice(origin);
+        Journal { keyspace: Keyspace::Log, prefix }
+    }
+
+    /// The journal and number of a format 1 entry's key in `keyspace` (see
+    /// `keys::FORMAT_1_JOURNALS`); `None` for a key of the wrong length.
+    pub(crate) fn format_1(keyspace: Keyspace, key: &[u8]) -> Option<(Journal, u64)> {
+        let number = |bytes: &[u8]| <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes);
+        match keyspace {
+            Keyspace::Log if key.len() == 25 => {
+                let origin = <[u8; 16]>::try_from(&key[1..17]).ok()?;
+                Some((Journal::log(&origin), number(&key[17..])?))
+            }
+            Keyspace::Feed | Keyspace::Audit if key.len() == 9 => {
+                Some((Journal::numbered(keyspace), number(&key[1..])?))
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) fn key(&self, number: u64) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + 8);
+        key.extend_from_slice(&self.prefix);
+        key.extend_from_slice(&number.to_be_bytes());
+        key
+    }
+
+    /// The number a page key of this journal ends with.
+    pub(crate) fn number(&self, key: &[u8]) -> Result<u64, ReadError> {
+        key.strip_prefix(self.prefix.as_slice())
+            .and_then(|number| <[u8; 8]>::try_from(number).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| ReadError::Corrupt { keyspace: self.keyspace, key: key.to_vec() })
+    }
+}
 
 /// What a write batch does to one journal: entries put or removed, and how far to trim it.
 #[derive(Debug, Default)]
@@ -100,8 +155,8 @@ impl PageBuilder {
         self.count += 1;
     }
 
-    pub(crate) fn into_entry(self, keyspace: Keyspace) -> ([u8; keys::NUMBERED_KEY_LENGTH], Vec<u8>) {
-        (keys::numbered(keyspace, self.first), self.bytes)
+    pub(crate) fn into_entry(self, journal: &Journal) -> (Vec<u8>, Vec<u8>) {
+        (journal.key(self.first), self.bytes)
     }
 }
 
@@ -117,6 +172,20 @@ pub(crate) fn pages<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> V
     pages
 }
 
+/// Pages entries of several journals given in key order (each journal's entries together, in
+/// ascending numbers): the stored keys and values.
+pub(crate) fn paged(entries: &[(Journal, u64, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    entries
+        .chunk_by(|one, next| one.0 == next.0)
+        .flat_map(|run| {
+            let journal = &run[0].0;
+            pages(run.iter().map(|(_, number, value)| (*number, *value)))
+                .into_iter()
+                .map(|page| page.into_entry(journal))
+        })
+        .collect()
+}
+
 /// Stages a journal's pending operations into `batch`, reading what `tree` holds of it.
 ///
 /// The usual case appends: every number is past the journal's last entry, and the new entries
@@ -125,22 +194,22 @@ pub(crate) fn pages<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> V
 /// pages are stored again as they come out (split at any gap, under their first entry).
 pub(crate) fn stage(
     tree: &sled::Tree,
-    keyspace: Keyspace,
+    journal: &Journal,
     pending: Pending,
     batch: &mut sled::Batch,
 ) -> Result<(), WriteError> {
     let trim_through = pending.trim_through;
     let operations = pending.sorted();
-    let last = last_number(tree, keyspace)?;
+    let last = last_number(tree, journal)?;
     let held = operations.partition_point(|(number, _)| last.is_some_and(|last| *number <= last));
     let (within, beyond) = operations.split_at(held);
     if !within.is_empty() || trim_through.is_some() {
-        rewrite(tree, keyspace, within, trim_through, batch)?;
+        rewrite(tree, journal, within, trim_through, batch)?;
     }
     let appended = beyond.iter().filter_map(|(number, value)| Some((*number, value.as_deref()?)));
     for page in pages(appended) {
-        let (key, value) = page.into_entry(keyspace);
-        batch.insert(&key, value);
+        let (key, value) = page.into_entry(journal);
+        batch.insert(key, value);
     }
     Ok(())
 }
@@ -149,15 +218,15 @@ pub(crate) fn stage(
 /// pages they reach.
 fn rewrite(
     tree: &sled::Tree,
-    keyspace: Keyspace,
+    journal: &Journal,
     operations: &[(u64, Option<Vec<u8>>)],
     trim_through: Option<u64>,
     batch: &mut sled::Batch,
 ) -> Result<(), WriteError> {
     let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut read = |key: &[u8], value: &[u8], entries: &mut BTreeMap<u64, Vec<u8>>| -> Result<(), ReadError> {
-        let first = keys::number(keyspace, key)?;
-        for entry in Page::new(keyspace, key, first, value) {
+        let first = journal.number(key)?;
+        for entry in Page::new(journal.keyspace, key, first, value) {
             let (number, value) = entry?;
             entries.insert(number, value.to_vec());
         }
@@ -167,7 +236,7 @@ fn rewrite(
     // The pages a trim reaches start at or below its number.
     let mut reached_through = None;
     if let Some(through) = trim_through {
-        for stored in tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, through)) {
+        for stored in tree.range(journal.key(0)..=journal.key(through)) {
             let (key, value) = stored.map_err(ReadError::from)?;
             read(&key, &value, &mut entries)?;
         }
@@ -178,7 +247,7 @@ fn rewrite(
         if reached_through.is_some_and(|through| *number <= through) || entries.contains_key(number) {
             continue;
         }
-        let page = tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, *number)).next_back();
+        let page = tree.range(journal.key(0)..=journal.key(*number)).next_back();
         if let Some(stored) = page {
             let (key, value) = stored.map_err(ReadError::from)?;
             read(&key, &value, &mut entries)?;
@@ -197,8 +266,8 @@ fn rewrite(
         };
     }
     for page in pages(entries.iter().map(|(number, value)| (*number, value.as_slice()))) {
-        let (key, value) = page.into_entry(keyspace);
-        batch.insert(&key, value);
+        let (key, value) = page.into_entry(journal);
+        batch.insert(key, value);
     }
     Ok(())
 }
@@ -260,13 +329,13 @@ impl<'a> Iterator for Page<'a> {
 /// The number of a journal's last entry, which tells appends from operations on held entries.
 /// A damaged last page counts as ending at its first entry: appends go on, and reads of that
 /// page report the damage.
-fn last_number(tree: &sled::Tree, keyspace: Keyspace) -> Result<Option<u64>, ReadError> {
-    let range = keys::numbered(keyspace, 0)..=keys::numbered(keyspace, u64::MAX);
+fn last_number(tree: &sled::Tree, journal: &Journal) -> Result<Option<u64>, ReadError> {
+    let range = journal.key(0)..=journal.key(u64::MAX);
     let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
     let (key, value) = stored?;
-    let first = keys::number(keyspace, &key)?;
+    let first = journal.number(&key)?;
     let mut last = first;
-    for entry in Page::new(keyspace, &key, first, &value) {
+    for entry in Page::new(journal.keyspace, &key, first, &value) {
         match entry {
             Ok((number, _)) => last = number,
             Err(_) => return Ok(Some(first)),
@@ -276,42 +345,43 @@ fn last_number(tree: &sled::Tree, keyspace: Keyspace) -> Result<Option<u64>, Rea
 }
 
 /// The last entry of a journal: its number and bytes.
-pub(crate) fn last(tree: &sled::Tree, keyspace: Keyspace) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-    let range = keys::numbered(keyspace, 0)..=keys::numbered(keyspace, u64::MAX);
+pub(crate) fn last(tree: &sled::Tree, journal: &Journal) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+    let range = journal.key(0)..=journal.key(u64::MAX);
     let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
     let (key, value) = stored?;
-    let first = keys::number(keyspace, &key)?;
+    let first = journal.number(&key)?;
     let mut last = None;
-    for entry in Page::new(keyspace, &key, first, &value) {
+    for entry in Page::new(journal.keyspace, &key, first, &value) {
         last = Some(entry?);
     }
     match last {
         Some((number, value)) => Ok(Some((number, value.to_vec()))),
-        None => Err(ReadError::CorruptValue { keyspace, key: key.to_vec(), reason: "the page is empty" }),
+        None => {
+            Err(ReadError::CorruptValue { keyspace: journal.keyspace, key: key.to_vec(), reason: "the page is empty" })
+        }
     }
 }
 
-/// Entries numbered above `after`, ascending, at most `limit`.
+/// Entries numbered `from` or above, ascending, at most `limit`.
 pub(crate) fn range(
     tree: &sled::Tree,
-    keyspace: Keyspace,
-    after: u64,
+    journal: &Journal,
+    from: u64,
     limit: usize,
 ) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-    let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
     if limit == 0 {
         return Ok(Vec::new());
     }
     // The page holding `from`, if any, starts at or below it.
-    let start = match tree.range(keys::numbered(keyspace, 0)..=keys::numbered(keyspace, from)).next_back() {
-        Some(stored) => keys::number(keyspace, &stored?.0)?,
+    let start = match tree.range(journal.key(0)..=journal.key(from)).next_back() {
+        Some(stored) => journal.number(&stored?.0)?,
         None => from,
     };
     let mut found = Vec::new();
-    for stored in tree.range(keys::numbered(keyspace, start)..=keys::numbered(keyspace, u64::MAX)) {
+    for stored in tree.range(journal.key(start)..=journal.key(u64::MAX)) {
         let (key, value) = stored?;
-        let first = keys::number(keyspace, &key)?;
-        for entry in Page::new(keyspace, &key, first, &value) {
+        let first = journal.number(&key)?;
+        for entry in Page::new(journal.keyspace, &key, first, &value) {
             let (number, value) = entry?;
             if number < from {
                 continue;
@@ -326,9 +396,8 @@ pub(crate) fn range(
 }
 
 /// The entry numbered `number`.
-pub(crate) fn entry(tree: &sled::Tree, keyspace: Keyspace, number: u64) -> Result<Option<Vec<u8>>, ReadError> {
-    let range = number.checked_sub(1).map_or(Ok(Vec::new()), |after| range(tree, keyspace, after, 1));
-    Ok(range?.into_iter().find(|(found, _)| *found == number).map(|(_, value)| value))
+pub(crate) fn entry(tree: &sled::Tree, journal: &Journal, number: u64) -> Result<Option<Vec<u8>>, ReadError> {
+    Ok(range(tree, journal, number, 1)?.into_iter().find(|(found, _)| *found == number).map(|(_, value)| value))
 }
 
 #[cfg(test)]
@@ -354,7 +423,7 @@ mod tests {
         let mut read = Vec::new();
         for page in built {
             let first = page.first;
-            let (_, bytes) = page.into_entry(Keyspace::Feed);
+            let (_, bytes) = page.into_entry(&Journal::numbered(Keyspace::Feed));
             assert!(bytes.len() <= PAGE_BYTES_MAX + 4);
             read.extend(entries(&bytes, first).expect("decodes"));
         }

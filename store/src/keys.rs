@@ -18,7 +18,7 @@ pub enum Keyspace {
     Documents,
     /// `i` + key length (u16 BE) + document key + index (u32 BE).
     Increments,
-    /// `l` + origin (16 bytes) + sequence (u64 BE).
+    /// `L` + origin (16 bytes) + the sequence (u64 BE) of a page's first entry (see `journal`).
     Log,
     /// `F` + the feed sequence (u64 BE) of a page's first entry (see `journal`).
     Feed,
@@ -37,10 +37,10 @@ impl Keyspace {
     pub const ALL: [Keyspace; 8] = [
         Keyspace::Audit,
         Keyspace::Feed,
+        Keyspace::Log,
         Keyspace::Conflicts,
         Keyspace::Documents,
         Keyspace::Increments,
-        Keyspace::Log,
         Keyspace::Meta,
         Keyspace::Quarantine,
     ];
@@ -50,7 +50,7 @@ impl Keyspace {
         match self {
             Keyspace::Documents => b'd',
             Keyspace::Increments => b'i',
-            Keyspace::Log => b'l',
+            Keyspace::Log => b'L',
             Keyspace::Feed => b'F',
             Keyspace::Meta => b'm',
             Keyspace::Audit => b'A',
@@ -75,13 +75,14 @@ impl fmt::Display for Keyspace {
     }
 }
 
-const LOG_KEY_LENGTH: usize = 1 + 16 + 8;
 /// A prefix byte and a u64: the feed, audit, conflicts and quarantine keys.
 pub(crate) const NUMBERED_KEY_LENGTH: usize = 1 + 8;
 
-/// Where format 1 kept the feed and the audit trail, one entry per key (`numbered` layout);
-/// format 2 moved them into pages under their keyspaces' prefixes (see `Store::open`).
-pub(crate) const FORMAT_1_JOURNALS: [(u8, Keyspace); 2] = [(b'f', Keyspace::Feed), (b'a', Keyspace::Audit)];
+/// Where format 1 kept the journals, one entry per key: the feed and the audit trail as prefix
+/// byte + number, the log as prefix byte + origin + sequence. Format 2 moved them into pages
+/// under their keyspaces' prefixes (see `Store::open`).
+pub(crate) const FORMAT_1_JOURNALS: [(u8, Keyspace); 3] =
+    [(b'f', Keyspace::Feed), (b'a', Keyspace::Audit), (b'l', Keyspace::Log)];
 
 pub(crate) fn document(key: &[u8]) -> Vec<u8> {
     let mut encoded = Vec::with_capacity(1 + key.len());
@@ -121,18 +122,6 @@ pub(crate) fn increment(key: &[u8], index: u32) -> Option<Vec<u8>> {
 /// The index of an increment key found under `increment_prefix(key)`, which is `prefix_length` long.
 pub(crate) fn increment_index(stored: &[u8], prefix_length: usize) -> Result<u32, ReadError> {
     trailing(stored, prefix_length.saturating_add(4), Keyspace::Increments).map(u32::from_be_bytes)
-}
-
-pub(crate) fn log(origin: &[u8; 16], sequence: u64) -> [u8; LOG_KEY_LENGTH] {
-    let mut encoded = [0; LOG_KEY_LENGTH];
-    encoded[0] = Keyspace::Log.prefix();
-    encoded[1..17].copy_from_slice(origin);
-    encoded[17..].copy_from_slice(&sequence.to_be_bytes());
-    encoded
-}
-
-pub(crate) fn log_sequence(stored: &[u8]) -> Result<u64, ReadError> {
-    trailing(stored, LOG_KEY_LENGTH, Keyspace::Log).map(u64::from_be_bytes)
 }
 
 /// The key of entry `number` in a keyspace keyed by a u64 alone (feed, audit, conflicts,
@@ -205,7 +194,6 @@ mod tests {
     fn short_or_long_keys_are_corrupt_not_panics() {
         for length in 0..40 {
             let stored = vec![b'x'; length];
-            assert_eq!(log_sequence(&stored).is_ok(), length == LOG_KEY_LENGTH);
             assert_eq!(number(Keyspace::Feed, &stored).is_ok(), length == NUMBERED_KEY_LENGTH);
             assert_eq!(number(Keyspace::Audit, &stored).is_ok(), length == NUMBERED_KEY_LENGTH);
             assert_eq!(increment_index(&stored, 5).is_ok(), length == 9);
@@ -218,8 +206,6 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let origin = [7; 16];
-        assert_eq!(log_sequence(&log(&origin, 42)).ok(), Some(42));
         assert_eq!(number(Keyspace::Feed, &numbered(Keyspace::Feed, u64::MAX)).ok(), Some(u64::MAX));
         for keyspace in [Keyspace::Audit, Keyspace::Conflicts, Keyspace::Quarantine] {
             assert_eq!(number(keyspace, &numbered(keyspace, 258)).ok(), Some(258));

@@ -12,7 +12,7 @@
 //! |------------|----------------------------------------------------------------|--------------------------------------|
 //! | documents  | `d` + document key (at most [`MAX_DOCUMENT_KEY`] bytes)        | compacted document and its metadata  |
 //! | increments | `i` + key length (u16 BE) + document key + index (u32 BE)      | a change appended after the document |
-//! | log        | `l` + origin (16 bytes) + sequence (u64 BE)                    | a change-log entry                   |
+//! | log        | `L` + origin (16 bytes) + sequence of the page's first entry   | a page of change-log entries         |
 //! | feed       | `F` + feed sequence of the page's first entry (u64 BE)         | a page of local change-feed entries  |
 //! | meta       | `m` + name                                                     | identity, version vector, counters   |
 //! | audit      | `A` + audit sequence of the page's first entry (u64 BE)        | a page of audit-trail entries        |
@@ -24,11 +24,11 @@
 //! entry `format` holds `concord-store` + the format version (u32 BE): it is written when the
 //! store is created, checked on every open, and [`WriteBatch::put_meta`] refuses the name.
 //!
-//! The feed and the audit trail are journals: numbered entries appended at the end and trimmed
-//! from the front, stored as pages of consecutive entries, so that a commit of many changes adds
-//! a few sled entries to each instead of one per change (see `journal`). Format 1 stored one
-//! entry per key under `f` and `a`; [`Store::open`] moves a format 1 store's journals into pages
-//! and marks it format 2.
+//! The feed, the audit trail and each origin's change log are journals: numbered entries mostly
+//! appended at the end and trimmed from the front, stored as pages of consecutive entries, so
+//! that a commit of many changes adds a few sled entries to each instead of one per change (see
+//! `journal`). Format 1 stored one entry per key under `f`, `a` and `l`; [`Store::open`] moves a
+//! format 1 store's journals into pages and marks it format 2.
 //!
 //! # One writer, one flusher
 //!
@@ -64,6 +64,8 @@ mod error;
 mod files;
 mod journal;
 mod keys;
+
+use journal::Journal;
 
 use std::any::Any;
 use std::fmt;
@@ -114,6 +116,8 @@ pub struct WriteBatch {
     batch: sled::Batch,
     feed: journal::Pending,
     audit: journal::Pending,
+    /// Per origin.
+    log: std::collections::BTreeMap<[u8; 16], journal::Pending>,
     operations: usize,
     /// The first refused operation; [`Store::commit`] returns it and writes nothing.
     refused: Option<WriteError>,
@@ -236,38 +240,39 @@ impl Store {
 
     /// The log entry of `origin` at `sequence`.
     pub fn log_entry(&self, origin: &[u8; 16], sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
-        self.read(|| Ok(self.db.get(keys::log(origin, sequence))?.map(|value| value.to_vec())))
+        self.read(|| journal::entry(&self.db, &Journal::log(origin), sequence))
     }
 
     /// Entries of one origin with sequence >= from, ascending, at most `limit`.
     pub fn log_range(&self, origin: &[u8; 16], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        let range = keys::log(origin, from)..=keys::log(origin, u64::MAX);
-        self.collect(range, limit, |stored, value| Ok(Some((keys::log_sequence(stored)?, value.to_vec()))))
+        self.read(|| journal::range(&self.db, &Journal::log(origin), from, limit))
     }
 
     /// Feed entries with feed sequence > after, ascending, at most `limit`.
     pub fn feed_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::range(&self.db, Keyspace::Feed, after, limit))
+        let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
+        self.read(|| journal::range(&self.db, &Journal::numbered(Keyspace::Feed), from, limit))
     }
 
     /// The feed entry with the highest sequence, if any.
     pub fn feed_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::last(&self.db, Keyspace::Feed))
+        self.read(|| journal::last(&self.db, &Journal::numbered(Keyspace::Feed)))
     }
 
     /// The audit entry at `sequence`.
     pub fn audit_entry(&self, sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
-        self.read(|| journal::entry(&self.db, Keyspace::Audit, sequence))
+        self.read(|| journal::entry(&self.db, &Journal::numbered(Keyspace::Audit), sequence))
     }
 
     /// Audit entries with sequence > after, ascending, at most `limit`.
     pub fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::range(&self.db, Keyspace::Audit, after, limit))
+        let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
+        self.read(|| journal::range(&self.db, &Journal::numbered(Keyspace::Audit), from, limit))
     }
 
     /// The audit entry with the highest sequence, if any.
     pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::last(&self.db, Keyspace::Audit))
+        self.read(|| journal::last(&self.db, &Journal::numbered(Keyspace::Audit)))
     }
 
     /// The conflict entry at `sequence`.
@@ -306,10 +311,10 @@ impl Store {
     /// flush_async concurrently (sled issue #1308), so the node calls commit from one thread only.
     /// Commits are also serialised by a lock shared by all clones of the store.
     ///
-    /// The commit reads the last page of each journal (feed, audit) the batch writes to, and the
-    /// pages its removals and trims reach (see `journal`).
+    /// The commit reads the last page of each journal (feed, audit, an origin's log) the batch
+    /// writes to, and the pages its removals and trims reach (see `journal`).
     pub fn commit(&self, batch: WriteBatch) -> Result<(), WriteError> {
-        let WriteBatch { batch: mut staged, feed, audit, operations, refused } = batch;
+        let WriteBatch { batch: mut staged, feed, audit, log, operations, refused } = batch;
         if let Some(refused) = refused {
             return Err(refused);
         }
@@ -319,9 +324,12 @@ impl Store {
         let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
         // Only commits change the tree, so the journals are read without blocking readers.
         guarded(|| -> Result<(), WriteError> {
-            for (keyspace, pending) in [(Keyspace::Feed, feed), (Keyspace::Audit, audit)] {
+            let numbered =
+                [(Journal::numbered(Keyspace::Feed), feed), (Journal::numbered(Keyspace::Audit), audit)].into_iter();
+            let logs = log.into_iter().map(|(origin, pending)| (Journal::log(&origin), pending));
+            for (journal, pending) in numbered.chain(logs) {
                 if !pending.is_empty() {
-                    journal::stage(&self.db, keyspace, pending, &mut staged)?;
+                    journal::stage(&self.db, &journal, pending, &mut staged)?;
                 }
             }
             Ok(())
@@ -458,12 +466,14 @@ impl WriteBatch {
 
     /// Stores the log entry of `origin` at `sequence`.
     pub fn put_log(&mut self, origin: &[u8; 16], sequence: u64, value: &[u8]) {
-        self.insert(keys::log(origin, sequence).to_vec(), value);
+        self.log.entry(*origin).or_default().put(sequence, value);
+        self.operations += 1;
     }
 
     /// Removes the log entry of `origin` at `sequence`.
     pub fn remove_log(&mut self, origin: &[u8; 16], sequence: u64) {
-        self.remove(keys::log(origin, sequence).to_vec());
+        self.log.entry(*origin).or_default().remove(sequence);
+        self.operations += 1;
     }
 
     /// Stores the feed entry at `sequence`: cheapest after the feed's last entry (see
@@ -638,16 +648,17 @@ fn migrate_format_1(db: &sled::Db, directory: &Path) -> Result<(), OpenError> {
             let mut batch = sled::Batch::default();
             let mut entries = Vec::with_capacity(chunk.len());
             for (key, value) in &chunk {
-                let number = keys::number(keyspace, key).map_err(|_| OpenError::Corrupt {
-                    path: directory.to_path_buf(),
-                    reason: format!("a format 1 {keyspace} entry has a malformed key {:02x?}", &key[..]),
-                })?;
+                let Some((journal, number)) = Journal::format_1(keyspace, key) else {
+                    return Err(OpenError::Corrupt {
+                        path: directory.to_path_buf(),
+                        reason: format!("a format 1 {keyspace} entry has a malformed key {:02x?}", &key[..]),
+                    });
+                };
                 batch.remove(key);
-                entries.push((number, &value[..]));
+                entries.push((journal, number, &value[..]));
             }
-            for page in journal::pages(entries) {
-                let (key, value) = page.into_entry(keyspace);
-                batch.insert(&key, value);
+            for (key, value) in journal::paged(&entries) {
+                batch.insert(key, value);
             }
             during_open(directory, "moving format 1 journal entries into pages", || db.apply_batch(batch))?;
         }

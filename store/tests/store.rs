@@ -340,7 +340,7 @@ fn keys_of_the_wrong_length_are_corrupt() {
     drop(Store::open(&directory).expect("create"));
 
     // A log key three bytes short, within the range of origin A.
-    let mut log = vec![b'l'];
+    let mut log = vec![b'L'];
     log.extend_from_slice(&ORIGIN_A);
     log.extend_from_slice(&[0, 0, 1, 0, 0]);
     insert_raw(&directory, &log);
@@ -467,7 +467,7 @@ fn usage_counts_the_entries_and_bytes_of_each_keyspace() {
     assert_eq!(of(Keyspace::Documents), (1, 4, 5));
     // `i`, a u16 length, the key, a u32 index.
     assert_eq!(of(Keyspace::Increments), (2, 2 * 10, 4));
-    assert_eq!(of(Keyspace::Log), (1, 25, 7));
+    assert_eq!(of(Keyspace::Log), (1, 25, 8));
     // A journal page of one entry: its length (one byte) and its bytes.
     assert_eq!(of(Keyspace::Feed), (1, 9, 3));
     assert_eq!(of(Keyspace::Audit), (1, 9, 1));
@@ -564,6 +564,47 @@ fn audit_entries_are_removed_replaced_and_trimmed_inside_their_pages() {
 }
 
 #[test]
+fn each_origin_has_its_own_log_pages_and_holes_are_filled_in_place() {
+    let (_temporary, directory) = folder();
+    let store = Store::open(&directory).expect("create");
+    let value = |origin: u8, sequence: u64| format!("{origin}:{sequence}").into_bytes();
+    // Origin B's sequences continue origin A's numbers: the pages must not mix them.
+    commit(&store, |batch| {
+        for sequence in 1..=200 {
+            batch.put_log(&ORIGIN_A, sequence, &value(1, sequence));
+        }
+        for sequence in 201..=203 {
+            batch.put_log(&ORIGIN_B, sequence, &value(2, sequence));
+        }
+    });
+    // A hole at 201, filled by a later commit, as a change relayed late does.
+    commit(&store, |batch| {
+        for sequence in 202..=210 {
+            batch.put_log(&ORIGIN_A, sequence, &value(1, sequence));
+        }
+    });
+    assert_eq!(store.log_entry(&ORIGIN_A, 201).expect("read"), None);
+    commit(&store, |batch| batch.put_log(&ORIGIN_A, 201, &value(1, 201)));
+    let expected_a: Vec<(u64, Vec<u8>)> = (1..=210).map(|sequence| (sequence, value(1, sequence))).collect();
+    assert_eq!(store.log_range(&ORIGIN_A, 0, 1000).expect("read"), expected_a);
+    assert_eq!(store.log_range(&ORIGIN_A, 199, 3).expect("read"), expected_a[198..201].to_vec());
+    let expected_b: Vec<(u64, Vec<u8>)> = (201..=203).map(|sequence| (sequence, value(2, sequence))).collect();
+    assert_eq!(store.log_range(&ORIGIN_B, 1, 1000).expect("read"), expected_b);
+    assert_eq!(store.log_entry(&ORIGIN_B, 202).expect("read"), Some(value(2, 202)));
+
+    // Trimming the oldest 150 of origin A, one removal each, as retention does.
+    commit(&store, |batch| {
+        for sequence in 1..=150 {
+            batch.remove_log(&ORIGIN_A, sequence);
+        }
+    });
+    assert_eq!(store.log_range(&ORIGIN_A, 0, 1000).expect("read"), expected_a[150..].to_vec());
+    assert_eq!(store.log_entry(&ORIGIN_A, 150).expect("read"), None);
+    assert_eq!(store.log_range(&ORIGIN_B, 0, 1000).expect("read"), expected_b);
+    assert!(entries_of(&store, Keyspace::Log) <= 4, "a few pages: {}", entries_of(&store, Keyspace::Log));
+}
+
+#[test]
 fn a_damaged_journal_page_is_an_error_and_appends_go_on() {
     let (_temporary, directory) = folder();
     let store = Store::open(&directory).expect("create");
@@ -585,8 +626,8 @@ fn a_damaged_journal_page_is_an_error_and_appends_go_on() {
 fn a_format_1_store_has_its_journals_moved_into_pages() {
     let (_temporary, directory) = folder();
     drop(Store::open(&directory).expect("create"));
-    // Format 1: the marker says 1, and each feed and audit entry has a key of its own under `f`
-    // and `a`. 5,000 feed entries take two migration chunks.
+    // Format 1: the marker says 1, and each feed, audit and log entry has a key of its own under
+    // `f`, `a` and `l`. 5,000 feed entries take two migration chunks.
     let mut marker = b"concord-store".to_vec();
     marker.extend_from_slice(&1u32.to_be_bytes());
     let numbered = |prefix: u8, sequence: u64| {
@@ -600,8 +641,19 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
         .iter()
         .map(|&sequence| (numbered(b'a', sequence), format!("audit {sequence}").into_bytes()))
         .collect();
+    // Log entries of two origins whose sequences run on from one to the other.
+    let log_key = |origin: &[u8; 16], sequence: u64| {
+        let mut key = vec![b'l'];
+        key.extend_from_slice(origin);
+        key.extend_from_slice(&sequence.to_be_bytes());
+        key
+    };
+    let log: Vec<(Vec<u8>, Vec<u8>)> = (1..=3u64)
+        .map(|sequence| (log_key(&ORIGIN_A, sequence), format!("a{sequence}").into_bytes()))
+        .chain((4..=5u64).map(|sequence| (log_key(&ORIGIN_B, sequence), format!("b{sequence}").into_bytes())))
+        .collect();
     let mut raw: Vec<(&[u8], &[u8])> = vec![(b"mformat", &marker)];
-    raw.extend(feed.iter().chain(&audit).map(|(key, value)| (key.as_slice(), value.as_slice())));
+    raw.extend(feed.iter().chain(&audit).chain(&log).map(|(key, value)| (key.as_slice(), value.as_slice())));
     insert_raw_entries(&directory, &raw);
 
     let store = Store::open(&directory).expect("open and migrate");
@@ -610,8 +662,15 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
     let audit_read: Vec<(u64, Vec<u8>)> =
         [3u64, 4, 9].iter().map(|&sequence| (sequence, format!("audit {sequence}").into_bytes())).collect();
     assert_eq!(store.audit_range(0, 10).expect("read"), audit_read);
-    // Every entry moved: `usage` refuses keys outside the keyspaces, so none is left under `f`
-    // or `a`; 5,000 consecutive entries in chunks of 4,096 make 32 + 8 pages.
+    let log_a: Vec<(u64, Vec<u8>)> =
+        (1..=3u64).map(|sequence| (sequence, format!("a{sequence}").into_bytes())).collect();
+    let log_b: Vec<(u64, Vec<u8>)> =
+        (4..=5u64).map(|sequence| (sequence, format!("b{sequence}").into_bytes())).collect();
+    assert_eq!(store.log_range(&ORIGIN_A, 0, 10).expect("read"), log_a);
+    assert_eq!(store.log_range(&ORIGIN_B, 0, 10).expect("read"), log_b);
+    assert_eq!(entries_of(&store, Keyspace::Log), 2);
+    // Every entry moved: `usage` refuses keys outside the keyspaces, so none is left under `f`,
+    // `a` or `l`; 5,000 consecutive entries in chunks of 4,096 make 32 + 8 pages.
     assert_eq!(entries_of(&store, Keyspace::Feed), 40);
     assert_eq!(entries_of(&store, Keyspace::Audit), 2);
     commit(&store, |batch| batch.put_feed(5001, b"new"));
