@@ -326,14 +326,19 @@ impl<'a> Iterator for Page<'a> {
     }
 }
 
+/// A journal's last page: its key, its value and its first entry's number.
+fn last_page(tree: &sled::Tree, journal: &Journal) -> Result<Option<(sled::IVec, sled::IVec, u64)>, ReadError> {
+    let Some(stored) = tree.range(journal.key(0)..=journal.key(u64::MAX)).next_back() else { return Ok(None) };
+    let (key, value) = stored?;
+    let first = journal.number(&key)?;
+    Ok(Some((key, value, first)))
+}
+
 /// The number of a journal's last entry, which tells appends from operations on held entries.
 /// A damaged last page counts as ending at its first entry: appends go on, and reads of that
 /// page report the damage.
 fn last_number(tree: &sled::Tree, journal: &Journal) -> Result<Option<u64>, ReadError> {
-    let range = journal.key(0)..=journal.key(u64::MAX);
-    let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
-    let (key, value) = stored?;
-    let first = journal.number(&key)?;
+    let Some((key, value, first)) = last_page(tree, journal)? else { return Ok(None) };
     let mut last = first;
     for entry in Page::new(journal.keyspace, &key, first, &value) {
         match entry {
@@ -346,10 +351,7 @@ fn last_number(tree: &sled::Tree, journal: &Journal) -> Result<Option<u64>, Read
 
 /// The last entry of a journal: its number and bytes.
 pub(crate) fn last(tree: &sled::Tree, journal: &Journal) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-    let range = journal.key(0)..=journal.key(u64::MAX);
-    let Some(stored) = tree.range(range).next_back() else { return Ok(None) };
-    let (key, value) = stored?;
-    let first = journal.number(&key)?;
+    let Some((key, value, first)) = last_page(tree, journal)? else { return Ok(None) };
     let mut last = None;
     for entry in Page::new(journal.keyspace, &key, first, &value) {
         last = Some(entry?);
