@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crdt::identity::OriginId;
 use crdt::replica::{Acknowledgement, Apply, Durable, Message, PeerId};
+use crdt::version_vector::OriginRange;
 use serde::Serialize;
 
 use crate::engine::{Engine, StoreSource};
@@ -268,11 +269,12 @@ impl Engine {
                     held.insert(origin, sequence);
                 }
                 // A summary counts too: a peer that got the change in a snapshot, or from a third
-                // node, never names it in a credit message.
-                Acknowledgement::Holds(version_vector) => match version_vector.get(&own) {
-                    Some(range) => held.merge_origin(own, range, issued),
-                    None => continue,
-                },
+                // node, never names it in a credit message. Only its gap-free prefix is taken, so
+                // what a peer claims cannot fragment the map.
+                Acknowledgement::Holds(version_vector) => {
+                    let prefix = OriginRange { contiguous: version_vector.contiguous(&own), ..OriginRange::default() };
+                    held.merge_origin(own, &prefix, issued);
+                }
                 Acknowledgement::Change { .. } => continue,
             }
             any = true;
