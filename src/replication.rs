@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use crdt::identity::OriginId;
 use crdt::replica::{Acknowledgement, Apply, Durable, Message, PeerId};
-use crdt::version_vector::OriginRange;
 use serde::Serialize;
 
 use crate::engine::{Engine, StoreSource};
@@ -260,23 +259,19 @@ impl Engine {
         let own = self.identity().origin;
         let issued = self.next_sequence.saturating_sub(1);
         while let Some((peer, acknowledgement)) = self.replication.replica.poll_acknowledged() {
-            if !self.replication.peers.contains_key(&peer) {
-                continue;
-            }
-            let held = self.replication.acknowledged.entry(peer).or_default();
-            match acknowledgement {
-                Acknowledgement::Change { origin, sequence } if origin == own && sequence <= issued => {
-                    held.insert(origin, sequence);
-                }
+            let (start, end) = match acknowledgement {
+                Acknowledgement::Change { origin, sequence } if origin == own => (sequence, sequence),
                 // A summary counts too: a peer that got the change in a snapshot, or from a third
                 // node, never names it in a credit message. Only its gap-free prefix is taken, so
                 // what a peer claims cannot fragment the map.
-                Acknowledgement::Holds(version_vector) => {
-                    let prefix = OriginRange { contiguous: version_vector.contiguous(&own), ..OriginRange::default() };
-                    held.merge_origin(own, &prefix, issued);
-                }
+                Acknowledgement::Holds(version_vector) => (1, version_vector.contiguous(&own)),
                 Acknowledgement::Change { .. } => continue,
+            };
+            let end = end.min(issued);
+            if start == 0 || start > end || !self.replication.peers.contains_key(&peer) {
+                continue;
             }
+            self.replication.acknowledged.entry(peer).or_default().insert_range(own, start, end);
             any = true;
         }
         if !any || self.replication.waiters.is_empty() {

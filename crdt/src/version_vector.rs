@@ -172,16 +172,15 @@ impl VersionVector {
     /// Adds everything `other` holds.
     pub fn merge(&mut self, other: &VersionVector) {
         for (origin, range) in &other.origins {
-            self.merge_origin(*origin, range, u64::MAX);
+            for (start, end) in range.ranges() {
+                self.insert_range(*origin, start, end);
+            }
         }
     }
 
-    /// Adds what `range` holds of `origin`, up to sequence `through`.
-    pub fn merge_origin(&mut self, origin: OriginId, range: &OriginRange, through: u64) {
-        let entry = self.origins.entry(origin).or_default();
-        for (start, end) in range.ranges().take_while(|(start, _)| *start <= through) {
-            entry.insert_range(start, end.min(through));
-        }
+    /// Records that every sequence of `origin` in `start..=end` is held.
+    pub fn insert_range(&mut self, origin: OriginId, start: u64, end: u64) {
+        self.origins.entry(origin).or_default().insert_range(start, end);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -236,23 +235,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    #[test]
-    fn merging_one_origin_stops_at_the_given_sequence() {
-        let origin = OriginId([1; 16]);
-        let mut other = VersionVector::new();
-        for sequence in [1, 2, 3, 7, 8, 20] {
-            other.insert(origin, sequence);
-        }
-        let range = other.get(&origin).expect("held");
-        let mut merged = VersionVector::new();
-        merged.insert(origin, 5);
-        merged.merge_origin(origin, range, 7);
-        let held: Vec<u64> = (0..=21).filter(|&sequence| merged.contains(&origin, sequence)).collect();
-        assert_eq!(held, vec![1, 2, 3, 5, 7]);
-        merged.merge_origin(origin, range, u64::MAX);
-        assert!(merged.contains(&origin, 8) && merged.contains(&origin, 20));
-    }
 
     #[test]
     fn a_malformed_version_vector_normalizes_to_what_it_validly_holds() {
