@@ -61,43 +61,49 @@ fn record_operations(criterion: &mut Criterion) {
 
 fn durable_writes(criterion: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let directory = tempfile::tempdir().expect("temporary directory");
-    let store = store::Store::open(directory.path()).expect("store");
-    let settings = EngineSettings {
-        name: Some("bench".into()),
-        cache_documents: NonZeroUsize::new(4096).expect("non-zero"),
-        yrs_collections: ["events".to_owned()].into_iter().collect(),
-        ..EngineSettings::default()
-    };
-    let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
     let mut group = criterion.benchmark_group("engine");
     // 256 concurrent writers share group commits, as concurrent API clients do.
     const CONCURRENT: u64 = 256;
     group.throughput(Throughput::Elements(CONCURRENT));
-    for (name, collection) in
-        [("256 concurrent durable record writes", "customers"), ("256 concurrent durable writes, yrs engine", "events")]
-    {
-        let mut round = 0u64;
-        group.bench_function(name, |bencher| {
-            bencher.iter(|| {
-                round += 1;
-                runtime.block_on(async {
-                    let mut writes = Vec::with_capacity(CONCURRENT as usize);
-                    for writer in 0..CONCURRENT {
-                        let engine = engine.clone();
-                        let key =
-                            RecordKey::new(collection, &format!("c{}", round * CONCURRENT + writer)).expect("key");
-                        writes.push(tokio::spawn(async move {
-                            let operation = Operation::Replace(small_object(writer));
-                            engine.call(move |engine| engine.write_record(key, operation)).await
-                        }));
-                    }
-                    for write in writes {
-                        write.await.expect("task").expect("engine").expect("write");
-                    }
+    // The default spreads a round's CRDT work over every core; one worker is the engine thread
+    // alone, as before rounds (BENCHMARKS.md, session 11).
+    for (workers, suffix) in [(engine::default_workers(), ""), (1, ", one worker")] {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let store = store::Store::open(directory.path()).expect("store");
+        let settings = EngineSettings {
+            name: Some("bench".into()),
+            cache_documents: NonZeroUsize::new(4096).expect("non-zero"),
+            workers,
+            yrs_collections: ["events".to_owned()].into_iter().collect(),
+            ..EngineSettings::default()
+        };
+        let (engine, _thread) = engine::start(store, settings, Arc::new(Metrics::default())).expect("engine");
+        for (name, collection) in [
+            ("256 concurrent durable record writes", "customers"),
+            ("256 concurrent durable writes, yrs engine", "events"),
+        ] {
+            let mut round = 0u64;
+            group.bench_function(format!("{name}{suffix}"), |bencher| {
+                bencher.iter(|| {
+                    round += 1;
+                    runtime.block_on(async {
+                        let mut writes = Vec::with_capacity(CONCURRENT as usize);
+                        for writer in 0..CONCURRENT {
+                            let engine = engine.clone();
+                            let key =
+                                RecordKey::new(collection, &format!("c{}", round * CONCURRENT + writer)).expect("key");
+                            writes.push(tokio::spawn(async move {
+                                let operation = Operation::Replace(small_object(writer));
+                                engine.write(key, operation, "bench".into()).await
+                            }));
+                        }
+                        for write in writes {
+                            write.await.expect("task").expect("write");
+                        }
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     group.finish();
 }

@@ -295,11 +295,7 @@ async fn write(
 ) -> ApiResult<Json<RecordBody>> {
     let started = Instant::now();
     let is_delete = operation == Operation::Delete;
-    let outcome = state.engine.call({
-        let key = key.clone();
-        move |engine| engine.write_record_as(key, operation, &principal.0)
-    });
-    let outcome = outcome.await??;
+    let outcome = state.engine.write(key.clone(), operation, principal.0).await?;
     state.metrics.write_latency.observe(started.elapsed());
     if is_delete && !outcome.changed {
         return Err(ApiError::not_found(&key));
@@ -516,23 +512,13 @@ async fn batch(
 ) -> ApiResult<Json<Value>> {
     let started = Instant::now();
     let writes = crdt::body::batch(&body).map_err(bad_body)?;
-    let outcomes = state
-        .engine
-        .call(move |engine| {
-            writes
-                .into_iter()
-                .map(|(key, operation)| {
-                    let is_delete = operation == Operation::Delete;
-                    let outcome = engine.write_version_as(key.clone(), operation, &principal.0);
-                    (key, is_delete, outcome)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await?;
+    let written: Vec<(RecordKey, bool)> =
+        writes.iter().map(|(key, operation)| (key.clone(), *operation == Operation::Delete)).collect();
+    let outcomes = state.engine.write_versions(writes, principal.0).await?;
     state.metrics.write_latency.observe(started.elapsed());
     let mut results = Vec::with_capacity(outcomes.len());
     let mut envelopes = Vec::new();
-    for (key, is_delete, outcome) in outcomes {
+    for ((key, is_delete), outcome) in written.into_iter().zip(outcomes) {
         let (status, version, error) = match outcome {
             Ok(outcome) if is_delete && !outcome.changed => {
                 (StatusCode::NOT_FOUND, None, Some(ApiError::not_found(&key).message))

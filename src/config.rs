@@ -62,6 +62,9 @@ pub struct ConfigFile {
     /// The cluster id; must match the CA's.
     pub cluster: Option<String>,
     pub cache_documents: Option<usize>,
+    /// How many threads a round of local writes spreads its CRDT work over (default: one per
+    /// core, at most 8).
+    pub write_workers: Option<usize>,
     /// sled's page cache, in bytes.
     pub store_cache_bytes: Option<u64>,
     pub body_bytes_max: Option<usize>,
@@ -94,6 +97,7 @@ pub struct NodeConfig {
     /// Peer replication, when `listen_peer` is set.
     pub mesh: Option<crate::mesh::MeshConfig>,
     pub cache_documents: usize,
+    pub write_workers: usize,
     pub store_cache_bytes: u64,
     pub body_bytes_max: usize,
     pub log_retention: std::time::Duration,
@@ -166,6 +170,7 @@ impl NodeConfig {
             listen_api,
             tokens,
             cache_documents: file.cache_documents.unwrap_or(4096).max(1),
+            write_workers: file.write_workers.unwrap_or_else(crate::engine::default_workers),
             store_cache_bytes: file.store_cache_bytes.unwrap_or(store::CACHE_BYTES_DEFAULT),
             body_bytes_max: file.body_bytes_max.unwrap_or(1 << 20),
             log_retention: overrides

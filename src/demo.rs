@@ -62,6 +62,7 @@ impl DemoNode {
             tokens: Vec::new(),
             mesh,
             cache_documents: 4096,
+            write_workers: crate::engine::default_workers(),
             store_cache_bytes: store::CACHE_BYTES_DEFAULT,
             body_bytes_max: 1 << 20,
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,

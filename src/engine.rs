@@ -36,6 +36,7 @@ mod collections;
 mod conflicts;
 mod quarantine;
 mod snapshots;
+mod writes;
 
 pub use audit::{
     ALL_FIELDS, AUDIT_PAGE_MAX, AUDIT_RETENTION_DEFAULT, AuditCheck, AuditPage, AuditStatus, LOCAL_PRINCIPAL,
@@ -48,6 +49,7 @@ pub use collections::is_system_collection;
 
 pub(crate) use snapshots::StoreSource;
 pub use snapshots::{LOG_RETENTION_DEFAULT, SNAPSHOT_RECORD_BYTES_MAX};
+use writes::{Answer, AnswerKind, WriteRequest};
 
 /// A group commit slower than this is logged with its size.
 const SLOW_COMMIT: Duration = Duration::from_millis(50);
@@ -58,6 +60,8 @@ pub const BATCH_JOBS_MAX: usize = 512;
 pub const QUEUE_JOBS_MAX: usize = 4096;
 /// A record with this many incremental changes is compacted when the engine is idle.
 pub const INCREMENTS_COMPACT_AT: u32 = 64;
+/// The most threads a round of local writes spreads its CRDT work over.
+pub const WORKERS_MAX: usize = 8;
 
 /// A Yjs update v1 that holds nothing (no structs, no deletions): how a text's creation travels.
 const EMPTY_TEXT_UPDATE: [u8; 2] = [0, 0];
@@ -337,8 +341,15 @@ pub struct WriteOutcome<A = RecordView> {
     pub envelope: Option<Envelope>,
 }
 
-/// How a local write makes its answer from the written document (see [`WriteOutcome::answer`]).
-type Answer<A> = fn(&mut Engine, &RecordKey, &Document) -> Result<A, EngineError>;
+impl<A> WriteOutcome<A> {
+    /// The same outcome with its answer converted.
+    fn try_map_answer<B>(
+        self,
+        convert: impl FnOnce(A) -> Result<B, EngineError>,
+    ) -> Result<WriteOutcome<B>, EngineError> {
+        Ok(WriteOutcome { changed: self.changed, answer: convert(self.answer)?, envelope: self.envelope })
+    }
+}
 
 /// One event of the change feed.
 #[derive(Debug, Clone, Serialize)]
@@ -425,6 +436,10 @@ pub struct Engine {
     definitions: collections::Definitions,
     ledger: conflicts::Ledger,
     quarantine: quarantine::Quarantine,
+    /// Local writes queued for the next round (see `writes`).
+    round: writes::Round,
+    /// How many threads a round's CRDT work may use, the engine thread included.
+    workers: usize,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) replication: crate::replication::Replication,
 }
@@ -441,7 +456,14 @@ impl std::fmt::Debug for Engine {
 }
 
 type Completion = Box<dyn FnOnce() + Send>;
-type Job = Box<dyn FnOnce(&mut Engine) -> Completion + Send>;
+
+/// What the engine thread is asked to do.
+enum Job {
+    /// Any work on the engine; its completion runs after the group commit.
+    Run(Box<dyn FnOnce(&mut Engine) -> Completion + Send>),
+    /// Local record writes, queued for a round (see `writes`).
+    Write(WriteRequest),
+}
 
 /// A cheap handle that async code uses to run jobs on the engine thread.
 #[derive(Clone)]
@@ -465,10 +487,10 @@ impl EngineHandle {
     where
         F: FnOnce(&mut Engine) + Send + 'static,
     {
-        let job: Job = Box::new(move |engine| {
+        let job = Job::Run(Box::new(move |engine| {
             work(engine);
             Box::new(|| {})
-        });
+        }));
         self.jobs.send(job).await.map_err(|_| EngineError::Stopped)
     }
 
@@ -479,12 +501,56 @@ impl EngineHandle {
         F: FnOnce(&mut Engine) -> T + Send + 'static,
     {
         let (reply, receiver) = oneshot::channel();
-        let job: Job = Box::new(move |engine| {
+        let job = Job::Run(Box::new(move |engine| {
             let result = work(engine);
             Box::new(move || {
                 let _ = reply.send(result);
             })
+        }));
+        self.jobs.send(job).await.map_err(|_| EngineError::Stopped)?;
+        receiver.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// A local record write on behalf of `principal` (see [`Engine::write_record_as`]); resolves
+    /// after the group commit that covers it. Writes queued together share their CRDT work
+    /// across the engine's workers (see `writes`).
+    pub async fn write(
+        &self,
+        key: RecordKey,
+        operation: Operation,
+        principal: Arc<str>,
+    ) -> Result<WriteOutcome, EngineError> {
+        let outcomes = self.queue_writes(vec![(key, operation)], principal, AnswerKind::View).await?;
+        let outcome = outcomes.into_iter().next().ok_or(EngineError::Stopped)?;
+        outcome?.try_map_answer(Answer::into_view)
+    }
+
+    /// Local record writes on behalf of `principal`, each answered with the record's version
+    /// alone, as a batch is (see [`Engine::write_version_as`]): one outcome per write, in
+    /// order, after the group commit that covers them.
+    pub async fn write_versions(
+        &self,
+        writes: Vec<(RecordKey, Operation)>,
+        principal: Arc<str>,
+    ) -> Result<Vec<Result<WriteOutcome<String>, EngineError>>, EngineError> {
+        let outcomes = self.queue_writes(writes, principal, AnswerKind::Version).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| outcome.and_then(|outcome| outcome.try_map_answer(|answer| Ok(answer.into_version()))))
+            .collect())
+    }
+
+    async fn queue_writes(
+        &self,
+        writes: Vec<(RecordKey, Operation)>,
+        principal: Arc<str>,
+        answer: AnswerKind,
+    ) -> Result<Vec<Result<WriteOutcome<Answer>, EngineError>>, EngineError> {
+        let (reply, receiver) = oneshot::channel();
+        let reply: writes::WriteReply = Box::new(move |outcomes| {
+            let _ = reply.send(outcomes);
         });
+        let job = Job::Write(WriteRequest { writes, principal, answer, reply });
         self.jobs.send(job).await.map_err(|_| EngineError::Stopped)?;
         receiver.await.map_err(|_| EngineError::Stopped)
     }
@@ -499,6 +565,9 @@ pub struct EngineSettings {
     pub replication: crdt::replica::Settings,
     /// How long the change log keeps a change (see `snapshots`).
     pub log_retention: Duration,
+    /// How many threads a round of local writes may spread its CRDT work over, the engine
+    /// thread included (see `writes`).
+    pub workers: usize,
     /// Collections whose new records use the yrs record engine ([`crdt::map_record`]) instead
     /// of automerge. Every node must declare the same ones.
     pub yrs_collections: std::collections::BTreeSet<String>,
@@ -511,6 +580,7 @@ impl Default for EngineSettings {
         EngineSettings {
             name: None,
             cache_documents: NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
+            workers: default_workers(),
             text_limits: TextLimits::default(),
             replication: crdt::replica::Settings::default(),
             log_retention: LOG_RETENTION_DEFAULT,
@@ -518,6 +588,12 @@ impl Default for EngineSettings {
             audit_retention: AUDIT_RETENTION_DEFAULT,
         }
     }
+}
+
+/// The workers a round of writes uses unless configured: one per core, at most
+/// [`WORKERS_MAX`].
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get()).min(WORKERS_MAX)
 }
 
 /// Opens the engine over `store` on its own thread. The returned join handle yields the error
@@ -573,6 +649,8 @@ pub fn start(
         yrs_collections: settings.yrs_collections,
         definitions: Default::default(),
         ledger: conflicts::Ledger { next_sequence: ledger_next },
+        round: writes::Round::default(),
+        workers: settings.workers.clamp(1, WORKERS_MAX),
         quarantine: quarantine_state,
         metrics,
         replication: crate::replication::Replication {
@@ -641,13 +719,17 @@ impl Engine {
                     None => break,
                 },
             };
-            let mut completions = vec![first(&mut self)];
-            while completions.len() < BATCH_JOBS_MAX {
+            let mut completions = Vec::new();
+            self.take_job(first, &mut completions);
+            let mut jobs = 1;
+            while jobs < BATCH_JOBS_MAX {
                 match receiver.try_recv() {
-                    Ok(job) => completions.push(job(&mut self)),
+                    Ok(job) => self.take_job(job, &mut completions),
                     Err(_) => break,
                 }
+                jobs += 1;
             }
+            self.run_round(&mut completions);
             if let Err(error) = self.commit() {
                 tracing::error!(%error, "group commit failed; stopping the engine");
                 return Err(error);
@@ -659,6 +741,20 @@ impl Engine {
             feed.send_replace(self.counters.feed_sequence);
         }
         self.commit()
+    }
+
+    /// Runs a job, or queues its writes for the round. Any other job runs after the writes
+    /// queued before it, so it sees their effects.
+    fn take_job(&mut self, job: Job, completions: &mut Vec<Completion>) {
+        match job {
+            Job::Write(request) => self.queue_writes(request, completions),
+            Job::Run(work) => {
+                if !self.round.is_empty() {
+                    self.run_round(completions);
+                }
+                completions.push(work(self));
+            }
+        }
     }
 
     /// Writes the pending batch and flushes it: the one place the store is flushed.
@@ -789,79 +885,9 @@ impl Engine {
         self.write_record_as(key, operation, LOCAL_PRINCIPAL)
     }
 
-    /// A record write without the system-collection check.
-    fn write_document<A>(
-        &mut self,
-        key: RecordKey,
-        operation: Operation,
-        answer: Answer<A>,
-    ) -> Result<WriteOutcome<A>, EngineError> {
-        let document = self.take_document(&key)?;
-        self.write_taken(key, document, operation, answer)
-    }
-
-    /// A record write to `document`, already taken out of the cache (`None`: the record is
-    /// new), which goes back into the cache after.
-    fn write_taken<A>(
-        &mut self,
-        key: RecordKey,
-        document: Option<Document>,
-        operation: Operation,
-        answer: Answer<A>,
-    ) -> Result<WriteOutcome<A>, EngineError> {
-        let mut document = match document {
-            Some(document) => document,
-            None => self.empty_document(self.record_kind(&key)),
-        };
-        let outcome = self.write_record_in(&key, &mut document, &operation, answer);
-        if document.stored {
-            self.put_back(key, document);
-        }
-        outcome
-    }
-
-    fn write_record_in<A>(
-        &mut self,
-        key: &RecordKey,
-        document: &mut Document,
-        operation: &Operation,
-        answer: Answer<A>,
-    ) -> Result<WriteOutcome<A>, EngineError> {
-        self.check_schema(key, document, operation)?;
-        let whole_fields = self.whole_fields(key.collection())?;
-        let before = Before::of(document, key);
-        let timestamp = self.clock.tick(physical_ms());
-        let change = match &mut document.body {
-            Body::Record(record) => {
-                let options =
-                    crdt::record::WriteOptions { writer: Some(&self.identity.name), whole_fields: &whole_fields };
-                record.write_with(key, &self.identity.origin, options, timestamp, operation)?
-            }
-            Body::Map(record) => record.write(operation, &self.text_limits).map_err(OperationError::from)?,
-            Body::Text(_) => {
-                return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
-            }
-        };
-        let answer = answer(self, key, document)?;
-        let Some(change) = change else { return Ok(WriteOutcome { changed: false, answer, envelope: None }) };
-        let envelope = self.local_envelope(key, document.body.kind(), timestamp, change);
-        self.stage_change(document, &envelope, before, true);
-        Ok(WriteOutcome { changed: true, answer, envelope: Some(envelope) })
-    }
-
-    /// A write's answer: the record as reads return it, its policies applied.
-    fn view_answer(&mut self, key: &RecordKey, document: &Document) -> Result<RecordView, EngineError> {
-        let view = document.body.view(key)?;
-        self.resolved_view(key, document, view)
-    }
-
-    /// A write's answer when only the version is wanted (a batch): an automerge record's
-    /// version comes from its heads, without reading the record back.
-    fn version_answer(&mut self, key: &RecordKey, document: &Document) -> Result<String, EngineError> {
-        match &document.body {
-            Body::Record(record) => Ok(record.version()),
-            body => Ok(body.view(key)?.version),
-        }
+    /// A record write without the system-collection check, attributed as the caller's work is.
+    fn write_document(&mut self, key: RecordKey, operation: Operation) -> Result<WriteOutcome, EngineError> {
+        self.write_now(key, operation, None, AnswerKind::View)?.try_map_answer(Answer::into_view)
     }
 
     /// Stamps a local change as the next envelope of this node's current origin.

@@ -43,6 +43,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     let settings = EngineSettings {
         name: config.name.clone(),
         cache_documents: NonZeroUsize::new(config.cache_documents).unwrap_or(NonZeroUsize::MIN),
+        workers: config.write_workers,
         text_limits: TextLimits::default(),
         replication: crdt::replica::Settings::default(),
         log_retention: config.log_retention,

@@ -1131,3 +1131,88 @@ async fn records_new_to_a_node_are_stored_from_their_first_change_and_behave_as_
     let (reopened, _thread) = open_reader(Arc::new(Metrics::default()));
     check(reopened).await;
 }
+
+/// Writes queued while the engine is busy run as one round, their CRDT work spread over the
+/// workers (see `engine/writes.rs`), and store exactly what the same writes one at a time
+/// would: every outcome in its place, sequences without holes in arrival order, a job queued
+/// after the writes sees them, and the audit trail names the principal and fields of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_would() {
+    for workers in [1, 4] {
+        let directory = tempfile::tempdir().unwrap();
+        let engine = start_with(directory.path(), "rounds", |settings| settings.workers = workers).await;
+        let key = |id: &str| RecordKey::new("orders", id).unwrap();
+        // Holds the engine so that everything below queues behind it, in the order polled.
+        engine.submit(|_| std::thread::sleep(std::time::Duration::from_millis(100))).await.unwrap();
+        let singles = futures::future::join_all((0..64).map(|index| {
+            engine.write(key(&format!("r{index}")), Operation::Replace(object(json!({"n": index}))), "alice".into())
+        }));
+        let batch = engine.write_versions(
+            vec![
+                (key("same"), Operation::Replace(object(json!({"a": 1})))),
+                (key("same"), Operation::MergePatch(object(json!({"b": 2})))),
+                (RecordKey::new("_collections", "orders").unwrap(), Operation::Replace(object(json!({})))),
+                (key("same"), Operation::Increment { field: "c".into(), by: 5 }),
+                (key("missing"), Operation::Delete),
+                (key("r3"), Operation::MergePatch(object(json!({"m": true})))),
+            ],
+            "bob".into(),
+        );
+        let read = engine.call(|engine| engine.read_record(RecordKey::new("orders", "same").unwrap()));
+        let (singles, batch, read) = futures::join!(singles, batch, read);
+
+        let mut sequences = Vec::new();
+        for (index, outcome) in singles.into_iter().enumerate() {
+            let outcome = outcome.unwrap();
+            assert!(outcome.changed);
+            assert_eq!(outcome.answer.value, Some(object(json!({"n": index}))), "write {index} answers its record");
+            sequences.push(outcome.envelope.unwrap().sequence);
+        }
+        let batch = batch.unwrap();
+        assert_eq!(batch.len(), 6, "one outcome per write, in order");
+        assert!(matches!(batch[2], Err(engine::EngineError::SystemCollection(_))), "{:?}", batch[2]);
+        let missing = batch[4].as_ref().unwrap();
+        assert!(!missing.changed && missing.envelope.is_none(), "a delete of nothing changes nothing");
+        let mut versions = Vec::new();
+        for position in [0, 1, 3, 5] {
+            let outcome = batch[position].as_ref().unwrap();
+            assert!(outcome.changed, "write {position} of the batch changed its record");
+            versions.push(outcome.answer.clone());
+            sequences.push(outcome.envelope.as_ref().unwrap().sequence);
+        }
+        versions.dedup();
+        assert_eq!(versions.len(), 4, "each change of the batch has its own version");
+        let first = sequences[0];
+        assert_eq!(sequences, (first..first + 68).collect::<Vec<_>>(), "sequences in arrival order, without holes");
+
+        let same = read.unwrap().unwrap().expect("the job after the writes sees them");
+        assert_eq!(same.view.value, Some(object(json!({"a": 1, "b": 2, "c": 5}))));
+        let r3 = engine.call(|engine| engine.read_record(RecordKey::new("orders", "r3").unwrap())).await.unwrap();
+        assert_eq!(
+            r3.unwrap().unwrap().view.value,
+            Some(object(json!({"n": 3, "m": true}))),
+            "two writes to r3 in order"
+        );
+        let status = status(&engine).await;
+        assert_eq!(status.record_count, 65);
+        assert_eq!(status.feed_sequence, 68);
+
+        let entries = audit_entries(&engine).await;
+        let attributed = attributions(&entries);
+        assert_eq!(attributed.len(), 68);
+        assert_eq!(attributed[5], ("rounds".into(), "alice".into(), vec!["n".to_owned()]));
+        let batch_entries: Vec<_> =
+            attributed[64..].iter().map(|(_, principal, fields)| (principal.as_str(), fields.clone())).collect();
+        assert_eq!(
+            batch_entries,
+            [
+                ("bob", vec!["a".to_owned()]),
+                ("bob", vec!["b".to_owned()]),
+                ("bob", vec!["c".to_owned()]),
+                ("bob", vec!["m".to_owned()]),
+            ],
+            "workers = {workers}"
+        );
+        assert!(verify_audit(&engine).await.outcome.is_ok(), "the chain verifies");
+    }
+}

@@ -41,6 +41,7 @@ use serde_json::{Map, Value};
 use store::Store;
 
 use super::collections::is_system_collection;
+use super::writes::{Answer, AnswerKind};
 use super::{Document, Engine, EngineError, WriteOutcome, physical_ms};
 
 /// How long audit entries are kept unless configured: 90 days.
@@ -72,11 +73,11 @@ pub(crate) struct AuditTrail {
     next_trim_due: Instant,
     /// Who the change being applied now is attributed to, set around a write or a peer's
     /// message; `None` outside them (an engine caller that names no one).
-    attribution: Option<Attribution>,
+    pub(super) attribution: Option<Attribution>,
 }
 
 #[derive(Debug, Clone)]
-enum Attribution {
+pub(super) enum Attribution {
     /// An API request or another local caller. `fields`, for a record write, are those the
     /// operation touched; `None` lists [`ALL_FIELDS`].
     Local { principal: String, fields: Option<Vec<String>> },
@@ -143,7 +144,7 @@ impl Engine {
         operation: Operation,
         principal: &str,
     ) -> Result<WriteOutcome, EngineError> {
-        self.write_attributed_as(key, operation, principal, Engine::view_answer)
+        self.write_attributed_as(key, operation, principal, AnswerKind::View)?.try_map_answer(Answer::into_view)
     }
 
     /// [`Engine::write_record_as`] answering only the record's version, as a batch does: it
@@ -154,28 +155,21 @@ impl Engine {
         operation: Operation,
         principal: &str,
     ) -> Result<WriteOutcome<String>, EngineError> {
-        self.write_attributed_as(key, operation, principal, Engine::version_answer)
+        self.write_attributed_as(key, operation, principal, AnswerKind::Version)?
+            .try_map_answer(|answer| Ok(answer.into_version()))
     }
 
-    fn write_attributed_as<A>(
+    fn write_attributed_as(
         &mut self,
         key: RecordKey,
         operation: Operation,
         principal: &str,
-        answer: super::Answer<A>,
-    ) -> Result<WriteOutcome<A>, EngineError> {
+        answer: AnswerKind,
+    ) -> Result<WriteOutcome<Answer>, EngineError> {
         if is_system_collection(key.collection()) {
             return Err(EngineError::SystemCollection(key.collection().to_owned()));
         }
-        // Taken once, for the fields it touches and then for the write: a record new to the
-        // node is one store lookup, not two.
-        let document = self.take_document(&key)?;
-        let fields = fields_touched(document.as_ref(), &key, &operation);
-        let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(fields) };
-        let previous = self.audit.attribution.replace(attribution);
-        let outcome = self.write_taken(key, document, operation, answer);
-        self.audit.attribution = previous;
-        outcome
+        self.write_now(key, operation, Some(principal), answer)
     }
 
     /// Runs `work` with the changes it makes attributed to `principal` (texts, say), listing
@@ -257,7 +251,7 @@ impl Engine {
 /// The top-level fields a local record write to `document` (`None`: a new record) touches (see
 /// the module doc). A replace compares with the record before it; a record that does not read
 /// lists the new keys.
-fn fields_touched(document: Option<&Document>, key: &RecordKey, operation: &Operation) -> Vec<String> {
+pub(super) fn fields_touched(document: Option<&Document>, key: &RecordKey, operation: &Operation) -> Vec<String> {
     match operation {
         Operation::Delete => vec![ALL_FIELDS.to_owned()],
         Operation::Increment { field, .. } => vec![field.clone()],
@@ -329,7 +323,7 @@ fn changed_fields(before: &Map<String, Value>, after: &Map<String, Value>) -> Ve
 
 /// `name` cut to at most [`NAME_BYTES_MAX`] bytes at a character boundary, so an entry is
 /// never refused for a long token, node or certificate name.
-fn bounded_name(name: &str) -> String {
+pub(super) fn bounded_name(name: &str) -> String {
     let mut end = name.len().min(NAME_BYTES_MAX);
     while !name.is_char_boundary(end) {
         end -= 1;

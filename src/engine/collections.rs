@@ -92,8 +92,7 @@ impl Engine {
         let key = RecordKey::new(DEFINITIONS_COLLECTION, collection)
             .and_then(|key| RecordKey::new(collection, "-").map(|_| key))
             .map_err(|error| EngineError::BadRequest(error.to_string()))?;
-        let outcome =
-            self.write_document(key.clone(), Operation::Replace(definition.to_record()), Engine::view_answer)?;
+        let outcome = self.write_document(key.clone(), Operation::Replace(definition.to_record()))?;
         self.definitions.changed(&key);
         Ok(outcome)
     }
