@@ -52,6 +52,8 @@ pub struct Settings {
     /// How long each latency phase offers its load.
     #[serde(serialize_with = "seconds")]
     pub latency_duration: Duration,
+    /// Threads each node's rounds of writes use.
+    pub write_workers: usize,
 }
 
 fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -60,7 +62,7 @@ fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
 
 impl Settings {
     /// The quick run (under a minute) or the full one; `records` overrides N.
-    pub fn new(quick: bool, records: Option<u64>) -> Settings {
+    pub fn new(quick: bool, records: Option<u64>, write_workers: Option<usize>) -> Settings {
         let records = records.unwrap_or(if quick { 10_000 } else { 1_000_000 }).max(10);
         let (throughput_duration, latency_duration) = if quick {
             (Duration::from_secs(3), Duration::from_secs(3))
@@ -75,6 +77,7 @@ impl Settings {
             catch_up_shared: (records / 10).max(10),
             throughput_duration,
             latency_duration,
+            write_workers: write_workers.unwrap_or_else(crate::engine::default_workers).max(1),
         }
     }
 }
@@ -136,14 +139,20 @@ pub struct Report {
 }
 
 /// Runs the bench, prints the table, and writes the report to `json` when given.
-pub async fn run(quick: bool, records: Option<u64>, json_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let settings = Settings::new(quick, records);
+pub async fn run(
+    quick: bool,
+    records: Option<u64>,
+    write_workers: Option<usize>,
+    json_path: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let settings = Settings::new(quick, records, write_workers);
     let started = Instant::now();
     let machine = machine();
     println!(
-        "concord bench ({}): {} cores, load average {}",
+        "concord bench ({}): {} cores, {} write workers per node, load average {}",
         if quick { "quick" } else { "full" },
         machine["cores"],
+        settings.write_workers,
         machine["load_average_before"].as_str().unwrap_or("?")
     );
     let root = tempfile::Builder::new().prefix("concord-bench-").tempdir()?;
@@ -549,7 +558,7 @@ impl Bench {
         seeds: Vec<std::net::SocketAddr>,
         online: bool,
     ) -> anyhow::Result<DemoNode> {
-        DemoNode::start(&self.root, &self.certs, name, seeds, online).await
+        DemoNode::start(&self.root, &self.certs, name, seeds, online, self.settings.write_workers).await
     }
 
     async fn status(&self, node: &DemoNode) -> anyhow::Result<Value> {

@@ -41,6 +41,10 @@ pub enum Command {
         /// --quick); catch-up uses as many (half with --quick).
         #[arg(long)]
         records: Option<u64>,
+        /// Threads each node's rounds of writes use (default: one per core, at most 8); 1
+        /// measures the engine thread alone.
+        #[arg(long)]
+        write_workers: Option<usize>,
     },
     /// Replace a record with a JSON object: put COLLECTION/ID '{"name":"Ada"}'.
     Put(WriteArgs),

@@ -41,6 +41,7 @@ impl DemoNode {
         name: &'static str,
         seeds: Vec<SocketAddr>,
         online: bool,
+        write_workers: usize,
     ) -> anyhow::Result<DemoNode> {
         let data_dir = root.join(name);
         std::fs::create_dir_all(&data_dir)?;
@@ -62,7 +63,7 @@ impl DemoNode {
             tokens: Vec::new(),
             mesh,
             cache_documents: 4096,
-            write_workers: crate::engine::default_workers(),
+            write_workers,
             store_cache_bytes: store::CACHE_BYTES_DEFAULT,
             body_bytes_max: 1 << 20,
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,
@@ -234,11 +235,14 @@ pub async fn run(root: Option<PathBuf>) -> anyhow::Result<bool> {
 
     println!("Concord demo: three nodes on loopback, QUIC with mutual TLS under a fresh cluster CA");
     println!("  data and certificates in {}", root.display());
-    let hq = DemoNode::start(&root, &certs, NAMES[0], vec![], true).await?;
+    let hq = DemoNode::start(&root, &certs, NAMES[0], vec![], true, crate::engine::default_workers()).await?;
     let hq_peer = hq.peer.context("hq has a peer address")?;
-    let store_one = DemoNode::start(&root, &certs, NAMES[1], vec![hq_peer], true).await?;
+    let store_one =
+        DemoNode::start(&root, &certs, NAMES[1], vec![hq_peer], true, crate::engine::default_workers()).await?;
     let store_one_peer = store_one.peer.context("store-1 has a peer address")?;
-    let mut store_two = DemoNode::start(&root, &certs, NAMES[2], vec![hq_peer, store_one_peer], true).await?;
+    let mut store_two =
+        DemoNode::start(&root, &certs, NAMES[2], vec![hq_peer, store_one_peer], true, crate::engine::default_workers())
+            .await?;
     for node in [&hq, &store_one, &store_two] {
         println!(
             "  {:<8} api {}  peer {}",
@@ -266,7 +270,7 @@ pub async fn run(root: Option<PathBuf>) -> anyhow::Result<bool> {
     api.put(&hq, "orders", "o-1", json!({"status": "new", "qty": 1, "customer": "hq-customer-00001"})).await?;
     api.converge(&[&hq, &store_one, &store_two]).await?;
     store_two.stop().await?;
-    store_two = DemoNode::start(&root, &certs, NAMES[2], vec![], false).await?;
+    store_two = DemoNode::start(&root, &certs, NAMES[2], vec![], false, crate::engine::default_workers()).await?;
     api.patch(&hq, "orders", "o-1", json!({"status": "paid", "qty": 3})).await?;
     api.patch(&store_two, "orders", "o-1", json!({"status": "cancelled", "note": "customer called the shop"})).await?;
     api.increment(&hq, "inventory", "widget", "sold", 5).await?;
@@ -286,7 +290,9 @@ pub async fn run(root: Option<PathBuf>) -> anyhow::Result<bool> {
     println!("\n3. store-2 reconnects and catches up in both directions");
     store_two.stop().await?;
     let reconnected = Instant::now();
-    store_two = DemoNode::start(&root, &certs, NAMES[2], vec![hq_peer, store_one_peer], true).await?;
+    store_two =
+        DemoNode::start(&root, &certs, NAMES[2], vec![hq_peer, store_one_peer], true, crate::engine::default_workers())
+            .await?;
     let (_, digest) = api.converge(&[&hq, &store_one, &store_two]).await?;
     let catch_up = reconnected.elapsed();
     println!(

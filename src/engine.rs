@@ -95,6 +95,25 @@ pub enum EngineError {
     Invalid(Box<crdt::schema::Violation>),
 }
 
+impl EngineError {
+    /// The same error again: for each write of a round's lane that failed as a whole (see
+    /// `writes`). Those fail before any operation runs, so every kind they can be is copied
+    /// exactly; any other keeps its message.
+    fn duplicate(&self) -> EngineError {
+        match self {
+            EngineError::Stopped => EngineError::Stopped,
+            EngineError::Storage(message) => EngineError::Storage(message.clone()),
+            EngineError::Corrupt { key, reason } => EngineError::Corrupt { key: key.clone(), reason: reason.clone() },
+            EngineError::WrongKind { key, actual, expected } => {
+                EngineError::WrongKind { key: key.clone(), actual, expected }
+            }
+            EngineError::SystemCollection(collection) => EngineError::SystemCollection(collection.clone()),
+            EngineError::BadRequest(message) => EngineError::BadRequest(message.clone()),
+            other => EngineError::Storage(other.to_string()),
+        }
+    }
+}
+
 impl From<OperationError> for EngineError {
     fn from(error: OperationError) -> Self {
         EngineError::Operation(Box::new(error))
@@ -292,10 +311,13 @@ struct Before {
 
 impl Before {
     fn of(document: &Document, key: &RecordKey) -> Before {
-        Before {
-            live: document.stored && document.body.is_live(),
-            digest: document.stored.then(|| document.body.digest(key)),
-        }
+        Before::counted(document, key, document.stored)
+    }
+
+    /// `counted`: whether the node's record count and digest already hold the document (it is
+    /// stored, or a change to it is staged).
+    fn counted(document: &Document, key: &RecordKey, counted: bool) -> Before {
+        Before { live: counted && document.body.is_live(), digest: counted.then(|| document.body.digest(key)) }
     }
 }
 

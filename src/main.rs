@@ -58,7 +58,9 @@ fn main() -> std::process::ExitCode {
                     Err(anyhow::anyhow!("the nodes did not converge"))
                 }
             }
-            Command::Bench { quick, json, records } => concord::bench::run(quick, records, json).await,
+            Command::Bench { quick, json, records, write_workers } => {
+                concord::bench::run(quick, records, write_workers, json).await
+            }
             command => client::run(command).await,
         }
     });

@@ -1142,6 +1142,10 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
         let directory = tempfile::tempdir().unwrap();
         let engine = start_with(directory.path(), "rounds", |settings| settings.workers = workers).await;
         let key = |id: &str| RecordKey::new("orders", id).unwrap();
+        let account = RecordKey::new("accounts", "a").unwrap();
+        let strict =
+            crdt::collection::Definition::from_toml("[fields.balance]\ntype = \"number\"\nminimum = 0\n").unwrap();
+        engine.call(move |engine| engine.define_collection("accounts", &strict)).await.unwrap().unwrap();
         // Holds the engine so that everything below queues behind it, in the order polled.
         engine.submit(|_| std::thread::sleep(std::time::Duration::from_millis(100))).await.unwrap();
         let singles = futures::future::join_all((0..64).map(|index| {
@@ -1155,6 +1159,12 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
                 (key("same"), Operation::Increment { field: "c".into(), by: 5 }),
                 (key("missing"), Operation::Delete),
                 (key("r3"), Operation::MergePatch(object(json!({"m": true})))),
+                // Checked against the record as the writes before them in the round left it:
+                // 5 - 3 passes only after the replace, and 2 - 10 breaks the minimum.
+                (account.clone(), Operation::Replace(object(json!({"balance": 5})))),
+                (account.clone(), Operation::Increment { field: "balance".into(), by: -3 }),
+                (account.clone(), Operation::Increment { field: "balance".into(), by: -10 }),
+                (account.clone(), Operation::Increment { field: "balance".into(), by: 1 }),
             ],
             "bob".into(),
         );
@@ -1169,21 +1179,22 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
             sequences.push(outcome.envelope.unwrap().sequence);
         }
         let batch = batch.unwrap();
-        assert_eq!(batch.len(), 6, "one outcome per write, in order");
+        assert_eq!(batch.len(), 10, "one outcome per write, in order");
+        assert!(matches!(batch[8], Err(engine::EngineError::Invalid(_))), "{:?}", batch[8]);
         assert!(matches!(batch[2], Err(engine::EngineError::SystemCollection(_))), "{:?}", batch[2]);
         let missing = batch[4].as_ref().unwrap();
         assert!(!missing.changed && missing.envelope.is_none(), "a delete of nothing changes nothing");
         let mut versions = Vec::new();
-        for position in [0, 1, 3, 5] {
+        for position in [0, 1, 3, 5, 6, 7, 9] {
             let outcome = batch[position].as_ref().unwrap();
             assert!(outcome.changed, "write {position} of the batch changed its record");
             versions.push(outcome.answer.clone());
             sequences.push(outcome.envelope.as_ref().unwrap().sequence);
         }
         versions.dedup();
-        assert_eq!(versions.len(), 4, "each change of the batch has its own version");
+        assert_eq!(versions.len(), 7, "each change of the batch has its own version");
         let first = sequences[0];
-        assert_eq!(sequences, (first..first + 68).collect::<Vec<_>>(), "sequences in arrival order, without holes");
+        assert_eq!(sequences, (first..first + 71).collect::<Vec<_>>(), "sequences in arrival order, without holes");
 
         let same = read.unwrap().unwrap().expect("the job after the writes sees them");
         assert_eq!(same.view.value, Some(object(json!({"a": 1, "b": 2, "c": 5}))));
@@ -1193,16 +1204,19 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
             Some(object(json!({"n": 3, "m": true}))),
             "two writes to r3 in order"
         );
+        let balance = engine.call(move |engine| engine.read_record(account)).await.unwrap().unwrap();
+        assert_eq!(balance.unwrap().view.value, Some(object(json!({"balance": 3}))));
         let status = status(&engine).await;
-        assert_eq!(status.record_count, 65);
-        assert_eq!(status.feed_sequence, 68);
+        // The definition is a record too, and its change is in the feed.
+        assert_eq!(status.record_count, 67);
+        assert_eq!(status.feed_sequence, 72);
 
         let entries = audit_entries(&engine).await;
         let attributed = attributions(&entries);
-        assert_eq!(attributed.len(), 68);
-        assert_eq!(attributed[5], ("rounds".into(), "alice".into(), vec!["n".to_owned()]));
+        assert_eq!(attributed.len(), 72);
+        assert_eq!(attributed[6], ("rounds".into(), "alice".into(), vec!["n".to_owned()]));
         let batch_entries: Vec<_> =
-            attributed[64..].iter().map(|(_, principal, fields)| (principal.as_str(), fields.clone())).collect();
+            attributed[65..].iter().map(|(_, principal, fields)| (principal.as_str(), fields.clone())).collect();
         assert_eq!(
             batch_entries,
             [
@@ -1210,6 +1224,9 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
                 ("bob", vec!["b".to_owned()]),
                 ("bob", vec!["c".to_owned()]),
                 ("bob", vec!["m".to_owned()]),
+                ("bob", vec!["balance".to_owned()]),
+                ("bob", vec!["balance".to_owned()]),
+                ("bob", vec!["balance".to_owned()]),
             ],
             "workers = {workers}"
         );

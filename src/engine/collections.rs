@@ -97,82 +97,95 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// The fields of `collection` that local writes write whole (see
-    /// `crdt::record::WriteOptions`): those whose declared policy resolves concurrent values
-    /// other than automerge's own way.
-    pub(super) fn whole_fields(&mut self, collection: &str) -> Result<Vec<String>, EngineError> {
-        let Some(definition) = self.definition(collection)? else { return Ok(Vec::new()) };
-        Ok(definition
-            .fields
-            .keys()
-            .filter(|name| !matches!(definition.policy(name), Policy::Lww | Policy::Counter))
-            .cloned()
-            .collect())
-    }
-
-    /// A record's view with its collection's policies applied: each top-level field with
-    /// concurrent values shows the value its policy resolves to. `conflicts` still lists every
-    /// concurrent value, until a later write supersedes them.
+    /// A record's view with its collection's policies applied (see [`resolve_view`]).
     pub(super) fn resolved_view(
         &mut self,
         key: &RecordKey,
         document: &Document,
-        mut view: RecordView,
+        view: RecordView,
     ) -> Result<RecordView, EngineError> {
         if view.conflicts.is_empty() {
             return Ok(view);
         }
-        let Body::Record(record) = &document.body else { return Ok(view) };
-        let Some(definition) = self.definition(key.collection())? else { return Ok(view) };
-        let Some(value) = view.value.as_mut() else { return Ok(view) };
-        for conflict in &view.conflicts {
-            let Some(field) = top_level_field(&conflict.field) else { continue };
-            let policy = definition.policy(&field);
-            if matches!(policy, Policy::Lww | Policy::Counter) {
-                continue;
-            }
-            if let Some(resolution) = resolve_field(key, record, &field, policy)? {
-                value.insert(field, resolution.value);
-            }
-        }
-        Ok(view)
+        let definition = self.definition(key.collection())?;
+        resolve_view(key, document, definition.as_deref(), view)
     }
+}
 
-    /// Checks a local write against its collection's schema before it is made: the record as it
-    /// would read afterwards must pass. Deletes always pass.
-    pub(super) fn check_schema(
-        &mut self,
-        key: &RecordKey,
-        document: &Document,
-        operation: &Operation,
-    ) -> Result<(), EngineError> {
-        let Some(definition) = self.definition(key.collection())? else { return Ok(()) };
-        if definition.fields.is_empty() {
-            return Ok(());
-        }
-        let mut current = match operation {
-            Operation::Delete => return Ok(()),
-            Operation::Replace(_) => Map::new(),
-            Operation::MergePatch(_) | Operation::Increment { .. } => {
-                let view = document.body.view(key)?;
-                self.resolved_view(key, document, view)?.value.unwrap_or_default()
-            }
-        };
-        let after = match operation {
-            Operation::Replace(fields) => fields.clone(),
-            Operation::MergePatch(patch) => match crdt::json::merge_patch(Some(&Value::Object(current)), patch) {
-                Value::Object(after) => after,
-                _ => Map::new(),
-            },
-            Operation::Increment { field, by } => {
-                let sum = current.get(field).and_then(Value::as_i64).unwrap_or(0).saturating_add(*by);
-                current.insert(field.clone(), Value::from(sum));
-                current
-            }
-            Operation::Delete => return Ok(()),
-        };
-        crdt::schema::validate(&definition, &after).map_err(|violation| EngineError::Invalid(Box::new(violation)))
+/// The fields that local writes write whole (see `crdt::record::WriteOptions`): those whose
+/// declared policy resolves concurrent values other than automerge's own way.
+pub(super) fn whole_fields(definition: Option<&Definition>) -> Vec<String> {
+    let Some(definition) = definition else { return Vec::new() };
+    definition
+        .fields
+        .keys()
+        .filter(|name| !matches!(definition.policy(name), Policy::Lww | Policy::Counter))
+        .cloned()
+        .collect()
+}
+
+/// A record's view with its collection's policies applied: each top-level field with
+/// concurrent values shows the value its policy resolves to. `conflicts` still lists every
+/// concurrent value, until a later write supersedes them.
+pub(super) fn resolve_view(
+    key: &RecordKey,
+    document: &Document,
+    definition: Option<&Definition>,
+    mut view: RecordView,
+) -> Result<RecordView, EngineError> {
+    if view.conflicts.is_empty() {
+        return Ok(view);
     }
+    let Body::Record(record) = &document.body else { return Ok(view) };
+    let Some(definition) = definition else { return Ok(view) };
+    let Some(value) = view.value.as_mut() else { return Ok(view) };
+    for conflict in &view.conflicts {
+        let Some(field) = top_level_field(&conflict.field) else { continue };
+        let policy = definition.policy(&field);
+        if matches!(policy, Policy::Lww | Policy::Counter) {
+            continue;
+        }
+        if let Some(resolution) = resolve_field(key, record, &field, policy)? {
+            value.insert(field, resolution.value);
+        }
+    }
+    Ok(view)
+}
+
+/// Checks a local write against its collection's schema before it is made: the record as it
+/// would read afterwards must pass. Deletes always pass.
+pub(super) fn check_schema(
+    key: &RecordKey,
+    document: &Document,
+    definition: Option<&Definition>,
+    operation: &Operation,
+) -> Result<(), EngineError> {
+    let Some(definition) = definition else { return Ok(()) };
+    if definition.fields.is_empty() {
+        return Ok(());
+    }
+    let mut current = match operation {
+        Operation::Delete => return Ok(()),
+        Operation::Replace(_) => Map::new(),
+        Operation::MergePatch(_) | Operation::Increment { .. } => {
+            let view = document.body.view(key)?;
+            resolve_view(key, document, Some(definition), view)?.value.unwrap_or_default()
+        }
+    };
+    let after = match operation {
+        Operation::Replace(fields) => fields.clone(),
+        Operation::MergePatch(patch) => match crdt::json::merge_patch(Some(&Value::Object(current)), patch) {
+            Value::Object(after) => after,
+            _ => Map::new(),
+        },
+        Operation::Increment { field, by } => {
+            let sum = current.get(field).and_then(Value::as_i64).unwrap_or(0).saturating_add(*by);
+            current.insert(field.clone(), Value::from(sum));
+            current
+        }
+        Operation::Delete => return Ok(()),
+    };
+    crdt::schema::validate(definition, &after).map_err(|violation| EngineError::Invalid(Box::new(violation)))
 }
 
 impl Engine {

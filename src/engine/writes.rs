@@ -1,35 +1,46 @@
 //! Local record writes, and rounds of them whose CRDT work runs on several cores.
 //!
 //! A write has three steps:
-//! 1. **prepare**, on the engine thread: take the document out of the cache (or load it), check
-//!    the collection's schema, and tick the clock;
-//! 2. **work**, anywhere: the fields the write touches (for the audit entry), automerge's or yrs's
-//!    transaction, and reading the record back for the answer. This is pure work on a document
-//!    the write owns, and it was about 70% of the engine thread's time per write (BENCHMARKS.md,
-//!    session 11);
-//! 3. **finish**, on the engine thread, in the order the writes arrived: policies on the answer,
-//!    the next sequence of this node's origin, staging in the group commit's batch, the audit
-//!    entry, and the document back into the cache.
+//! 1. **prepare**, on the engine thread: take the document out of the cache (or load it), look up
+//!    the collection's definition, and tick the clock;
+//! 2. **work**, anywhere: the schema check, the fields the write touches (for the audit entry),
+//!    automerge's or yrs's transaction, and reading the record back with its policies applied for
+//!    the answer. This is pure work on a document the write owns, and it was about 70% of the
+//!    engine thread's time per write (BENCHMARKS.md, session 11);
+//! 3. **finish**, on the engine thread, in the order the writes arrived: the next sequence of
+//!    this node's origin, staging in the group commit's batch, the audit entry, and the document
+//!    back into the cache.
 //!
 //! API writes arrive as [`WriteRequest`]s and queue in a [`Round`]. The engine runs a round
 //! before any other job and before every commit, so every job still sees the effects of the jobs
-//! before it. A round holds each key at most once (a second write to a key runs the round
-//! first), so its documents are independent and their work spreads over the engine's workers.
-//! Everything that is the node's state (sequence, clock, store batch, audit chain, counters)
-//! stays on the engine thread, and a round's results are staged in arrival order, so a round
-//! stores exactly what the same writes one at a time would.
+//! before it. A round keeps one lane per key: the lane owns the key's document and works its
+//! writes in arrival order, so lanes are independent and spread over the engine's workers. A
+//! write whose outcome depends on an earlier one in its lane (a schema check, the fields it
+//! touches, the digest it replaces) sees that write's result, because the lane works them in
+//! order. Everything that is the node's state (sequence, clock, store batch, audit chain,
+//! counters) stays on the engine thread, and the writes are staged in arrival order across
+//! lanes, so a round stores exactly what the same writes one at a time would.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crdt::clock::Timestamp;
+use crdt::collection::Definition;
 use crdt::identity::OriginId;
 use crdt::key::RecordKey;
 use crdt::record::{Operation, OperationError, RecordView, WriteOptions};
 use crdt::text::TextLimits;
 
 use super::audit::{Attribution, bounded_name, fields_touched};
-use super::{Before, Body, Completion, Document, Engine, EngineError, WriteOutcome, is_system_collection, physical_ms};
+use super::collections::{check_schema, resolve_view, whole_fields};
+use super::{
+    After, Before, Body, Completion, Document, Engine, EngineError, WriteOutcome, is_system_collection, physical_ms,
+};
+
+/// A round spreads its work over helper threads only when it holds at least this many automerge
+/// writes: starting a helper costs tens of microseconds, an automerge write about a hundred, and
+/// a yrs write a few.
+const HELPERS_FROM_WRITES: usize = 8;
 
 /// What a write answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +93,11 @@ pub(crate) struct WriteRequest {
 #[derive(Default)]
 pub(crate) struct Round {
     requests: Vec<PendingRequest>,
+    /// Every queued write, in arrival order.
     queued: Vec<Queued>,
-    keys: HashSet<RecordKey>,
+    /// The keys queued, in order of their first write: one lane each.
+    keys: Vec<RecordKey>,
+    lanes: HashMap<RecordKey, usize>,
 }
 
 impl Round {
@@ -103,29 +117,36 @@ struct PendingRequest {
 struct Queued {
     request: usize,
     position: usize,
-    key: RecordKey,
+    lane: usize,
     operation: Operation,
 }
 
-/// A write between its steps: the document it owns and what each step found.
-struct Write {
+/// The writes of a round to one key, and the document they own while the round runs.
+struct Lane {
     key: RecordKey,
-    operation: Operation,
     document: Document,
-    /// Whether the record existed before (else `document` is new and empty).
+    /// Whether the record existed before the round (else `document` is new and empty).
     existed: bool,
-    whole_fields: Vec<String>,
+    definition: Option<Arc<Definition>>,
+    /// The lane's writes in arrival order.
+    steps: Vec<Step>,
+}
+
+struct Step {
+    operation: Operation,
     timestamp: Timestamp,
     answer: AnswerKind,
-    worked: Option<Worked>,
+    worked: Option<Result<Done, EngineError>>,
 }
 
-/// What the work step found.
-struct Worked {
+/// What the work step found for a write that was made.
+struct Done {
+    /// The change's bytes; `None` when the write changed nothing.
+    change: Option<Vec<u8>>,
+    answer: Answer,
     fields: Vec<String>,
     before: Before,
-    /// The change's bytes (`None`: the write changed nothing) and the answer before policies.
-    result: Result<(Option<Vec<u8>>, Answer), EngineError>,
+    after: After,
 }
 
 /// What the work step needs of the engine: read-only, shared by the workers.
@@ -136,8 +157,11 @@ struct Context<'engine> {
 }
 
 impl Engine {
-    /// Queues the writes of `request` for the next round. A key already queued runs the round
-    /// first, so a round holds each key once and a request's writes to one key apply in order.
+    fn work_context(&self) -> Context<'_> {
+        Context { origin: &self.identity.origin, name: &self.identity.name, text_limits: &self.text_limits }
+    }
+
+    /// Queues the writes of `request` for the next round, each in the lane of its key.
     pub(super) fn queue_writes(&mut self, request: WriteRequest, completions: &mut Vec<Completion>) {
         let index = self.round.requests.len();
         let count = request.writes.len();
@@ -152,40 +176,52 @@ impl Engine {
             self.answer_request(index, completions);
         }
         for (position, (key, operation)) in request.writes.into_iter().enumerate() {
-            if self.round.keys.contains(&key) {
-                self.run_round(completions);
-            }
-            self.round.keys.insert(key.clone());
-            self.round.queued.push(Queued { request: index, position, key, operation });
+            let round = &mut self.round;
+            let lane = *round.lanes.entry(key).or_insert_with_key(|key| {
+                round.keys.push(key.clone());
+                round.keys.len() - 1
+            });
+            round.queued.push(Queued { request: index, position, lane, operation });
         }
     }
 
-    /// Runs the queued writes: prepares each in order, works them on the engine's workers, and
-    /// finishes each in order. A request whose writes are all done gets its reply queued in
-    /// `completions`, released after the commit.
+    /// Runs the queued writes: prepares each lane and ticks the clock for each write in arrival
+    /// order, works the lanes on the engine's workers, and finishes each write in arrival order.
+    /// A request whose writes are all done gets its reply queued in `completions`, released
+    /// after the commit.
     pub(super) fn run_round(&mut self, completions: &mut Vec<Completion>) {
         let queued = std::mem::take(&mut self.round.queued);
-        self.round.keys.clear();
-        let mut writes = Vec::with_capacity(queued.len());
-        for Queued { request, position, key, operation } in queued {
-            let answer = self.round.requests[request].answer;
-            let prepared = if is_system_collection(key.collection()) {
-                Err(EngineError::SystemCollection(key.collection().to_owned()))
-            } else {
-                self.prepare_write(key, operation, answer)
-            };
-            match prepared {
-                Ok(write) => writes.push((request, position, write)),
-                Err(error) => self.settle(request, position, Err(error), completions),
+        let keys = std::mem::take(&mut self.round.keys);
+        self.round.lanes.clear();
+        let mut lanes: Vec<Result<Lane, EngineError>> = keys.into_iter().map(|key| self.prepare_lane(key)).collect();
+        let mut order = Vec::with_capacity(queued.len());
+        for Queued { request, position, lane, operation } in queued {
+            if let Ok(lane) = &mut lanes[lane] {
+                let answer = self.round.requests[request].answer;
+                let timestamp = self.clock.tick(physical_ms());
+                lane.steps.push(Step { operation, timestamp, answer, worked: None });
             }
+            order.push((request, position, lane));
         }
-        let context =
-            Context { origin: &self.identity.origin, name: &self.identity.name, text_limits: &self.text_limits };
-        work_all(&mut writes, self.workers, &context);
-        for (request, position, write) in writes {
-            let principal = self.round.requests[request].principal.clone();
-            let outcome = self.finish_write(write, Some(&principal));
+        let mut ready: Vec<&mut Lane> = lanes.iter_mut().filter_map(|lane| lane.as_mut().ok()).collect();
+        work_all(&mut ready, self.workers, &self.work_context());
+        let mut finished = vec![0; lanes.len()];
+        for (request, position, lane) in order {
+            let outcome = match &mut lanes[lane] {
+                Err(error) => Err(error.duplicate()),
+                Ok(Lane { key, document, steps, .. }) => {
+                    let step = &mut steps[finished[lane]];
+                    finished[lane] += 1;
+                    let principal = self.round.requests[request].principal.clone();
+                    self.finish_step(key, document, step, Some(&principal))
+                }
+            };
             self.settle(request, position, outcome, completions);
+        }
+        for lane in lanes.into_iter().flatten() {
+            if lane.document.stored {
+                self.put_back(lane.key, lane.document);
+            }
         }
         if self.round.requests.iter().all(|request| request.reply.is_none()) {
             self.round.requests.clear();
@@ -224,47 +260,14 @@ impl Engine {
         principal: Option<&str>,
         answer: AnswerKind,
     ) -> Result<WriteOutcome<Answer>, EngineError> {
-        let mut write = self.prepare_write(key, operation, answer)?;
-        let context =
-            Context { origin: &self.identity.origin, name: &self.identity.name, text_limits: &self.text_limits };
-        work(&mut write, &context);
-        self.finish_write(write, principal)
-    }
-
-    /// The first step, on the engine thread. On an error the document is back in the cache.
-    fn prepare_write(
-        &mut self,
-        key: RecordKey,
-        operation: Operation,
-        answer: AnswerKind,
-    ) -> Result<Write, EngineError> {
-        let found = self.take_document(&key)?;
-        let existed = found.is_some();
-        let document = match found {
-            Some(document) => document,
-            None => self.empty_document(self.record_kind(&key)),
-        };
-        let checked = self.check_schema(&key, &document, &operation).and_then(|()| self.whole_fields(key.collection()));
-        let whole_fields = match checked {
-            Ok(whole_fields) => whole_fields,
-            Err(error) => {
-                if document.stored {
-                    self.put_back(key, document);
-                }
-                return Err(error);
-            }
-        };
+        let mut lane = self.prepare_lane_of(key)?;
         let timestamp = self.clock.tick(physical_ms());
-        Ok(Write { key, operation, document, existed, whole_fields, timestamp, answer, worked: None })
-    }
-
-    /// The last step, on the engine thread: policies on the answer, then the envelope and the
-    /// staging of a change. The document goes back into the cache either way.
-    fn finish_write(&mut self, write: Write, principal: Option<&str>) -> Result<WriteOutcome<Answer>, EngineError> {
-        let Write { key, mut document, worked, timestamp, .. } = write;
-        let outcome = match worked {
-            Some(worked) => self.stage_write(&key, &mut document, timestamp, worked, principal),
-            None => Err(EngineError::BadRequest("a write finished before its work".into())),
+        lane.steps.push(Step { operation, timestamp, answer, worked: None });
+        work_lane(&mut lane, &self.work_context());
+        let Lane { key, mut document, mut steps, .. } = lane;
+        let outcome = match steps.first_mut() {
+            Some(step) => self.finish_step(&key, &mut document, step, principal),
+            None => Err(EngineError::BadRequest("a write without its step".into())),
         };
         if document.stored {
             self.put_back(key, document);
@@ -272,26 +275,49 @@ impl Engine {
         outcome
     }
 
-    fn stage_write(
+    /// The first step of a lane, on the engine thread: the key's document and definition. On an
+    /// error the document is back in the cache.
+    fn prepare_lane(&mut self, key: RecordKey) -> Result<Lane, EngineError> {
+        if is_system_collection(key.collection()) {
+            return Err(EngineError::SystemCollection(key.collection().to_owned()));
+        }
+        self.prepare_lane_of(key)
+    }
+
+    /// [`Engine::prepare_lane`] without the system-collection check.
+    fn prepare_lane_of(&mut self, key: RecordKey) -> Result<Lane, EngineError> {
+        let definition = self.definition(key.collection())?;
+        let found = self.take_document(&key)?;
+        let existed = found.is_some();
+        let document = match found {
+            Some(document) => document,
+            None => self.empty_document(self.record_kind(&key)),
+        };
+        Ok(Lane { key, document, existed, definition, steps: Vec::new() })
+    }
+
+    /// The last step of a write, on the engine thread: the envelope and the staging of its
+    /// change, attributed to `principal` when given.
+    fn finish_step(
         &mut self,
         key: &RecordKey,
         document: &mut Document,
-        timestamp: Timestamp,
-        worked: Worked,
+        step: &mut Step,
         principal: Option<&str>,
     ) -> Result<WriteOutcome<Answer>, EngineError> {
-        let (change, answer) = worked.result?;
-        let answer = match answer {
-            Answer::View(view) => Answer::View(self.resolved_view(key, document, view)?),
-            version => version,
-        };
+        let done = step
+            .worked
+            .take()
+            .unwrap_or_else(|| Err(EngineError::BadRequest("a write finished before its work".into())))?;
+        let Done { change, answer, fields, before, after } = done;
         let Some(change) = change else { return Ok(WriteOutcome { changed: false, answer, envelope: None }) };
-        let envelope = self.local_envelope(key, document.body.kind(), timestamp, change);
+        let envelope = self.local_envelope(key, document.body.kind(), step.timestamp, change);
         let previous = principal.map(|principal| {
-            let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(worked.fields) };
+            let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(fields) };
             self.audit.attribution.replace(attribution)
         });
-        self.stage_change(document, &envelope, worked.before, true);
+        self.stage_bytes(document, key, envelope.kind, &envelope.change);
+        self.stage_logged(&envelope, before, after, true);
         if let Some(previous) = previous {
             self.audit.attribution = previous;
         }
@@ -299,49 +325,71 @@ impl Engine {
     }
 }
 
-/// The work step of every write in `writes`, spread over up to `workers` threads (the engine
-/// thread is one of them). Each write owns its document, so the threads share only `context`.
-fn work_all(writes: &mut [(usize, usize, Write)], workers: usize, context: &Context<'_>) {
-    let workers = workers.clamp(1, writes.len().max(1));
-    if workers == 1 {
-        writes.iter_mut().for_each(|(_, _, write)| work(write, context));
+/// The work step of every lane, on the engine thread and, for a round with enough automerge
+/// writes, up to `workers - 1` helpers. Each thread takes the next lane nobody has taken, so a
+/// helper that the machine schedules late (the other core is often busy with HTTP and the
+/// peers) only does less: the engine thread never waits for a lane nobody has started. Each lane
+/// owns its document, so the threads share only `context`.
+fn work_all(lanes: &mut [&mut Lane], workers: usize, context: &Context<'_>) {
+    let costly: usize =
+        lanes.iter().filter(|lane| matches!(lane.document.body, Body::Record(_))).map(|lane| lane.steps.len()).sum();
+    let helpers = if costly >= HELPERS_FROM_WRITES { workers.saturating_sub(1).min(lanes.len() - 1) } else { 0 };
+    if helpers == 0 {
+        lanes.iter_mut().for_each(|lane| work_lane(lane, context));
         return;
     }
-    let share = writes.len().div_ceil(workers);
+    let queue = std::sync::Mutex::new(lanes.iter_mut());
+    let next = || queue.lock().ok().and_then(|mut queue| queue.next());
+    let drain = || {
+        while let Some(lane) = next() {
+            work_lane(lane, context);
+        }
+    };
     std::thread::scope(|scope| {
-        let mut shares = writes.chunks_mut(share);
-        let own = shares.next();
-        for share in shares {
-            scope.spawn(move || share.iter_mut().for_each(|(_, _, write)| work(write, context)));
+        for _ in 0..helpers {
+            scope.spawn(drain);
         }
-        if let Some(own) = own {
-            own.iter_mut().for_each(|(_, _, write)| work(write, context));
-        }
+        drain();
     });
 }
 
-/// The work step: pure work on the document the write owns.
-fn work(write: &mut Write, context: &Context<'_>) {
-    let Write { key, operation, document, existed, whole_fields, timestamp, answer, .. } = write;
-    let fields = fields_touched(existed.then_some(&*document), key, operation);
-    let before = Before::of(document, key);
-    let change = match &mut document.body {
-        Body::Record(record) => {
-            let options = WriteOptions { writer: Some(context.name), whole_fields };
-            record.write_with(key, context.origin, options, *timestamp, operation).map_err(EngineError::from)
-        }
-        Body::Map(record) => {
-            record.write(operation, context.text_limits).map_err(|error| OperationError::from(error).into())
-        }
-        Body::Text(_) => Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" }),
-    };
-    let result = change.and_then(|change| {
-        let answer = match (answer, &document.body) {
-            (AnswerKind::Version, Body::Record(record)) => Answer::Version(record.version()),
-            (AnswerKind::Version, body) => Answer::Version(body.view(key)?.version),
-            (AnswerKind::View, body) => Answer::View(body.view(key)?),
-        };
-        Ok((change, answer))
-    });
-    write.worked = Some(Worked { fields, before, result });
+/// The work step of a lane's writes, in order: pure work on the document the lane owns.
+fn work_lane(lane: &mut Lane, context: &Context<'_>) {
+    let Lane { key, document, existed, definition, steps } = lane;
+    let definition = definition.as_deref();
+    let whole_fields = whole_fields(definition);
+    // Whether the node's record count and digest hold the document: once stored, or once an
+    // earlier write of the lane changed it (that write's finish stores it).
+    let mut counted = document.stored;
+    let mut exists = *existed;
+    for step in steps {
+        let done = (|| {
+            check_schema(key, document, definition, &step.operation)?;
+            let fields = fields_touched(exists.then_some(&*document), key, &step.operation);
+            let before = Before::counted(document, key, counted);
+            let change = match &mut document.body {
+                Body::Record(record) => {
+                    let options = WriteOptions { writer: Some(context.name), whole_fields: &whole_fields };
+                    record.write_with(key, context.origin, options, step.timestamp, &step.operation)?
+                }
+                Body::Map(record) => {
+                    record.write(&step.operation, context.text_limits).map_err(OperationError::from)?
+                }
+                Body::Text(_) => {
+                    return Err(EngineError::WrongKind { key: key.clone(), actual: "text", expected: "record" });
+                }
+            };
+            if change.is_some() {
+                counted = true;
+                exists = true;
+            }
+            let answer = match (step.answer, &document.body) {
+                (AnswerKind::Version, Body::Record(record)) => Answer::Version(record.version()),
+                (AnswerKind::Version, body) => Answer::Version(body.view(key)?.version),
+                (AnswerKind::View, body) => Answer::View(resolve_view(key, document, definition, body.view(key)?)?),
+            };
+            Ok(Done { change, answer, fields, before, after: After::of(document, key) })
+        })();
+        step.worked = Some(done);
+    }
 }
