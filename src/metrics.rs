@@ -122,6 +122,11 @@ pub struct Metrics {
     pub records_stored_unbuilt: Counter,
     /// Reads served straight from a record's one first change, without building it.
     pub records_read_unbuilt: Counter,
+    /// Rounds of local writes the engine ran, and the writes in them (see `engine/writes`).
+    pub write_rounds: Counter,
+    pub write_round_writes: Counter,
+    /// Lanes of a round (one key's writes) worked on a helper thread, not the engine thread.
+    pub write_lanes_on_helpers: Counter,
     /// Change-log entries deleted by retention.
     pub log_entries_trimmed: Counter,
     /// Members the failure detector declared down (each time one goes down).
@@ -168,7 +173,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 23] = [
+        let counters: [(&str, &str, &Counter); 26] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -215,6 +220,13 @@ impl Metrics {
                 "concord_records_read_unbuilt_total",
                 "Reads (GET, listing, change feed) served straight from a record's one first change, without building it.",
                 &self.records_read_unbuilt,
+            ),
+            ("concord_write_rounds_total", "Rounds of local writes run by the engine.", &self.write_rounds),
+            ("concord_write_round_writes_total", "Local writes run in rounds.", &self.write_round_writes),
+            (
+                "concord_write_lanes_on_helpers_total",
+                "Lanes of a round (one key's writes) worked on a helper thread rather than the engine thread (write_workers).",
+                &self.write_lanes_on_helpers,
             ),
             (
                 "concord_log_entries_trimmed_total",

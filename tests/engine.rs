@@ -1140,7 +1140,10 @@ async fn records_new_to_a_node_are_stored_from_their_first_change_and_behave_as_
 async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_would() {
     for workers in [1, 4] {
         let directory = tempfile::tempdir().unwrap();
-        let engine = start_with(directory.path(), "rounds", |settings| settings.workers = workers).await;
+        let metrics = Arc::new(Metrics::default());
+        let settings = EngineSettings { name: Some("rounds".into()), workers, ..EngineSettings::default() };
+        let store = store::Store::open(directory.path()).unwrap();
+        let (engine, _thread) = engine::start(store, settings, metrics.clone()).unwrap();
         let key = |id: &str| RecordKey::new("orders", id).unwrap();
         let account = RecordKey::new("accounts", "a").unwrap();
         let strict =
@@ -1231,5 +1234,10 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
             "workers = {workers}"
         );
         assert!(verify_audit(&engine).await.outcome.is_ok(), "the chain verifies");
+        assert_eq!(metrics.write_round_writes.get(), 74, "every API write ran in a round");
+        assert!(metrics.write_rounds.get() >= 1);
+        if workers == 1 {
+            assert_eq!(metrics.write_lanes_on_helpers.get(), 0, "one worker is the engine thread alone");
+        }
     }
 }

@@ -204,7 +204,10 @@ impl Engine {
             order.push((request, position, lane));
         }
         let mut ready: Vec<&mut Lane> = lanes.iter_mut().filter_map(|lane| lane.as_mut().ok()).collect();
-        work_all(&mut ready, self.workers, &self.work_context());
+        let on_helpers = work_all(&mut ready, self.workers, &self.work_context());
+        self.metrics.write_rounds.inc();
+        self.metrics.write_round_writes.add(order.len() as u64);
+        self.metrics.write_lanes_on_helpers.add(on_helpers);
         let mut finished = vec![0; lanes.len()];
         for (request, position, lane) in order {
             let outcome = match &mut lanes[lane] {
@@ -329,28 +332,32 @@ impl Engine {
 /// writes, up to `workers - 1` helpers. Each thread takes the next lane nobody has taken, so a
 /// helper that the machine schedules late (the other core is often busy with HTTP and the
 /// peers) only does less: the engine thread never waits for a lane nobody has started. Each lane
-/// owns its document, so the threads share only `context`.
-fn work_all(lanes: &mut [&mut Lane], workers: usize, context: &Context<'_>) {
+/// owns its document, so the threads share only `context`. Returns how many lanes helpers
+/// worked.
+fn work_all(lanes: &mut [&mut Lane], workers: usize, context: &Context<'_>) -> u64 {
     let costly: usize =
         lanes.iter().filter(|lane| matches!(lane.document.body, Body::Record(_))).map(|lane| lane.steps.len()).sum();
     let helpers = if costly >= HELPERS_FROM_WRITES { workers.saturating_sub(1).min(lanes.len() - 1) } else { 0 };
     if helpers == 0 {
         lanes.iter_mut().for_each(|lane| work_lane(lane, context));
-        return;
+        return 0;
     }
     let queue = std::sync::Mutex::new(lanes.iter_mut());
     let next = || queue.lock().ok().and_then(|mut queue| queue.next());
     let drain = || {
+        let mut worked = 0;
         while let Some(lane) = next() {
             work_lane(lane, context);
+            worked += 1;
         }
+        worked
     };
     std::thread::scope(|scope| {
-        for _ in 0..helpers {
-            scope.spawn(drain);
-        }
+        let helpers: Vec<_> = (0..helpers).map(|_| scope.spawn(drain)).collect();
         drain();
-    });
+        // A helper that panicked has already failed the scope; it counts nothing here.
+        helpers.into_iter().filter_map(|helper| helper.join().ok()).sum()
+    })
 }
 
 /// The work step of a lane's writes, in order: pure work on the document the lane owns.
