@@ -148,6 +148,35 @@ struct DocumentEntry {
     kind: DocumentKind,
     #[serde(with = "serde_bytes")]
     saved: Vec<u8>,
+    /// When set, the document is still its first change, `saved` is empty, and the change's
+    /// bytes are those of this (origin, sequence) in the change log, which holds them anyway:
+    /// stored once instead of twice (BENCHMARKS.md, session 11). Log retention writes the bytes
+    /// back into the entry before it trims that change (`snapshots`). Entries written before
+    /// this field have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    logged: Option<(OriginId, u64)>,
+}
+
+impl DocumentEntry {
+    fn decode(key: &RecordKey, bytes: &[u8]) -> Result<DocumentEntry, EngineError> {
+        rmp_serde::from_slice(bytes)
+            .map_err(|error| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() })
+    }
+
+    /// The document's bytes: inline, or its first change read from the change log.
+    fn into_saved(self, store: &Store, key: &RecordKey) -> Result<Vec<u8>, EngineError> {
+        let Some((origin, sequence)) = self.logged else { return Ok(self.saved) };
+        let corrupt = |reason: String| EngineError::Corrupt { key: key.to_string(), reason };
+        let Some(bytes) = store.log_entry(origin.as_bytes(), sequence)? else {
+            return Err(corrupt(format!("its first change, {origin} {sequence}, is not in the change log")));
+        };
+        let envelope = Envelope::decode(&bytes)
+            .map_err(|error| corrupt(format!("the change log entry of its first change does not decode: {error}")))?;
+        if envelope.key != *key {
+            return Err(corrupt(format!("the change log entry {origin} {sequence} is a change of {}", envelope.key)));
+        }
+        Ok(envelope.change)
+    }
 }
 
 /// What the store keeps per feed sequence.
@@ -848,9 +877,10 @@ impl Engine {
             }));
         }
         let Some(stored) = self.store.document(&key.to_bytes())? else { return Ok(None) };
-        let entry: DocumentEntry = rmp_serde::from_slice(&stored.value)
-            .map_err(|error| EngineError::Corrupt { key: key.to_string(), reason: error.to_string() })?;
-        Ok(Some(Found::Bytes { kind: entry.kind, saved: entry.saved, increments: stored.increments }))
+        let entry = DocumentEntry::decode(key, &stored.value)?;
+        let kind = entry.kind;
+        let saved = entry.into_saved(&self.store, key)?;
+        Ok(Some(Found::Bytes { kind, saved, increments: stored.increments }))
     }
 
     /// Builds a document from its stored bytes: the saved document (or first change) and the
@@ -1006,7 +1036,7 @@ impl Engine {
     /// on first use.
     fn stage_first_change(&mut self, envelope: &Envelope, first: FirstChange) {
         let key = &envelope.key;
-        self.batch.put_document(&key.to_bytes(), &encode_entry(DocumentKind::Record, envelope.change.clone()));
+        self.batch.put_document(&key.to_bytes(), &encode_logged(DocumentKind::Record, envelope));
         self.dirty.insert(key.clone());
         self.unbuilt.insert(key.clone(), envelope.change.clone());
         let before = Before { live: false, digest: None };
@@ -1029,7 +1059,7 @@ impl Engine {
     /// became visible (one held back for missing dependencies does not), also a feed entry.
     /// Always an audit entry (see `audit`).
     fn stage_change(&mut self, document: &mut Document, envelope: &Envelope, before: Before, visible: bool) {
-        self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change);
+        self.stage_bytes(document, &envelope.key, envelope.kind, &envelope.change, Some(envelope));
         self.stage_logged(envelope, before, After::of(document, &envelope.key), visible);
     }
 
@@ -1044,10 +1074,18 @@ impl Engine {
     }
 
     /// Stages change bytes `document` already holds: a new document is stored as its first
-    /// change, in the document entry itself (one store insert; cheaper than a full save, and it
-    /// keeps exactly the bytes that were accepted; see `compact_some`), a stored one gains an
-    /// increment.
-    fn stage_bytes(&mut self, document: &mut Document, key: &RecordKey, kind: DocumentKind, change: &[u8]) {
+    /// change (one store insert; cheaper than a full save, and it keeps exactly the bytes that
+    /// were accepted; see `compact_some`), a stored one gains an increment. A first change that
+    /// is `logged` (the envelope whose log entry this batch stages) is stored as a pointer to that
+    /// entry instead of a second copy of its bytes.
+    fn stage_bytes(
+        &mut self,
+        document: &mut Document,
+        key: &RecordKey,
+        kind: DocumentKind,
+        change: &[u8],
+        logged: Option<&Envelope>,
+    ) {
         self.dirty.insert(key.clone());
         let key_bytes = key.to_bytes();
         if document.stored {
@@ -1061,7 +1099,11 @@ impl Engine {
                 self.compaction.push_back(key.clone());
             }
         } else {
-            self.batch.put_document(&key_bytes, &encode_entry(kind, change.to_vec()));
+            let entry = match logged {
+                Some(envelope) => encode_logged(kind, envelope),
+                None => encode_entry(kind, change.to_vec()),
+            };
+            self.batch.put_document(&key_bytes, &entry);
             document.next_increment = 0;
             document.stored = true;
         }
@@ -1383,7 +1425,13 @@ impl Engine {
 }
 
 fn encode_entry(kind: DocumentKind, saved: Vec<u8>) -> Vec<u8> {
-    rmp_serde::to_vec(&DocumentEntry { kind, saved }).unwrap_or_default()
+    rmp_serde::to_vec(&DocumentEntry { kind, saved, logged: None }).unwrap_or_default()
+}
+
+/// A document entry whose bytes are `envelope`'s change, kept in the change log.
+fn encode_logged(kind: DocumentKind, envelope: &Envelope) -> Vec<u8> {
+    let entry = DocumentEntry { kind, saved: Vec::new(), logged: Some((envelope.origin, envelope.sequence)) };
+    rmp_serde::to_vec(&entry).unwrap_or_default()
 }
 
 fn xor_into(target: &mut [u8; 32], other: &[u8; 32]) {

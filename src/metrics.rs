@@ -129,6 +129,9 @@ pub struct Metrics {
     pub write_lanes_on_helpers: Counter,
     /// Change-log entries deleted by retention.
     pub log_entries_trimmed: Counter,
+    /// Documents still stored as a pointer to their first change in the log that got its bytes
+    /// back before retention trimmed it.
+    pub first_changes_kept: Counter,
     /// Members the failure detector declared down (each time one goes down).
     pub members_down: Counter,
     /// Audit-trail entries made (one per applied change).
@@ -173,7 +176,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 26] = [
+        let counters: [(&str, &str, &Counter); 27] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -232,6 +235,11 @@ impl Metrics {
                 "concord_log_entries_trimmed_total",
                 "Change-log entries deleted by retention.",
                 &self.log_entries_trimmed,
+            ),
+            (
+                "concord_first_changes_kept_total",
+                "Documents stored as their first change in the log that got its bytes back before retention trimmed it.",
+                &self.first_changes_kept,
             ),
             ("concord_members_down_total", "Members the failure detector declared down.", &self.members_down),
             ("concord_audit_entries_total", "Audit-trail entries made (one per applied change).", &self.audit_entries),

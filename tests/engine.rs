@@ -1241,3 +1241,134 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
         }
     }
 }
+
+/// Opens an engine named `name` on `directory` with `metrics` and the given log retention,
+/// without the test ticker (the caller ticks).
+fn open_engine(
+    directory: &std::path::Path,
+    name: &str,
+    metrics: Arc<Metrics>,
+    log_retention: std::time::Duration,
+) -> (EngineHandle, std::thread::JoinHandle<Result<(), engine::EngineError>>) {
+    let store = store::Store::open(directory).expect("open store");
+    let settings = EngineSettings {
+        name: Some(name.into()),
+        cache_documents: NonZeroUsize::new(4).expect("non-zero"),
+        log_retention,
+        ..EngineSettings::default()
+    };
+    engine::start(store, settings, metrics).expect("engine")
+}
+
+/// A record that is still its first change is stored once, in the change log, with the document
+/// entry pointing at it (local creations and a peer's alike); before retention trims such a
+/// change, the document gets its bytes back, so every record reads the same after the trim and
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_change_is_stored_once_and_kept_when_retention_trims_the_log() {
+    let directory = tempfile::tempdir().unwrap();
+    let peer_directory = tempfile::tempdir().unwrap();
+    let peer = start(peer_directory.path(), "peer").await;
+    let metrics = Arc::new(Metrics::default());
+    let (engine, thread) =
+        open_engine(directory.path(), "keeper", metrics.clone(), std::time::Duration::from_millis(300));
+    let mut creations = Vec::new();
+    for index in 0..6 {
+        let fields = object(json!({"name": format!("customer {index}"), "city": "Zürich", "orders": index}));
+        creations.push(write(&engine, &format!("local-{index}"), Operation::Replace(fields)).await);
+    }
+    for index in 0..6 {
+        let fields = object(json!({"name": format!("remote {index}"), "tags": ["a", index]}));
+        let envelope = write(&peer, &format!("remote-{index}"), Operation::Replace(fields)).await;
+        assert!(apply(&engine, envelope.clone()).await);
+        creations.push(envelope);
+    }
+    // Changed again: the first change stays a pointer, the second is an increment.
+    write(&engine, "local-0", Operation::MergePatch(object(json!({"vip": true})))).await;
+
+    let document_sizes = |engine: &EngineHandle| {
+        let keys: Vec<RecordKey> = creations.iter().map(|envelope| envelope.key.clone()).collect();
+        let engine = engine.clone();
+        async move {
+            engine
+                .call(move |engine| {
+                    keys.iter()
+                        .map(|key| engine.store().document_value(&key.to_bytes()).unwrap().unwrap().len())
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    for (size, creation) in document_sizes(&engine).await.into_iter().zip(&creations) {
+        assert!(size < 40 && size < creation.change.len(), "{}: {size} bytes, a pointer", creation.key);
+    }
+    let reads = |engine: &EngineHandle| {
+        let keys: Vec<RecordKey> = creations.iter().map(|envelope| envelope.key.clone()).collect();
+        let engine = engine.clone();
+        async move {
+            let mut values = Vec::new();
+            for key in keys {
+                let read = engine.call(move |engine| engine.read_record(key)).await.unwrap().unwrap();
+                values.push(read.expect("the record reads").view);
+            }
+            values
+        }
+    };
+    let before = reads(&engine).await;
+    assert_eq!(before[0].value.as_ref().unwrap()["vip"], json!(true));
+    let digest = status(&engine).await.digest;
+
+    // Past the retention period the ticks trim all 13 changes; the 12 pointed at get their bytes.
+    for _ in 0..500 {
+        if metrics.log_entries_trimmed.get() == 13 {
+            break;
+        }
+        engine.submit(|engine| engine.replication_tick()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.log_entries_trimmed.get(), 13, "the log was not trimmed within the hang guard");
+    assert_eq!(metrics.first_changes_kept.get(), 12);
+    for (size, creation) in document_sizes(&engine).await.into_iter().zip(&creations) {
+        assert!(size > creation.change.len(), "{}: {size} bytes, the change itself", creation.key);
+    }
+    assert_eq!(reads(&engine).await, before);
+
+    drop(engine);
+    thread.join().unwrap().unwrap();
+    let (reopened, _thread) =
+        open_engine(directory.path(), "keeper", Arc::new(Metrics::default()), engine::LOG_RETENTION_DEFAULT);
+    assert_eq!(reads(&reopened).await, before, "after a restart, built from the store");
+    assert_eq!(status(&reopened).await.digest, digest);
+}
+
+/// A document entry that points at a change the log no longer holds (damage on disk) reads as
+/// a damaged document with the reason, and the node goes on serving other records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_whose_first_change_is_gone_from_the_log_reads_as_damaged() {
+    let directory = tempfile::tempdir().unwrap();
+    let (engine, thread) =
+        open_engine(directory.path(), "damaged", Arc::new(Metrics::default()), engine::LOG_RETENTION_DEFAULT);
+    let envelope = write(&engine, "lost", Operation::Replace(object(json!({"name": "Ada"})))).await;
+    write(&engine, "kept", Operation::Replace(object(json!({"name": "Grace"})))).await;
+    engine
+        .call(move |engine| {
+            let mut batch = store::WriteBatch::default();
+            batch.remove_log(envelope.origin.as_bytes(), envelope.sequence);
+            engine.store().commit(batch).unwrap();
+        })
+        .await
+        .unwrap();
+    drop(engine);
+    thread.join().unwrap().unwrap();
+    let (engine, _thread) =
+        open_engine(directory.path(), "damaged", Arc::new(Metrics::default()), engine::LOG_RETENTION_DEFAULT);
+    let read = engine.call(|engine| engine.read_record(RecordKey::new("orders", "lost").unwrap())).await.unwrap();
+    match read {
+        Err(engine::EngineError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("not in the change log"), "{reason}")
+        }
+        other => panic!("expected a damaged document, got {other:?}"),
+    }
+    assert_eq!(read_value(&engine, "kept").await.unwrap()["name"], json!("Grace"));
+}

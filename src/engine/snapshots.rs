@@ -18,7 +18,7 @@ use crdt::version_vector::VersionVector;
 use serde_bytes::ByteBuf;
 use store::Store;
 
-use super::{After, Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, physical_ms};
+use super::{After, Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, encode_entry, physical_ms};
 
 /// The most bytes one snapshot record carries. A larger document travels as several records
 /// with the same key, each a run of its stored parts; compaction never makes one part larger
@@ -131,14 +131,15 @@ fn snapshot_parts(store: &Store, key_bytes: &[u8]) -> Option<(RecordKey, Documen
             return None;
         }
     };
-    let entry: DocumentEntry = match rmp_serde::from_slice(&stored.value) {
-        Ok(entry) => entry,
-        Err(error) => {
+    let decoded = DocumentEntry::decode(&key, &stored.value).map(|entry| (entry.kind, entry.into_saved(store, &key)));
+    let (kind, saved) = match decoded {
+        Ok((kind, Ok(saved))) => (kind, saved),
+        Ok((_, Err(error))) | Err(error) => {
             tracing::warn!(%key, %error, "leaving a damaged document out of a snapshot");
             return None;
         }
     };
-    let parts: Vec<ByteBuf> = std::iter::once(entry.saved)
+    let parts: Vec<ByteBuf> = std::iter::once(saved)
         .chain(stored.increments.into_iter().map(|(_, bytes)| bytes))
         .filter(|part| !part.is_empty())
         .map(ByteBuf::from)
@@ -148,7 +149,7 @@ fn snapshot_parts(store: &Store, key_bytes: &[u8]) -> Option<(RecordKey, Documen
         tracing::warn!(%key, bytes = part.len(), "leaving a document with a part too large for a message out of a snapshot");
         return None;
     }
-    Some((key, entry.kind, parts))
+    Some((key, kind, parts))
 }
 
 impl Engine {
@@ -181,7 +182,7 @@ impl Engine {
             let part_changed = document.body.apply(&record.key, record.kind, part, &limits)?;
             // Applied parts are kept as the document's increments whether or not they showed:
             // a part held back for missing dependencies is state all the same.
-            self.stage_bytes(document, &record.key, record.kind, part);
+            self.stage_bytes(document, &record.key, record.kind, part, None);
             changed |= part_changed;
         }
         if changed {
@@ -252,11 +253,12 @@ impl Engine {
                 if sequence != new_floor || sequence > contiguous {
                     break;
                 }
-                let young = Envelope::decode(&bytes).map(|envelope| envelope.timestamp.wall_ms >= cutoff_ms);
-                if let Ok(true) = young {
+                // An entry that does not decode is of no use to any peer: trim it too.
+                if let Ok(envelope) = Envelope::decode(&bytes)
+                    && (envelope.timestamp.wall_ms >= cutoff_ms || !self.keep_first_change(origin, sequence, envelope))
+                {
                     break;
                 }
-                // An entry that does not decode is of no use to any peer: trim it too.
                 self.batch.remove_log(origin.as_bytes(), sequence);
                 budget -= 1;
                 new_floor = sequence + 1;
@@ -267,5 +269,34 @@ impl Engine {
                 self.metrics.log_entries_trimmed.add(new_floor - floor);
             }
         }
+    }
+
+    /// Before the log entry (`origin`, `sequence`) is trimmed: a document still stored as a
+    /// pointer to it (see `DocumentEntry::logged`) gets the change's bytes back, in the same
+    /// batch. False when that cannot be decided now, because the document changed in the batch
+    /// being built: the trim stops there and goes on at a later step.
+    fn keep_first_change(&mut self, origin: OriginId, sequence: u64, envelope: Envelope) -> bool {
+        if self.dirty.contains(&envelope.key) {
+            return false;
+        }
+        let key_bytes = envelope.key.to_bytes();
+        let stored = match self.store.document_value(&key_bytes) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return true,
+            Err(error) => {
+                tracing::warn!(key = %envelope.key, %error, "cannot read a document before trimming its change");
+                return false;
+            }
+        };
+        match DocumentEntry::decode(&envelope.key, &stored) {
+            Ok(entry) if entry.logged == Some((origin, sequence)) => {
+                self.batch.put_document(&key_bytes, &encode_entry(entry.kind, envelope.change));
+                self.metrics.first_changes_kept.inc();
+            }
+            Ok(_) => {}
+            // Damaged already; trimming the change does not make it worse.
+            Err(error) => tracing::warn!(key = %envelope.key, %error, "a damaged document entry"),
+        }
+        true
     }
 }

@@ -319,7 +319,7 @@ impl Engine {
             let attribution = Attribution::Local { principal: bounded_name(principal), fields: Some(fields) };
             self.audit.attribution.replace(attribution)
         });
-        self.stage_bytes(document, key, envelope.kind, &envelope.change);
+        self.stage_bytes(document, key, envelope.kind, &envelope.change, Some(&envelope));
         self.stage_logged(&envelope, before, after, true);
         if let Some(previous) = previous {
             self.audit.attribution = previous;

@@ -226,6 +226,11 @@ impl Store {
         })
     }
 
+    /// The value stored under document `key`, without its increments.
+    pub fn document_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        self.read(|| Ok(self.db.get(keys::document(key))?.map(|value| value.to_vec())))
+    }
+
     /// Keys of documents whose key starts with `prefix`, strictly after `after` if given, at most `limit`.
     pub fn document_keys(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, ReadError> {
         let start = keys::document(prefix);
