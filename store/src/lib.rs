@@ -27,8 +27,16 @@
 //! The feed, the audit trail and each origin's change log are journals: numbered entries mostly
 //! appended at the end and trimmed from the front, stored as pages of consecutive entries, so
 //! that a commit of many changes adds a few sled entries to each instead of one per change (see
-//! `journal`). Format 1 stored one entry per key under `f`, `a` and `l`; [`Store::open`] moves a
-//! format 1 store's journals into pages and marks it format 2.
+//! `journal`). A page's value starts with a byte saying whether its entries are plain or one zstd
+//! frame, and most are compressed (format 3).
+//!
+//! [`Store::open`] brings older stores up to date before anything else reads them:
+//! - format 1 stored one entry per key under `f`, `a` and `l`: they move into pages;
+//! - format 2 stored pages without the leading byte: each page is stored again with it,
+//!   compressed where that is smaller.
+//!
+//! Both go in chunks of sled batches and resume where they stopped if interrupted; the format
+//! marker changes last.
 //!
 //! # One writer, one flusher
 //!
@@ -89,9 +97,14 @@ const FORMAT_MAGIC: &[u8] = b"concord-store";
 /// and recent values, small enough that memory does not grow with the data set.
 pub const CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 /// The version of the key layout this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// How many format 1 journal entries [`Store::open`] moves per sled batch.
 const MIGRATION_CHUNK: usize = 4096;
+/// How many format 2 pages (up to 16 KiB each) [`Store::open`] stores again per sled batch.
+const PAGE_MIGRATION_CHUNK: usize = 256;
+/// The meta entry naming the last page a format 2 migration has stored again (the migration's
+/// own; `WriteBatch::put_meta` refuses it as it refuses the marker).
+const FORMAT_2_PROGRESS_META: &str = "format-2-pages-done-through";
 
 /// A handle on an open store. Clones share the same sled database.
 #[derive(Clone)]
@@ -176,19 +189,12 @@ impl Store {
         })?;
         let marker_key = keys::meta(FORMAT_META);
         match during_open(directory, "reading the format marker", || db.get(&marker_key))? {
-            Some(marker) => {
-                if check_format(&marker, directory)? == 1 {
-                    migrate_format_1(&db, directory)?;
-                }
-            }
-            None if fresh => {
-                let mut marker = FORMAT_MAGIC.to_vec();
-                marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-                during_open(directory, "writing the format marker", || {
-                    db.insert(&marker_key, marker)?;
-                    db.flush()
-                })?;
-            }
+            Some(marker) => match check_format(&marker, directory)? {
+                1 => migrate_format_1(&db, directory)?,
+                2 => migrate_format_2(&db, directory)?,
+                _ => {}
+            },
+            None if fresh => mark_current_format(&db, directory, sled::Batch::default())?,
             None => return Err(OpenError::NotAStore { path: path(), reason: "no format marker" }),
         }
         Ok(Store { db, directory: Arc::new(path()), locks: Arc::default() })
@@ -529,7 +535,7 @@ impl WriteBatch {
     /// Stores the meta entry `name`. The name `format` is the store's own: using it makes the
     /// whole batch fail at commit with [`WriteError::ReservedMeta`].
     pub fn put_meta(&mut self, name: &str, value: &[u8]) {
-        if name == FORMAT_META {
+        if name == FORMAT_META || name == FORMAT_2_PROGRESS_META {
             self.refuse(WriteError::ReservedMeta { name: name.to_owned() });
         } else {
             self.insert(keys::meta(name), value);
@@ -622,13 +628,13 @@ fn wait_for_lock(directory: &Path) {
     }
 }
 
-/// Checks the format marker's magic bytes and version: this build's, or format 1, which
-/// [`migrate_format_1`] brings up to date.
+/// Checks the format marker's magic bytes and version: this build's, or format 1 or 2, which
+/// [`migrate_format_1`] and [`migrate_format_2`] bring up to date.
 fn check_format(marker: &[u8], directory: &Path) -> Result<u32, OpenError> {
     let version =
         marker.strip_prefix(FORMAT_MAGIC).and_then(|version| <[u8; 4]>::try_from(version).ok()).map(u32::from_be_bytes);
     match version {
-        Some(found @ (1 | FORMAT_VERSION)) => Ok(found),
+        Some(found @ (1 | 2 | FORMAT_VERSION)) => Ok(found),
         Some(found) => Err(OpenError::Version { path: directory.to_path_buf(), found, supported: FORMAT_VERSION }),
         None => Err(OpenError::Corrupt {
             path: directory.to_path_buf(),
@@ -637,8 +643,8 @@ fn check_format(marker: &[u8], directory: &Path) -> Result<u32, OpenError> {
     }
 }
 
-/// Moves a format 1 store's journals (an entry per key) into format 2's pages, then marks the
-/// store format 2. Each sled batch pages [`MIGRATION_CHUNK`] entries and removes them, so an
+/// Moves a format 1 store's journals (an entry per key) into pages, then marks the store with
+/// this build's format. Each sled batch pages [`MIGRATION_CHUNK`] entries and removes them, so an
 /// interrupted migration goes on from where it stopped at the next open; the marker changes
 /// only once none is left.
 fn migrate_format_1(db: &sled::Db, directory: &Path) -> Result<(), OpenError> {
@@ -668,10 +674,55 @@ fn migrate_format_1(db: &sled::Db, directory: &Path) -> Result<(), OpenError> {
             during_open(directory, "moving format 1 journal entries into pages", || db.apply_batch(batch))?;
         }
     }
+    mark_current_format(db, directory, sled::Batch::default())
+}
+
+/// Stores every page of a format 2 store's journals again with format 3's leading byte
+/// (compressed where that is smaller), then marks the store format 3.
+///
+/// Pages are visited in key order, [`PAGE_MIGRATION_CHUNK`] per sled batch, and each batch also
+/// records the last key it stored in the meta entry [`FORMAT_2_PROGRESS_META`], so an
+/// interrupted migration resumes after it instead of prefixing a page twice.
+fn migrate_format_2(db: &sled::Db, directory: &Path) -> Result<(), OpenError> {
+    let progress_key = keys::meta(FORMAT_2_PROGRESS_META);
+    let mut done_through: Option<Vec<u8>> =
+        during_open(directory, "reading the migration's progress", || db.get(&progress_key))?.map(|key| key.to_vec());
+    for keyspace in [Keyspace::Audit, Keyspace::Feed, Keyspace::Log] {
+        let prefix = keyspace.prefix();
+        loop {
+            let start = match &done_through {
+                Some(key) if key.first() == Some(&prefix) => Bound::Excluded(key.clone()),
+                Some(key) if key.first() > Some(&prefix) => break,
+                _ => Bound::Included(vec![prefix]),
+            };
+            let chunk = during_open(directory, "reading format 2 pages", || {
+                db.range((start, Bound::Excluded(vec![prefix + 1])))
+                    .take(PAGE_MIGRATION_CHUNK)
+                    .collect::<sled::Result<Vec<_>>>()
+            })?;
+            let Some((last, _)) = chunk.last() else { break };
+            let mut batch = sled::Batch::default();
+            for (key, value) in &chunk {
+                batch.insert(key, journal::pack(value));
+            }
+            batch.insert(progress_key.as_slice(), last);
+            done_through = Some(last.to_vec());
+            during_open(directory, "storing format 2 pages again", || db.apply_batch(batch))?;
+        }
+    }
+    let mut batch = sled::Batch::default();
+    batch.remove(progress_key);
+    mark_current_format(db, directory, batch)
+}
+
+/// Writes this build's format marker with `batch` and flushes: a new store's first write, and a
+/// migration's last.
+fn mark_current_format(db: &sled::Db, directory: &Path, mut batch: sled::Batch) -> Result<(), OpenError> {
     let mut marker = FORMAT_MAGIC.to_vec();
     marker.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    batch.insert(keys::meta(FORMAT_META), marker);
     during_open(directory, "writing the format marker", || {
-        db.insert(keys::meta(FORMAT_META), marker)?;
+        db.apply_batch(batch)?;
         db.flush()
     })?;
     Ok(())

@@ -467,10 +467,11 @@ fn usage_counts_the_entries_and_bytes_of_each_keyspace() {
     assert_eq!(of(Keyspace::Documents), (1, 4, 5));
     // `i`, a u16 length, the key, a u32 index.
     assert_eq!(of(Keyspace::Increments), (2, 2 * 10, 4));
-    assert_eq!(of(Keyspace::Log), (1, 25, 8));
-    // A journal page of one entry: its length (one byte) and its bytes.
-    assert_eq!(of(Keyspace::Feed), (1, 9, 3));
-    assert_eq!(of(Keyspace::Audit), (1, 9, 1));
+    // A journal page of one entry: its encoding byte (plain, for so few bytes), the entry's
+    // length (one byte) and its bytes.
+    assert_eq!(of(Keyspace::Log), (1, 25, 9));
+    assert_eq!(of(Keyspace::Feed), (1, 9, 4));
+    assert_eq!(of(Keyspace::Audit), (1, 9, 2));
     assert_eq!(of(Keyspace::Conflicts), (0, 0, 0));
     // The format marker is the one meta entry of a new store.
     assert_eq!(of(Keyspace::Meta).0, 1);
@@ -610,8 +611,8 @@ fn a_damaged_journal_page_is_an_error_and_appends_go_on() {
     let store = Store::open(&directory).expect("create");
     commit(&store, |batch| batch.put_feed(1, b"first"));
     drop(store);
-    // Page 2 says its one entry is 9 bytes long, and holds 2.
-    insert_raw_entries(&directory, &[(&[b'F', 0, 0, 0, 0, 0, 0, 0, 2], &[9, 1, 2])]);
+    // Page 2 is plain and says its one entry is 9 bytes long, and holds 2.
+    insert_raw_entries(&directory, &[(&[b'F', 0, 0, 0, 0, 0, 0, 0, 2], &[0, 9, 1, 2])]);
     let store = Store::open(&directory).expect("open");
     let error = store.feed_range(0, 10).expect_err("a damaged page");
     assert!(matches!(error, ReadError::CorruptValue { keyspace: Keyspace::Feed, .. }), "{error}");
@@ -620,6 +621,95 @@ fn a_damaged_journal_page_is_an_error_and_appends_go_on() {
     assert_eq!(store.feed_range(0, 1).expect("the page before"), vec![(1, b"first".to_vec())]);
     commit(&store, |batch| batch.put_feed(3, b"third"));
     assert_eq!(store.feed_range(2, 10).expect("past the damage"), vec![(3, b"third".to_vec())]);
+    drop(store);
+    // Page 4 says it is compressed, and holds no zstd frame.
+    insert_raw_entries(&directory, &[(&[b'F', 0, 0, 0, 0, 0, 0, 0, 4], &[1, 0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3])]);
+    let store = Store::open(&directory).expect("open");
+    let error = store.feed_range(3, 10).expect_err("a damaged compressed page");
+    assert!(error.to_string().contains("compressed entries are damaged"), "{error}");
+    assert!(store.feed_last().is_err());
+    commit(&store, |batch| batch.put_feed(5, b"fifth"));
+    assert_eq!(store.feed_range(4, 10).expect("past the damage"), vec![(5, b"fifth".to_vec())]);
+}
+
+/// A page's entries as format 2 stored them: each as its length (one byte here) and its bytes.
+fn format_2_page(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut page = Vec::new();
+    for entry in entries {
+        page.push(u8::try_from(entry.len()).expect("a short entry"));
+        page.extend_from_slice(entry);
+    }
+    page
+}
+
+#[test]
+fn a_format_2_store_has_its_pages_stored_again_compressed_and_resumes_where_it_stopped() {
+    let (_temporary, directory) = folder();
+    drop(Store::open(&directory).expect("create"));
+    let mut raw: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut marker = b"concord-store".to_vec();
+    marker.extend_from_slice(&2u32.to_be_bytes());
+    raw.push((b"mformat".to_vec(), marker));
+    let numbered = |prefix: u8, sequence: u64| {
+        let mut key = vec![prefix];
+        key.extend_from_slice(&sequence.to_be_bytes());
+        key
+    };
+    // 600 feed pages of ten entries (more than two migration chunks of 256 pages).
+    let feed = feed_values(1, 6000);
+    for page in feed.chunks(10) {
+        let values: Vec<Vec<u8>> = page.iter().map(|(_, value)| value.clone()).collect();
+        raw.push((numbered(b'F', page[0].0), format_2_page(&values)));
+    }
+    // A migration that stopped after feed page 311: the audit trail and 32 pages are already
+    // stored again (here plain, format 3's byte 0 in front), and the progress entry says so.
+    // Prefixing them a second time would read as damage.
+    let audit: Vec<Vec<u8>> = (1..=4u64).map(|sequence| format!("audit {sequence}").into_bytes()).collect();
+    let mut stopped = vec![0];
+    stopped.extend(format_2_page(&audit));
+    raw.push((numbered(b'A', 1), stopped));
+    for (_, value) in
+        raw.iter_mut().filter(|(key, _)| key[0] == b'F' && key.as_slice() <= numbered(b'F', 311).as_slice())
+    {
+        value.insert(0, 0);
+    }
+    raw.push((b"mformat-2-pages-done-through".to_vec(), numbered(b'F', 311)));
+    let log_key = |origin: &[u8; 16], sequence: u64| {
+        let mut key = vec![b'L'];
+        key.extend_from_slice(origin);
+        key.extend_from_slice(&sequence.to_be_bytes());
+        key
+    };
+    let log_a: Vec<(u64, Vec<u8>)> =
+        (1..=40u64).map(|sequence| (sequence, format!("a change of origin a, {sequence}").into_bytes())).collect();
+    raw.push((log_key(&ORIGIN_A, 1), format_2_page(&log_a.iter().map(|(_, value)| value.clone()).collect::<Vec<_>>())));
+    raw.push((log_key(&ORIGIN_B, 7), format_2_page(&[b"b7".to_vec()])));
+    let borrowed: Vec<(&[u8], &[u8])> = raw.iter().map(|(key, value)| (key.as_slice(), value.as_slice())).collect();
+    insert_raw_entries(&directory, &borrowed);
+
+    let store = Store::open(&directory).expect("open and migrate");
+    assert_eq!(store.feed_range(0, 10_000).expect("read"), feed);
+    let audit_read: Vec<(u64, Vec<u8>)> = (1..=4u64).zip(audit).collect();
+    assert_eq!(store.audit_range(0, 10).expect("read"), audit_read);
+    assert_eq!(store.log_range(&ORIGIN_A, 0, 100).expect("read"), log_a);
+    assert_eq!(store.log_range(&ORIGIN_B, 0, 100).expect("read"), vec![(7, b"b7".to_vec())]);
+    commit(&store, |batch| batch.put_feed(6001, b"new"));
+    assert_eq!(store.feed_last().expect("read"), Some((6001, b"new".to_vec())));
+    drop(store);
+
+    let db = sled::open(&directory).expect("open with sled");
+    let mut current = b"concord-store".to_vec();
+    current.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    assert_eq!(db.get(b"mformat").expect("read").as_deref(), Some(current.as_slice()));
+    assert_eq!(db.get(b"mformat-2-pages-done-through").expect("read"), None);
+    // The pages the migration stored again are compressed (byte 1), the 32 it had done before
+    // it stopped are as they were (byte 0), and so is the log page of one short entry.
+    let first_bytes: Vec<(u8, u8)> =
+        db.iter().map(|entry| entry.expect("read")).map(|(key, value)| (key[0], value[0])).collect();
+    let count = |prefix: u8, encoding: u8| first_bytes.iter().filter(|found| **found == (prefix, encoding)).count();
+    assert_eq!((count(b'F', 1), count(b'F', 0)), (568, 33), "the page of entry 6001 is short, so plain");
+    assert_eq!((count(b'L', 1), count(b'L', 0)), (1, 1));
+    assert_eq!(count(b'A', 0), 1);
 }
 
 #[test]
@@ -676,7 +766,7 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
     commit(&store, |batch| batch.put_feed(5001, b"new"));
     drop(store);
 
-    let store = Store::open(&directory).expect("reopen as format 2");
+    let store = Store::open(&directory).expect("reopen as this build's format");
     assert_eq!(store.feed_last().expect("read"), Some((5001, b"new".to_vec())));
     drop(store);
     let db = sled::open(&directory).expect("open with sled");
