@@ -356,16 +356,25 @@ pub struct ConcurrentValue {
 impl Record {
     /// The user fields of the current life that hold concurrent values, in key order, each with
     /// the operations (counter, actor) that wrote its values, sorted: what the conflict ledger
-    /// compares before and after an apply. One automerge seek per field, and no value is read
-    /// (the ledger reads the values of the fields whose signature changed).
+    /// compares before and after an apply. One pass over the life's keys, which flags the
+    /// conflicted ones, then one automerge seek per conflicted field; no value is read (the
+    /// ledger reads the values of the fields whose signature changed). A seek per field, as
+    /// before, cost more than the apply itself (BENCHMARKS.md, session 12).
     pub fn conflict_signatures(&self) -> Vec<(String, WritingOperations)> {
         let life = causal_length(&self.document);
         if life.is_multiple_of(2) {
             return Vec::new();
         }
         let prefix = life_prefix(life);
+        let conflicted: Vec<String> = self
+            .document
+            .map_range(ROOT, prefix.clone()..)
+            .take_while(|item| item.key.starts_with(prefix.as_str()))
+            .filter(|item| item.conflict)
+            .map(|item| item.key.into_owned())
+            .collect();
         let mut signatures = Vec::new();
-        for key in self.document.keys(ROOT) {
+        for key in conflicted {
             let Some(field) = key.strip_prefix(prefix.as_str()) else { continue };
             let Ok(all) = self.document.get_all(ROOT, key.as_str()) else { continue };
             if all.len() < 2 {

@@ -11,7 +11,7 @@ use crdt::json::{Conflict, JsonError};
 use crdt::key::RecordKey;
 use crdt::record::{
     BoundError, FIELD_BYTES_MAX, ITEMS_MAX, Operation, OperationError, RECORD_ITEMS_MAX, Record, RecordError,
-    RecordView,
+    RecordView, WritingOperations,
 };
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -599,6 +599,24 @@ fn writes_that_change_nothing_return_none() {
 // 5. Two replicas
 // ---------------------------------------------------------------------------------------------
 
+/// The conflicted fields of a record and their writing operations, from each live field's
+/// concurrent values: the slow, obvious form of `Record::conflict_signatures`.
+fn signatures_from_concurrent_values(record: &Record) -> Vec<(String, WritingOperations)> {
+    let Some(value) = record.view().expect("view").value else { return Vec::new() };
+    let mut signatures: Vec<(String, WritingOperations)> = value
+        .keys()
+        .filter_map(|field| {
+            let values = record.concurrent_values(field).expect("concurrent values");
+            let mut operations: WritingOperations =
+                values.iter().map(|concurrent| (concurrent.counter, concurrent.actor.clone())).collect();
+            operations.sort();
+            (operations.len() >= 2).then(|| (field.clone(), operations))
+        })
+        .collect();
+    signatures.sort();
+    signatures
+}
+
 proptest! {
     #![proptest_config(config(1_000))]
 
@@ -629,6 +647,10 @@ proptest! {
         observer_two.receive_all(&first_changes);
         assert_same(&[&first, &second, &observer_one, &observer_two]);
         prop_assert_eq!(first.record.heads(), second.record.heads());
+        // The ledger's one-pass signatures agree with every field's concurrent values.
+        let mut signatures = first.record.conflict_signatures();
+        signatures.sort();
+        prop_assert_eq!(signatures, signatures_from_concurrent_values(&first.record));
 
         // And after more writes on the merged state, they still converge.
         let more_first: Vec<Vec<u8>> = second_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
