@@ -650,11 +650,6 @@ fn a_format_2_store_has_its_pages_stored_again_compressed_and_resumes_where_it_s
     let mut marker = b"concord-store".to_vec();
     marker.extend_from_slice(&2u32.to_be_bytes());
     raw.push((b"mformat".to_vec(), marker));
-    let numbered = |prefix: u8, sequence: u64| {
-        let mut key = vec![prefix];
-        key.extend_from_slice(&sequence.to_be_bytes());
-        key
-    };
     // 600 feed pages of ten entries (more than two migration chunks of 256 pages).
     let feed = feed_values(1, 6000);
     for page in feed.chunks(10) {
@@ -674,16 +669,13 @@ fn a_format_2_store_has_its_pages_stored_again_compressed_and_resumes_where_it_s
         value.insert(0, 0);
     }
     raw.push((b"mformat-2-pages-done-through".to_vec(), numbered(b'F', 311)));
-    let log_key = |origin: &[u8; 16], sequence: u64| {
-        let mut key = vec![b'L'];
-        key.extend_from_slice(origin);
-        key.extend_from_slice(&sequence.to_be_bytes());
-        key
-    };
     let log_a: Vec<(u64, Vec<u8>)> =
         (1..=40u64).map(|sequence| (sequence, format!("a change of origin a, {sequence}").into_bytes())).collect();
-    raw.push((log_key(&ORIGIN_A, 1), format_2_page(&log_a.iter().map(|(_, value)| value.clone()).collect::<Vec<_>>())));
-    raw.push((log_key(&ORIGIN_B, 7), format_2_page(&[b"b7".to_vec()])));
+    raw.push((
+        log_key(b'L', &ORIGIN_A, 1),
+        format_2_page(&log_a.iter().map(|(_, value)| value.clone()).collect::<Vec<_>>()),
+    ));
+    raw.push((log_key(b'L', &ORIGIN_B, 7), format_2_page(&[b"b7".to_vec()])));
     let borrowed: Vec<(&[u8], &[u8])> = raw.iter().map(|(key, value)| (key.as_slice(), value.as_slice())).collect();
     insert_raw_entries(&directory, &borrowed);
 
@@ -712,6 +704,21 @@ fn a_format_2_store_has_its_pages_stored_again_compressed_and_resumes_where_it_s
     assert_eq!(count(b'A', 0), 1);
 }
 
+/// A raw key of a keyspace numbered by a u64 alone: `prefix` + the number (BE).
+fn numbered(prefix: u8, number: u64) -> Vec<u8> {
+    let mut key = vec![prefix];
+    key.extend_from_slice(&number.to_be_bytes());
+    key
+}
+
+/// A raw log key: `prefix` (format 1's `l`, or `L`) + origin + sequence (BE).
+fn log_key(prefix: u8, origin: &[u8; 16], sequence: u64) -> Vec<u8> {
+    let mut key = vec![prefix];
+    key.extend_from_slice(origin);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
 #[test]
 fn a_format_1_store_has_its_journals_moved_into_pages() {
     let (_temporary, directory) = folder();
@@ -720,11 +727,6 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
     // `f`, `a` and `l`. 5,000 feed entries take two migration chunks.
     let mut marker = b"concord-store".to_vec();
     marker.extend_from_slice(&1u32.to_be_bytes());
-    let numbered = |prefix: u8, sequence: u64| {
-        let mut key = vec![prefix];
-        key.extend_from_slice(&sequence.to_be_bytes());
-        key
-    };
     let feed: Vec<(Vec<u8>, Vec<u8>)> =
         feed_values(1, 5000).into_iter().map(|(sequence, value)| (numbered(b'f', sequence), value)).collect();
     let audit: Vec<(Vec<u8>, Vec<u8>)> = [3u64, 4, 9]
@@ -732,15 +734,9 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
         .map(|&sequence| (numbered(b'a', sequence), format!("audit {sequence}").into_bytes()))
         .collect();
     // Log entries of two origins whose sequences run on from one to the other.
-    let log_key = |origin: &[u8; 16], sequence: u64| {
-        let mut key = vec![b'l'];
-        key.extend_from_slice(origin);
-        key.extend_from_slice(&sequence.to_be_bytes());
-        key
-    };
     let log: Vec<(Vec<u8>, Vec<u8>)> = (1..=3u64)
-        .map(|sequence| (log_key(&ORIGIN_A, sequence), format!("a{sequence}").into_bytes()))
-        .chain((4..=5u64).map(|sequence| (log_key(&ORIGIN_B, sequence), format!("b{sequence}").into_bytes())))
+        .map(|sequence| (log_key(b'l', &ORIGIN_A, sequence), format!("a{sequence}").into_bytes()))
+        .chain((4..=5u64).map(|sequence| (log_key(b'l', &ORIGIN_B, sequence), format!("b{sequence}").into_bytes())))
         .collect();
     let mut raw: Vec<(&[u8], &[u8])> = vec![(b"mformat", &marker)];
     raw.extend(feed.iter().chain(&audit).chain(&log).map(|(key, value)| (key.as_slice(), value.as_slice())));
