@@ -35,9 +35,28 @@ use crate::config::{Role, Token};
 use crate::engine::{EngineError, EngineHandle, FEED_PAGE_MAX, FeedEvent};
 use crate::metrics::{Gauges, Metrics};
 
-/// Shared by every handler.
+/// Shared by every handler: one reference count to clone, which axum does for every request
+/// (cloning the parts themselves cost a copy of the node's name and a count per part).
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> AppState {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// What the handlers use.
+#[derive(Debug)]
+pub struct AppParts {
     pub engine: EngineHandle,
     pub metrics: Arc<Metrics>,
     pub tokens: Arc<Vec<Token>>,

@@ -11,7 +11,7 @@ use store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppParts, AppState};
 use crate::config::NodeConfig;
 use crate::engine::{self, EngineSettings};
 use crate::metrics::Metrics;
@@ -77,14 +77,14 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     let connectors = crate::connector::Connectors::start(engine.clone(), config.connectors.clone())
         .await
         .context("starting the connectors")?;
-    let state = AppState {
+    let state = AppState::new(AppParts {
         connectors: connectors.clone(),
         engine: engine.clone(),
         metrics,
         tokens: Arc::new(config.tokens.clone()),
         shutdown: stop.clone(),
         transport: mesh.as_ref().map(|mesh| mesh.endpoint.clone()),
-    };
+    });
     let app = api::router(state, config.body_bytes_max);
     // Started once nothing above can fail: it holds an engine handle until the node stops.
     let audit_ticker = tokio::spawn(audit_ticks(engine.clone(), stop.clone()));
