@@ -144,12 +144,16 @@ impl From<EngineError> for ApiError {
             EngineError::WrongKind { .. } => StatusCode::CONFLICT,
             EngineError::Stopped | EngineError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineError::FeedTrimmed { .. } => StatusCode::GONE,
         };
         let mut answer = ApiError::new(status, error.to_string());
         if let EngineError::Invalid(violation) = &error
             && let Ok(Value::Object(detail)) = serde_json::to_value(violation.as_ref())
         {
             answer.detail = Some(detail);
+        }
+        if let EngineError::FeedTrimmed { floor, .. } = error {
+            answer.detail = Some(Map::from_iter([("floor".to_owned(), Value::from(floor))]));
         }
         answer
     }
@@ -783,7 +787,10 @@ async fn changes(
         }
         (None, None) => 0,
     };
-    let events = feed_stream(state, since);
+    // The first page is read before the answer starts, so a `since` retention has passed gets
+    // 410 rather than a stream that ends at once.
+    let first = state.engine.call(move |engine| engine.feed_page(since, FEED_PAGE_MAX)).await??;
+    let events = feed_stream(state, since, first);
     let wants_ndjson = headers
         .get(header::ACCEPT)
         .and_then(|value| value.to_str().ok())
@@ -805,15 +812,18 @@ async fn changes(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
-/// Feed events after `since`, then new ones as they become durable, until shutdown. Holds at most
-/// one page in memory; the HTTP body pulls, so a slow consumer slows only its own stream.
-fn feed_stream(state: AppState, since: u64) -> impl Stream<Item = FeedEvent> {
+/// Feed events after `since` (starting with `first`, the page read after it), then new ones as
+/// they become durable, until shutdown or a page fails (such as one retention trimmed while the
+/// consumer lagged). Holds at most one page in memory; the HTTP body pulls, so a slow consumer
+/// slows only its own stream.
+fn feed_stream(state: AppState, since: u64, first: Vec<FeedEvent>) -> impl Stream<Item = FeedEvent> {
     struct Cursor {
         state: AppState,
         after: u64,
         buffer: VecDeque<FeedEvent>,
     }
-    let cursor = Cursor { state, after: since, buffer: VecDeque::new() };
+    let after = first.last().map_or(since, |event| event.sequence);
+    let cursor = Cursor { state, after, buffer: VecDeque::from(first) };
     futures::stream::unfold(cursor, |mut cursor| async move {
         loop {
             if let Some(event) = cursor.buffer.pop_front() {

@@ -342,6 +342,10 @@ pub struct StartArgs {
     /// Older entries are deleted behind an anchor that verification starts from.
     #[arg(long)]
     pub audit_retention_seconds: Option<u64>,
+    /// How long the change feed keeps events, in seconds (default 7 days; 0 keeps them all). A
+    /// consumer that asks for events older than that gets 410 and resyncs from the records.
+    #[arg(long)]
+    pub feed_retention_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

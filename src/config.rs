@@ -75,6 +75,8 @@ pub struct ConfigFile {
     pub yrs_collections: Vec<String>,
     /// How long the audit trail keeps entries, in seconds (default 90 days; 0 keeps them all).
     pub audit_retention_seconds: Option<u64>,
+    /// How long the change feed keeps events, in seconds (default 7 days; 0 keeps them all).
+    pub feed_retention_seconds: Option<u64>,
     /// Database connectors (`[[connectors]]` with `[[connectors.tables]]`); see README.
     #[serde(default)]
     pub connectors: Vec<crate::connector::ConnectorDefinition>,
@@ -105,6 +107,8 @@ pub struct NodeConfig {
     pub yrs_collections: Vec<String>,
     /// How long the audit trail keeps entries; zero keeps them all.
     pub audit_retention: std::time::Duration,
+    /// How long the change feed keeps events; zero keeps them all.
+    pub feed_retention: std::time::Duration,
     /// Connectors declared in the config file (started with the ones added through the API).
     pub connectors: Vec<crate::connector::ConnectorDefinition>,
 }
@@ -125,6 +129,7 @@ pub struct Overrides {
     pub log_retention_seconds: Option<u64>,
     pub yrs_collections: Vec<String>,
     pub audit_retention_seconds: Option<u64>,
+    pub feed_retention_seconds: Option<u64>,
 }
 
 impl NodeConfig {
@@ -182,6 +187,10 @@ impl NodeConfig {
                 .audit_retention_seconds
                 .or(file.audit_retention_seconds)
                 .map_or(crate::engine::AUDIT_RETENTION_DEFAULT, std::time::Duration::from_secs),
+            feed_retention: overrides
+                .feed_retention_seconds
+                .or(file.feed_retention_seconds)
+                .map_or(crate::engine::FEED_RETENTION_DEFAULT, std::time::Duration::from_secs),
             connectors: file.connectors,
         };
         if config.tokens.is_empty() && !config.listen_api.ip().is_loopback() {

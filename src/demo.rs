@@ -69,6 +69,7 @@ impl DemoNode {
             log_retention: crate::engine::LOG_RETENTION_DEFAULT,
             yrs_collections: vec![YRS_COLLECTION.to_owned()],
             audit_retention: crate::engine::AUDIT_RETENTION_DEFAULT,
+            feed_retention: crate::engine::FEED_RETENTION_DEFAULT,
             connectors: Vec::new(),
         };
         let (stop, stopped) = oneshot::channel::<()>();

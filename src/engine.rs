@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 mod audit;
 mod collections;
 mod conflicts;
+mod feed;
 mod quarantine;
 mod snapshots;
 mod writes;
@@ -43,6 +44,8 @@ pub use audit::{
     audit_page, export_page, parse_head, stored_anchor, verify_store,
 };
 pub use conflicts::CONFLICTS_PAGE_MAX;
+use feed::FeedEntry;
+pub use feed::{FEED_RETENTION_DEFAULT, FeedBounds, FeedEvent};
 pub use quarantine::{QUARANTINE_ENTRIES_MAX, QUARANTINE_PAGE_MAX, QuarantineEntry};
 
 pub use collections::is_system_collection;
@@ -62,6 +65,44 @@ pub const QUEUE_JOBS_MAX: usize = 4096;
 pub const INCREMENTS_COMPACT_AT: u32 = 64;
 /// The most threads a round of local writes spreads its CRDT work over.
 pub const WORKERS_MAX: usize = 8;
+
+/// The most entries one trimming step deletes from a journal (the change log, the feed, the
+/// audit trail), so trimming never stalls writes for long.
+const TRIM_ENTRIES_PER_STEP: usize = 4096;
+
+/// When a journal is next trimmed by age: the change log (`snapshots`), the feed (`feed`) and
+/// the audit trail (`audit`) each keep one.
+#[derive(Debug)]
+pub(crate) struct Retention {
+    pub(crate) period: Duration,
+    next_due: Instant,
+}
+
+impl Retention {
+    pub(crate) fn new(period: Duration) -> Retention {
+        Retention { period, next_due: Instant::now() }
+    }
+
+    /// Whether a trimming step is due at `now`. If so, the next one is scheduled a tenth of the
+    /// period later, between once a second and once a minute.
+    fn take_due(&mut self, now: Instant) -> bool {
+        if now < self.next_due {
+            return false;
+        }
+        self.next_due = now + (self.period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        true
+    }
+
+    /// The step just taken was full, so more may be due: the next one may run at once.
+    fn again(&mut self, now: Instant) {
+        self.next_due = now;
+    }
+
+    /// Entries from before this time (ms since the Unix epoch) are past the period.
+    fn cutoff_ms(&self) -> u64 {
+        physical_ms().saturating_sub(u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX))
+    }
+}
 
 /// A Yjs update v1 that holds nothing (no structs, no deletions): how a text's creation travels.
 const EMPTY_TEXT_UPDATE: [u8; 2] = [0, 0];
@@ -93,6 +134,11 @@ pub enum EngineError {
     BadRequest(String),
     #[error(transparent)]
     Invalid(Box<crdt::schema::Violation>),
+    #[error(
+        "the feed no longer holds the events after {after}: retention trimmed it through {floor}; \
+         read the records, then follow the feed from the sequence status reports"
+    )]
+    FeedTrimmed { after: u64, floor: u64 },
 }
 
 impl EngineError {
@@ -176,29 +222,6 @@ impl DocumentEntry {
             return Err(corrupt(format!("the change log entry {origin} {sequence} is a change of {}", envelope.key)));
         }
         Ok(envelope.change)
-    }
-}
-
-/// What the store keeps per feed sequence.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FeedEntry {
-    pub key: RecordKey,
-    pub kind: DocumentKind,
-    pub origin: OriginId,
-    pub sequence: u64,
-    pub timestamp: Timestamp,
-}
-
-impl FeedEntry {
-    /// The feed entry of a change envelope.
-    fn of(envelope: &Envelope) -> FeedEntry {
-        FeedEntry {
-            key: envelope.key.clone(),
-            kind: envelope.kind,
-            origin: envelope.origin,
-            sequence: envelope.sequence,
-            timestamp: envelope.timestamp,
-        }
     }
 }
 
@@ -402,23 +425,6 @@ impl<A> WriteOutcome<A> {
     }
 }
 
-/// One event of the change feed.
-#[derive(Debug, Clone, Serialize)]
-pub struct FeedEvent {
-    pub sequence: u64,
-    pub collection: String,
-    pub id: String,
-    pub kind: &'static str,
-    /// The record's value when the event is served (later events for the record follow), or
-    /// `null` for a deleted record or a text.
-    pub value: Option<serde_json::Value>,
-    pub deleted: bool,
-    pub version: String,
-    pub origin: String,
-    pub origin_sequence: u64,
-    pub timestamp: Timestamp,
-}
-
 /// What `GET /v1/status` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -427,6 +433,8 @@ pub struct Status {
     pub origin: String,
     pub record_count: u64,
     pub feed_sequence: u64,
+    /// Every feed event at or below it was trimmed by retention.
+    pub feed_floor: u64,
     pub version_vector: serde_json::Value,
     pub digest: String,
     pub peers: Vec<crate::replication::PeerStatus>,
@@ -475,9 +483,11 @@ pub struct Engine {
     /// Per origin, below which the change log lacks changes this node holds (see `snapshots`).
     log_floors: crdt::replica::LogFloors,
     floors_dirty: bool,
-    retention: snapshots::Retention,
+    retention: Retention,
     /// The audit trail's chain, retention and the attribution of the change being applied.
     audit: audit::AuditTrail,
+    /// The feed's floor and retention (see `feed`).
+    feed: feed::Feed,
     counters: StoredCounters,
     counters_dirty: bool,
     compaction: VecDeque<RecordKey>,
@@ -624,6 +634,8 @@ pub struct EngineSettings {
     pub yrs_collections: std::collections::BTreeSet<String>,
     /// How long audit entries are kept; zero keeps them all (see `audit`).
     pub audit_retention: Duration,
+    /// How long feed entries are kept; zero keeps them all (see `feed`).
+    pub feed_retention: Duration,
 }
 
 impl Default for EngineSettings {
@@ -637,6 +649,7 @@ impl Default for EngineSettings {
             log_retention: LOG_RETENTION_DEFAULT,
             yrs_collections: Default::default(),
             audit_retention: AUDIT_RETENTION_DEFAULT,
+            feed_retention: FEED_RETENTION_DEFAULT,
         }
     }
 }
@@ -677,6 +690,7 @@ pub fn start(
     let quarantine_state = quarantine::open(&store)?;
     let ledger_next = store.conflict_last()?.map_or(1, |(sequence, _)| sequence + 1);
     let (feed_sender, feed) = watch::channel(counters.feed_sequence);
+    let feed_state = feed::Feed::new(feed::stored_floor(&store, counters.feed_sequence), settings.feed_retention);
     let engine = Engine {
         store,
         batch: WriteBatch::default(),
@@ -690,8 +704,9 @@ pub fn start(
         version_vector: version_vector.clone(),
         log_floors: log_floors.clone(),
         floors_dirty: false,
-        retention: snapshots::Retention::new(settings.log_retention),
+        retention: Retention::new(settings.log_retention),
         audit,
+        feed: feed_state,
         counters,
         counters_dirty: false,
         compaction: VecDeque::new(),
@@ -806,6 +821,14 @@ impl Engine {
                 completions.push(work(self));
             }
         }
+    }
+
+    /// Periodic work the node asks for about once a second: trimming the audit trail and the
+    /// feed by age, each only when due.
+    pub fn retention_tick(&mut self) {
+        let now = Instant::now();
+        self.trim_audit_if_due(now);
+        self.trim_feed_if_due(now);
     }
 
     /// Writes the pending batch and flushes it: the one place the store is flushed.
@@ -1068,7 +1091,7 @@ impl Engine {
     fn stage_logged(&mut self, envelope: &Envelope, before: Before, after: After, visible: bool) {
         self.batch.put_log(envelope.origin.as_bytes(), envelope.sequence, &envelope.encode());
         self.version_vector.insert(envelope.origin, envelope.sequence);
-        let feed = visible.then(|| FeedEntry::of(envelope));
+        let feed = visible.then(|| FeedEntry::of(envelope, physical_ms()));
         self.stage_accounting(&envelope.key, before, after, feed);
         self.stage_audit_change(&envelope.key, envelope.node);
     }
@@ -1206,40 +1229,6 @@ impl Engine {
         }
     }
 
-    /// Feed events with sequence above `after`, at most `limit` (capped at [`FEED_PAGE_MAX`]).
-    pub fn feed_page(&mut self, after: u64, limit: usize) -> Result<Vec<FeedEvent>, EngineError> {
-        let entries = self.store.feed_range(after, limit.clamp(1, FEED_PAGE_MAX))?;
-        let mut events = Vec::with_capacity(entries.len());
-        for (sequence, bytes) in entries {
-            let entry: FeedEntry = rmp_serde::from_slice(&bytes)
-                .map_err(|error| EngineError::Corrupt { key: format!("feed {sequence}"), reason: error.to_string() })?;
-            events.push(self.feed_event(sequence, entry)?);
-        }
-        Ok(events)
-    }
-
-    fn feed_event(&mut self, sequence: u64, entry: FeedEntry) -> Result<FeedEvent, EngineError> {
-        let (value, version, kind) = match entry.kind {
-            DocumentKind::Record | DocumentKind::MapRecord => match self.record_view(&entry.key)? {
-                Some(view) => (view.value.map(serde_json::Value::Object), view.version, "record"),
-                None => (None, String::new(), "record"),
-            },
-            DocumentKind::Text => (None, String::new(), "text"),
-        };
-        Ok(FeedEvent {
-            sequence,
-            collection: entry.key.collection().to_owned(),
-            id: entry.key.id().to_owned(),
-            kind,
-            deleted: kind == "record" && value.is_none(),
-            value,
-            version,
-            origin: entry.origin.to_string(),
-            origin_sequence: entry.sequence,
-            timestamp: entry.timestamp,
-        })
-    }
-
     pub fn status(&self) -> Status {
         let version_vector = self
             .version_vector
@@ -1255,6 +1244,7 @@ impl Engine {
             origin: self.identity.origin.to_string(),
             record_count: self.counters.record_count,
             feed_sequence: self.counters.feed_sequence,
+            feed_floor: self.feed_bounds().floor,
             version_vector: serde_json::Value::Object(version_vector),
             digest: hex::encode(self.counters.digest),
             peers: self.peer_statuses(),

@@ -48,6 +48,7 @@ fn main() -> std::process::ExitCode {
                     log_retention_seconds: arguments.log_retention_seconds,
                     yrs_collections: arguments.yrs_collections,
                     audit_retention_seconds: arguments.audit_retention_seconds,
+                    feed_retention_seconds: arguments.feed_retention_seconds,
                 })?;
                 node::run(config).await
             }

@@ -138,6 +138,8 @@ pub struct Metrics {
     pub audit_entries: Counter,
     /// Audit-trail entries deleted by retention.
     pub audit_entries_trimmed: Counter,
+    /// Change-feed entries deleted by retention.
+    pub feed_entries_trimmed: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
     /// Conflicts recorded in the ledger, by collection and policy.
@@ -176,7 +178,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 27] = [
+        let counters: [(&str, &str, &Counter); 28] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -248,6 +250,7 @@ impl Metrics {
                 "Audit-trail entries deleted by retention.",
                 &self.audit_entries_trimmed,
             ),
+            ("concord_feed_entries_trimmed_total", "Change-feed entries deleted by retention.", &self.feed_entries_trimmed),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());

@@ -49,6 +49,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
         log_retention: config.log_retention,
         yrs_collections: config.yrs_collections.iter().cloned().collect(),
         audit_retention: config.audit_retention,
+        feed_retention: config.feed_retention,
     };
     let (engine, engine_thread) = engine::start(store, settings, metrics.clone()).context("starting the engine")?;
     let identity = engine.identity.clone();
@@ -87,7 +88,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     });
     let app = api::router(state, config.body_bytes_max);
     // Started once nothing above can fail: it holds an engine handle until the node stops.
-    let audit_ticker = tokio::spawn(audit_ticks(engine.clone(), stop.clone()));
+    let retention_ticker = tokio::spawn(retention_ticks(engine.clone(), stop.clone()));
     let mut server_stop = stop.clone();
     let server = tokio::spawn(async move {
         axum::serve(without_delay(listener), app)
@@ -111,7 +112,7 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     }
     server.await.context("API server task")?.context("API server")?;
     // It holds an engine handle; the engine ends once every handle is gone.
-    let _ = audit_ticker.await;
+    let _ = retention_ticker.await;
     drop(engine);
     let result = match engine_result {
         Some(result) => result,
@@ -127,16 +128,16 @@ pub async fn run_until(config: NodeConfig, shutdown: impl std::future::Future<Ou
     }
 }
 
-/// How often the engine is asked to trim the audit trail (it trims only when due).
-const AUDIT_TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the engine is asked to trim the audit trail and the feed (it trims only when due).
+const RETENTION_TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Asks the engine for its periodic audit work (retention) until the node stops.
-async fn audit_ticks(engine: engine::EngineHandle, mut stop: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(AUDIT_TICK_INTERVAL);
+/// Asks the engine for its periodic retention work until the node stops.
+async fn retention_ticks(engine: engine::EngineHandle, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(RETENTION_TICK_INTERVAL);
     loop {
         tokio::select! {
             _ = interval.tick() => {
-                if engine.submit(|engine| engine.audit_tick()).await.is_err() {
+                if engine.submit(|engine| engine.retention_tick()).await.is_err() {
                     return;
                 }
             }

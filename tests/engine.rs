@@ -881,7 +881,7 @@ async fn audit_retention_trims_behind_an_anchor_but_never_a_log_that_does_not_ve
             for _ in 0..3_000 {
                 let now = engine
                     .call(|engine| {
-                        engine.audit_tick();
+                        engine.retention_tick();
                         engine.status().audit.anchor_sequence
                     })
                     .await
@@ -900,7 +900,7 @@ async fn audit_retention_trims_behind_an_anchor_but_never_a_log_that_does_not_ve
     while now_ms() <= newest_ms + 1 {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    engine.call(|engine| engine.audit_tick()).await.unwrap();
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
     assert_eq!(engine.call(|engine| engine.status().audit.anchor_sequence).await.unwrap(), 0);
     assert_eq!(audit_entries(&engine).await.len(), 3);
     let check = verify_audit(&engine).await;
@@ -917,6 +917,111 @@ async fn audit_retention_trims_behind_an_anchor_but_never_a_log_that_does_not_ve
     let entries = audit_entries(&engine).await;
     assert_eq!(entries.iter().map(|entry| entry.sequence).collect::<Vec<_>>(), [4]);
     assert_eq!(entries[0].previous_hash, check.anchor.hash);
+}
+
+/// Starts an engine over `directory` whose feed keeps events for `feed_retention`, with its
+/// thread (so a test can stop it and reopen the store).
+fn start_feed_engine(
+    directory: &std::path::Path,
+    feed_retention: std::time::Duration,
+) -> (EngineHandle, std::thread::JoinHandle<Result<(), engine::EngineError>>, Arc<Metrics>) {
+    let settings = EngineSettings { name: Some("feed".into()), feed_retention, ..EngineSettings::default() };
+    let metrics = Arc::new(Metrics::default());
+    let (engine, thread) = engine::start(store::Store::open(directory).unwrap(), settings, metrics.clone()).unwrap();
+    (engine, thread, metrics)
+}
+
+async fn feed_page(engine: &EngineHandle, after: u64) -> Result<Vec<u64>, engine::EngineError> {
+    let page = engine.call(move |engine| engine.feed_page(after, 100)).await.unwrap();
+    page.map(|events| events.iter().map(|event| event.sequence).collect())
+}
+
+/// Waits until the wall clock is past `ms` (ms since the epoch).
+async fn wait_past(ms: u64) {
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    while now_ms() <= ms {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Feed retention goes by when an entry was appended here (a change relayed late with an old
+/// timestamp is kept), trims only the oldest run, raises a floor that a restart keeps, and
+/// refuses reads from below the floor rather than skipping events silently. Zero keeps all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_retention_trims_by_append_time_and_refuses_reads_below_its_floor() {
+    let origin_directory = tempfile::tempdir().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let origin = start(origin_directory.path(), "origin").await;
+    let mut relayed = write(&origin, "late", Operation::Replace(object(json!({"n": 1})))).await;
+    // Made an hour ago at its origin, and relayed only now.
+    relayed.timestamp.wall_ms -= 3_600_000;
+
+    let minute = std::time::Duration::from_secs(60);
+    let (engine, thread, _) = start_feed_engine(directory.path(), minute);
+    assert!(apply(&engine, relayed).await);
+    write(&engine, "local", Operation::Replace(object(json!({"n": 2})))).await;
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(feed_page(&engine, 0).await.unwrap(), [1, 2], "appended a moment ago: kept for a minute");
+    assert_eq!(status(&engine).await.feed_floor, 0);
+    drop(engine);
+    thread.join().unwrap().unwrap();
+
+    // With a millisecond's retention both are old: one step trims them, and the floor is 2.
+    let (engine, thread, metrics) = start_feed_engine(directory.path(), std::time::Duration::from_millis(1));
+    let appended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    wait_past(appended + 1).await;
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(metrics.feed_entries_trimmed.get(), 2);
+    assert_eq!(status(&engine).await.feed_floor, 2);
+    for after in [0, 1] {
+        match feed_page(&engine, after).await {
+            Err(engine::EngineError::FeedTrimmed { after: refused, floor: 2 }) => assert_eq!(refused, after),
+            other => panic!("a read after {after}, below the floor, answered {other:?}"),
+        }
+    }
+    assert_eq!(feed_page(&engine, 2).await.unwrap(), Vec::<u64>::new());
+    // The next step is a second away (a tenth of the period, at least a second): a new event stays.
+    write(&engine, "third", Operation::Replace(object(json!({"n": 3})))).await;
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(feed_page(&engine, 2).await.unwrap(), [3]);
+    assert_eq!(engine.call(|engine| engine.store().feed_range(0, 10).unwrap().len()).await.unwrap(), 1);
+    drop(engine);
+    thread.join().unwrap().unwrap();
+
+    // A restart keeps the floor (the store has nothing below it), and zero retention keeps all.
+    let (engine, _thread, metrics) = start_feed_engine(directory.path(), std::time::Duration::ZERO);
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(metrics.feed_entries_trimmed.get(), 0);
+    assert_eq!(engine.call(|engine| engine.feed_bounds()).await.unwrap(), engine::FeedBounds { floor: 2, sequence: 3 });
+    assert!(matches!(feed_page(&engine, 1).await, Err(engine::EngineError::FeedTrimmed { after: 1, floor: 2 })));
+    assert_eq!(feed_page(&engine, 2).await.unwrap(), [3]);
+}
+
+/// One trimming step deletes at most 4,096 feed entries, so a long backlog never stalls writes;
+/// a full step makes the next one due at once, and retention emptying the feed leaves the floor
+/// at the last sequence handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_trimming_is_bounded_per_step() {
+    let directory = tempfile::tempdir().unwrap();
+    let (engine, _thread, metrics) = start_feed_engine(directory.path(), std::time::Duration::from_millis(1));
+    engine
+        .call(|engine| {
+            for index in 0..4100 {
+                let key = RecordKey::new("orders", &format!("o{index}")).unwrap();
+                engine.write_record(key, Operation::Replace(object(json!({"n": index})))).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    let appended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    wait_past(appended + 1).await;
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(metrics.feed_entries_trimmed.get(), 4096);
+    assert_eq!(status(&engine).await.feed_floor, 4096);
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(metrics.feed_entries_trimmed.get(), 4100);
+    assert_eq!(engine.call(|engine| engine.feed_bounds()).await.unwrap(), engine::FeedBounds { floor: 4100, sequence: 4100 });
+    assert!(engine.call(|engine| engine.store().feed_last().unwrap()).await.unwrap().is_none());
 }
 
 /// A change from a peer that cannot be applied goes to the quarantine with its reason and

@@ -86,3 +86,41 @@ async fn ndjson_feed_with_since() {
     let response = node.request(Method::GET, "/v1/changes").header("last-event-id", "abc").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 400);
 }
+
+/// With `--feed-retention-seconds`, the node trims old events on its own (here after 2 s); a consumer asking for
+/// events retention took gets 410 with the floor (never a stream that silently skips them), and
+/// one that resumes at the floor or later is served.
+#[tokio::test]
+async fn a_since_behind_retention_gets_410_with_the_floor() {
+    let directory = temporary_directory();
+    let node = Node::start_with(directory.path(), &["--feed-retention-seconds", "2"]).await;
+    for index in 0..3 {
+        node.put("c", &format!("r{index}"), json!({"i": index})).await;
+    }
+    // The node's tick trims once the events are two seconds old (hang guard: a minute).
+    let mut floor = 0;
+    for _ in 0..600 {
+        floor = node.status().await["feed_floor"].as_u64().unwrap();
+        if floor == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(floor, 3, "the node trimmed its feed");
+    assert!(node.metrics().await.contains("concord_feed_entries_trimmed_total 3"));
+    for (accept, since) in [("text/event-stream", 0), ("application/x-ndjson", 2)] {
+        let response =
+            node.request(Method::GET, &format!("/v1/changes?since={since}")).header("accept", accept).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 410);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["floor"], json!(3));
+        assert!(body["error"].as_str().unwrap().contains("trimmed it through 3"), "{body}");
+    }
+    // From the floor on, the feed goes on as before.
+    let mut response =
+        node.request(Method::GET, "/v1/changes?since=3").header("accept", "application/x-ndjson").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    node.put("c", "r3", json!({"i": 3})).await;
+    let events = tokio::time::timeout(Duration::from_secs(30), read_ndjson(&mut response, 1)).await.expect("live event");
+    assert_eq!(events[0]["sequence"], json!(4));
+}

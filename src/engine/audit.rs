@@ -42,7 +42,7 @@ use store::Store;
 
 use super::collections::is_system_collection;
 use super::writes::{Answer, AnswerKind};
-use super::{Document, Engine, EngineError, WriteOutcome, physical_ms};
+use super::{Document, Engine, EngineError, Retention, TRIM_ENTRIES_PER_STEP, WriteOutcome, physical_ms};
 
 /// How long audit entries are kept unless configured: 90 days.
 pub const AUDIT_RETENTION_DEFAULT: Duration = Duration::from_secs(90 * 24 * 60 * 60);
@@ -55,8 +55,6 @@ pub const ALL_FIELDS: &str = "*";
 pub const AUDIT_PAGE_MAX: usize = 1000;
 /// The meta entry that holds the trim anchor ([`Anchor::encode`]).
 const ANCHOR_META: &str = "audit_anchor";
-/// The most entries one trimming step deletes, so trimming never stalls writes for long.
-const TRIM_ENTRIES_PER_STEP: usize = 4096;
 /// How many times [`verify_store`] starts again when retention trimmed the log under it.
 const VERIFY_ATTEMPTS_MAX: usize = 3;
 
@@ -68,9 +66,8 @@ pub(crate) struct AuditTrail {
     /// The last entry trimmed away (genesis before any): where the log starts. Updated when a
     /// trim is staged, so the next step continues after it.
     anchor: Anchor,
-    /// How long entries are kept; zero keeps them all.
-    retention: Duration,
-    next_trim_due: Instant,
+    /// How long entries are kept; a zero period keeps them all.
+    retention: Retention,
     /// Who the change being applied now is attributed to, set around a write or a peer's
     /// message; `None` outside them (an engine caller that names no one).
     pub(super) attribution: Option<Attribution>,
@@ -108,16 +105,9 @@ impl AuditTrail {
         Ok(AuditTrail {
             chain: Chain::resume(head),
             anchor,
-            retention,
-            next_trim_due: Instant::now(),
+            retention: Retention::new(retention),
             attribution: None,
         })
-    }
-
-    /// Trimming is checked a tenth of the retention apart, between once a second and once a
-    /// minute (as the change log's).
-    fn trim_interval(&self) -> Duration {
-        (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 }
 
@@ -265,23 +255,15 @@ pub(super) fn fields_touched(document: Option<&Document>, key: &RecordKey, opera
 
 /// Retention, and the log's ends.
 impl Engine {
-    /// Periodic audit work: trims entries older than the retention when due. The node calls it
-    /// about once a second.
-    pub fn audit_tick(&mut self) {
-        self.trim_audit_if_due(Instant::now());
-    }
-
     /// Deletes the oldest entries (older than the retention, by their time), a bounded number
     /// per step, and stores the anchor in the same batch. Only an intact run is trimmed: when the
     /// entries to delete do not verify from the anchor, nothing is trimmed and the evidence
     /// stays (logged at every step).
     pub(crate) fn trim_audit_if_due(&mut self, now: Instant) {
-        if self.audit.retention.is_zero() || now < self.audit.next_trim_due {
+        if self.audit.retention.period.is_zero() || !self.audit.retention.take_due(now) {
             return;
         }
-        self.audit.next_trim_due = now + self.audit.trim_interval();
-        let retention_ms = u64::try_from(self.audit.retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff_ms = physical_ms().saturating_sub(retention_ms);
+        let cutoff_ms = self.audit.retention.cutoff_ms();
         let stored = match self.store.audit_range(self.audit.anchor.sequence, TRIM_ENTRIES_PER_STEP) {
             Ok(stored) => stored,
             Err(error) => return tracing::warn!(%error, "cannot read the audit log to trim it"),
@@ -303,7 +285,7 @@ impl Engine {
         self.metrics.audit_entries_trimmed.add(trimmed.len() as u64);
         if full_step && trimmed.len() == entries.len() {
             // More may be due: come back at the next tick rather than an interval later.
-            self.audit.next_trim_due = now;
+            self.audit.retention.again(now);
         }
     }
 

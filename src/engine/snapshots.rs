@@ -18,36 +18,16 @@ use crdt::version_vector::VersionVector;
 use serde_bytes::ByteBuf;
 use store::Store;
 
-use super::{After, Before, Document, DocumentEntry, Engine, EngineError, FeedEntry, encode_entry, physical_ms};
+use super::feed::FeedEntry;
+use super::{After, Before, Document, DocumentEntry, Engine, EngineError, TRIM_ENTRIES_PER_STEP, encode_entry, physical_ms};
 
 /// The most bytes one snapshot record carries. A larger document travels as several records
 /// with the same key, each a run of its stored parts; compaction never makes one part larger
 /// than this (see `compact_some`), so every stored document can travel.
 pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 8 << 20;
 
-/// The most log entries one trimming step deletes, so trimming never stalls writes for long.
-const TRIM_ENTRIES_PER_STEP: usize = 4096;
-
 /// The default retention: a week, so a site offline for days still catches up from the log.
 pub const LOG_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-
-/// When the change log is next trimmed, and by how much.
-#[derive(Debug)]
-pub(crate) struct Retention {
-    pub(crate) period: Duration,
-    pub(crate) next_due: Instant,
-}
-
-impl Retention {
-    pub(crate) fn new(period: Duration) -> Retention {
-        Retention { period, next_due: Instant::now() }
-    }
-
-    /// Trimming is checked a tenth of the period apart, between once a second and once a minute.
-    fn interval(&self) -> Duration {
-        (self.period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
-    }
-}
 
 /// The store as the replication core reads it: durable state only (the engine's staged batch
 /// is not in sled until it commits).
@@ -200,6 +180,7 @@ impl Engine {
             origin: OriginId([0; 16]),
             sequence: 0,
             timestamp,
+            appended_ms: timestamp.wall_ms,
         });
         self.stage_accounting(&record.key, before, After::of(document, &record.key), feed);
         self.stage_audit_snapshot(&record.key);
@@ -220,19 +201,17 @@ impl Engine {
     /// and only within each origin's gap-free prefix (so a floor never passes a gap). Runs when
     /// due; the replication core hears of the new floors after the commit.
     pub(crate) fn trim_log_if_due(&mut self, now: Instant) {
-        if now < self.retention.next_due {
+        if !self.retention.take_due(now) {
             return;
         }
-        self.retention.next_due = now + self.retention.interval();
-        let cutoff_ms =
-            physical_ms().saturating_sub(u64::try_from(self.retention.period.as_millis()).unwrap_or(u64::MAX));
+        let cutoff_ms = self.retention.cutoff_ms();
         let mut budget = TRIM_ENTRIES_PER_STEP;
         let origins: Vec<(OriginId, u64)> =
             self.version_vector.origins().map(|(origin, range)| (*origin, range.contiguous)).collect();
         for (origin, contiguous) in origins {
             if budget == 0 {
                 // More to do: come back soon rather than a whole interval later.
-                self.retention.next_due = now;
+                self.retention.again(now);
                 break;
             }
             let floor = self.log_floors.get(&origin).copied().unwrap_or(1);

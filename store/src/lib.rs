@@ -494,6 +494,12 @@ impl WriteBatch {
         self.operations += 1;
     }
 
+    /// Removes every feed entry numbered `sequence` or less (retention).
+    pub fn trim_feed_through(&mut self, sequence: u64) {
+        self.feed.trim_through(sequence);
+        self.operations += 1;
+    }
+
     /// Stores the audit entry at `sequence`: cheapest after the audit trail's last entry.
     pub fn put_audit(&mut self, sequence: u64, value: &[u8]) {
         self.audit.put(sequence, value);

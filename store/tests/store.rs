@@ -565,6 +565,37 @@ fn audit_entries_are_removed_replaced_and_trimmed_inside_their_pages() {
 }
 
 #[test]
+fn a_feed_trim_keeps_what_follows_it_and_appends_in_the_same_batch() {
+    let (_temporary, directory) = folder();
+    let value = |sequence: u64| format!("feed entry {sequence} {}", "x".repeat((sequence % 7) as usize)).into_bytes();
+    {
+        let store = Store::open(&directory).expect("create");
+        commit(&store, |batch| {
+            for sequence in 1..=300 {
+                batch.put_feed(sequence, &value(sequence));
+            }
+        });
+        // Retention trims through 120 while the same batch appends 301.
+        commit(&store, |batch| {
+            batch.trim_feed_through(120);
+            batch.put_feed(301, &value(301));
+        });
+        let rest = store.feed_range(0, 1000).expect("read");
+        assert_eq!(rest.first(), Some(&(121, value(121))));
+        assert_eq!(rest.len(), 181);
+        assert_eq!(store.feed_last().expect("read"), Some((301, value(301))));
+    }
+    // The trim is durable: a reopened store starts at the same entry.
+    let store = Store::open(&directory).expect("reopen");
+    assert_eq!(store.feed_range(0, 1).expect("read"), vec![(121, value(121))]);
+    let mut batch = WriteBatch::default();
+    batch.trim_feed_through(u64::MAX);
+    store.commit(batch).expect("trim all");
+    assert_eq!(store.feed_last().expect("read"), None);
+    assert_eq!(entries_of(&store, Keyspace::Feed), 0);
+}
+
+#[test]
 fn each_origin_has_its_own_log_pages_and_holes_are_filled_in_place() {
     let (_temporary, directory) = folder();
     let store = Store::open(&directory).expect("create");
