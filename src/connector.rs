@@ -154,6 +154,9 @@ pub struct ConnectorStatus {
     /// WAL bytes the slot holds back: the server's position minus the slot's confirmed one.
     pub slot_lag_bytes: u64,
     pub applied_feed: u64,
+    /// Times the apply found the feed trimmed past its position and resynced the tables from
+    /// the records.
+    pub resyncs: u64,
     pub rows_captured: u64,
     pub rows_applied: u64,
     /// Transactions the capture skipped because this connector wrote them (no echo).
@@ -386,7 +389,7 @@ impl Connectors {
         let statuses = self.list().await;
         /// Name, kind, help and how to read the value.
         type Family = (&'static str, &'static str, &'static str, fn(&ConnectorStatus) -> u64);
-        let families: [Family; 6] = [
+        let families: [Family; 7] = [
             ("concord_connector_slot_lag_bytes", "gauge", "WAL bytes the connector's slot holds back.", |status| {
                 status.slot_lag_bytes
             }),
@@ -407,6 +410,12 @@ impl Connectors {
                 "counter",
                 "Captured rows the node refused or could not map (skipped).",
                 |status| status.capture_errors,
+            ),
+            (
+                "concord_connector_resyncs_total",
+                "counter",
+                "Times the apply found the feed trimmed past its position and resynced the tables.",
+                |status| status.resyncs,
             ),
             (
                 "concord_connector_echoes_skipped_total",

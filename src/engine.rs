@@ -1186,6 +1186,16 @@ impl Engine {
         result.map(Some)
     }
 
+    /// Whether `key` is a deleted record here (a tombstone), as opposed to a live one or one this
+    /// node has never held.
+    pub fn record_deleted(&mut self, key: &RecordKey) -> Result<bool, EngineError> {
+        match self.record_view(key) {
+            Ok(view) => Ok(view.is_some_and(|view| view.value.is_none())),
+            Err(EngineError::WrongKind { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Lists live records of `collection` whose id starts with `prefix`, after id `after`.
     pub fn list_records(
         &mut self,

@@ -596,3 +596,75 @@ async fn every_mapped_type_reaches_the_other_database_unchanged() {
     assert_eq!(connector["apply_errors"], 0, "{connector}");
     assert_eq!(sites.connector(0).await["capture_errors"], 0);
 }
+
+/// A connector paused for longer than the node's feed retention finds the feed trimmed past its
+/// position when it resumes. It resyncs the table from the records instead of stalling or
+/// skipping what it missed: a changed row is updated, a deleted record's row deleted, a new one
+/// inserted, and it then follows the feed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_behind_feed_retention_resyncs_its_tables_from_the_records() {
+    let root = temporary_directory();
+    let database = Postgres::start().await;
+    database.execute(SCHEMA).await;
+    let node = Node::start_with(&root.path().join("node"), &["--feed-retention-seconds", "2"]).await;
+    let (status, answer) = node
+        .call(
+            Method::POST,
+            "/v1/connectors",
+            Some(json!({
+                "name": "db",
+                "dsn": database.dsn(),
+                "tables": [{"table": "public.customers", "collection": "customers"}],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let rows = || async { database.query_strings("SELECT id, name FROM customers ORDER BY id").await };
+    let wait_for = |what: &'static str, expected: Vec<Vec<Option<String>>>| {
+        let rows = &rows;
+        async move {
+            let started = Instant::now();
+            loop {
+                let now = rows().await;
+                if now == expected {
+                    return;
+                }
+                assert!(started.elapsed() < GUARD, "{what}: rows {now:?}, expected {expected:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let row = |id: &str, name: &str| vec![Some(id.to_owned()), Some(name.to_owned())];
+    for id in ["1", "2", "3"] {
+        node.put("customers", id, json!({"id": id.parse::<i64>().unwrap(), "name": format!("first {id}")})).await;
+    }
+    wait_for("applied", vec![row("1", "first 1"), row("2", "first 2"), row("3", "first 3")]).await;
+
+    let (ok, stdout, stderr) = node.cli(&["connector", "pause", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    node.put("customers", "1", json!({"id": 1, "name": "changed 1"})).await;
+    let (status, answer) = node.call(Method::DELETE, "/v1/collections/customers/records/2", None).await;
+    assert!(status == 200 || status == 204, "{status} {answer}");
+    node.put("customers", "5", json!({"id": 5, "name": "new 5"})).await;
+    // Retention trims every event the paused connector has not applied.
+    let last = node.status().await["feed_sequence"].as_u64().unwrap();
+    let started = Instant::now();
+    while node.status().await["feed_floor"].as_u64().unwrap() < last {
+        assert!(started.elapsed() < GUARD, "the feed was never trimmed: {}", node.status().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+    assert!(connector["applied_feed"].as_u64().unwrap() < last, "{connector}");
+    assert_eq!(rows().await.len(), 3, "a paused connector wrote");
+
+    let (ok, stdout, stderr) = node.cli(&["connector", "resume", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    wait_for("resynced", vec![row("1", "changed 1"), row("3", "first 3"), row("5", "new 5")]).await;
+    let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+    assert_eq!(connector["resyncs"], 1, "{connector}");
+    assert!(node.metrics().await.contains("concord_connector_resyncs_total{connector=\"db\"} 1"));
+    // And it follows the feed again.
+    node.put("customers", "6", json!({"id": 6, "name": "after 6"})).await;
+    wait_for("following", vec![row("1", "changed 1"), row("3", "first 3"), row("5", "new 5"), row("6", "after 6")])
+        .await;
+}

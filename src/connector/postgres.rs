@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, NoTls};
 
 use super::{CheckpointStore, Checkpoints, ConnectorDefinition, ConnectorStatus, Control, Retry};
-use crate::engine::EngineHandle;
+use crate::engine::{EngineError, EngineHandle};
 
 /// The logical decoding message prefix that marks the connector's own transactions.
 pub const ECHO_PREFIX: &str = "concord.apply";
@@ -900,12 +900,26 @@ async fn apply(
             retry_one(shared, &mut sql, retry).await?;
         }
         let after = applied_feed;
-        let events = shared
-            .engine
-            .call(move |engine| engine.feed_page(after, FEED_PAGE))
-            .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?;
+        let page = shared.engine.call(move |engine| engine.feed_page(after, FEED_PAGE)).await;
+        let events = match page.map_err(|error| error.to_string())? {
+            Ok(events) => events,
+            Err(EngineError::FeedTrimmed { floor, .. }) => {
+                tracing::warn!(
+                    connector = %shared.definition.name,
+                    applied_feed,
+                    floor,
+                    "the feed was trimmed past this connector's position; resyncing the tables from the records"
+                );
+                applied_feed = resync(shared, &mut sql, &captured).await?;
+                shared.store.save_apply(&shared.definition.name, applied_feed).await.map_err(|error| error.to_string())?;
+                update_status(&shared.status, |status| {
+                    status.applied_feed = applied_feed;
+                    status.resyncs += 1;
+                });
+                continue;
+            }
+            Err(error) => return Err(error.to_string()),
+        };
         let Some(last) = events.last().map(|event| event.sequence) else {
             tokio::select! {
                 changed = feed.changed() => if changed.is_err() { return Err("the node is stopping".into()) },
@@ -917,7 +931,7 @@ async fn apply(
         // The latest event per record: its value is the record's value now.
         let mut latest: BTreeMap<(String, String), Option<Map<String, Value>>> = BTreeMap::new();
         for event in events {
-            if shared.table_of_collection(&event.collection).is_none() || event.kind == "text" {
+            if event.kind == "text" {
                 continue;
             }
             let value = match event.value {
@@ -926,38 +940,146 @@ async fn apply(
             };
             latest.insert((event.collection, event.id), value);
         }
-        if !latest.is_empty() {
-            wait_for_capture(&mut sql, &shared.node, &captured).await;
-        }
-        let records: Vec<_> = latest
-            .into_iter()
-            .filter_map(|((collection, id), value)| {
-                shared.table_of_collection(&collection).map(|table| (table, collection, id, value))
-            })
-            .collect();
-        let checks = futures::future::join_all(
-            records.iter().map(|(table, _, id, value)| needs_write(&sql, table, id, value.as_ref())),
-        )
-        .await;
-        for ((table, collection, id, value), check) in records.iter().zip(checks) {
-            let result = match check {
-                Ok(true) => write_record(shared, &mut sql, table, id, value.as_ref()).await,
-                other => other,
-            };
-            match result {
-                Ok(wrote) => {
-                    if wrote {
-                        update_status(&shared.status, |status| status.rows_applied += 1);
-                    }
-                }
-                Err(ApplyError::Refused(reason)) => quarantine(shared, collection, id, reason).await?,
-                Err(ApplyError::Connection(error)) => return Err(error),
-            }
-        }
+        apply_records(shared, &mut sql, &captured, latest).await?;
         applied_feed = last;
         shared.store.save_apply(&shared.definition.name, last).await.map_err(|error| error.to_string())?;
         update_status(&shared.status, |status| status.applied_feed = last);
     }
+}
+
+/// Makes the rows of mapped collections hold `records` (collection and id to the value now,
+/// `None` for deleted): after the capture has caught up, each row that differs is written, and
+/// one the database refuses goes to the quarantine.
+async fn apply_records(
+    shared: &Shared,
+    sql: &mut Client,
+    captured: &watch::Receiver<u64>,
+    records: BTreeMap<(String, String), Option<Map<String, Value>>>,
+) -> Result<(), String> {
+    let records: Vec<_> = records
+        .into_iter()
+        .filter_map(|((collection, id), value)| {
+            shared.table_of_collection(&collection).map(|table| (table, collection, id, value))
+        })
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    wait_for_capture(sql, &shared.node, captured).await;
+    let checks = futures::future::join_all(
+        records.iter().map(|(table, _, id, value)| needs_write(sql, table, id, value.as_ref())),
+    )
+    .await;
+    for ((table, collection, id, value), check) in records.iter().zip(checks) {
+        let result = match check {
+            Ok(true) => write_record(shared, sql, table, id, value.as_ref()).await,
+            other => other,
+        };
+        match result {
+            Ok(wrote) => {
+                if wrote {
+                    update_status(&shared.status, |status| status.rows_applied += 1);
+                }
+            }
+            Err(ApplyError::Refused(reason)) => quarantine(shared, collection, id, reason).await?,
+            Err(ApplyError::Connection(error)) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// Brings the tables up to the records when the feed no longer holds the events after the
+/// apply's position (retention trimmed them): every live record of a mapped collection is
+/// applied, then every row whose record is deleted here is deleted. A page at a time on both
+/// sides, so memory stays bounded. Returns the feed position to follow from: the feed's last
+/// sequence before the pass began, so whatever changes during the pass comes again as events.
+/// A row with no record here at all is left alone: it is the capture's to bring in.
+async fn resync(shared: &Shared, sql: &mut Client, captured: &watch::Receiver<u64>) -> Result<u64, String> {
+    let resume = shared.engine.call(|engine| engine.feed_bounds().sequence).await.map_err(|error| error.to_string())?;
+    for table in shared.tables.iter() {
+        let collection = table.collection.clone();
+        let mut after: Option<String> = None;
+        loop {
+            let (name, from) = (collection.clone(), after.clone());
+            let page = shared
+                .engine
+                .call(move |engine| engine.list_records(&name, "", from.as_deref(), ROWS_PER_WRITE))
+                .await
+                .map_err(|error| error.to_string())?
+                .map_err(|error| error.to_string())?;
+            let records = page
+                .records
+                .into_iter()
+                .map(|read| ((collection.clone(), read.key.id().to_owned()), read.view.value))
+                .collect();
+            apply_records(shared, sql, captured, records).await?;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        delete_rows_of_deleted_records(shared, sql, captured, table).await?;
+    }
+    Ok(resume)
+}
+
+/// Deletes the rows of `table` whose records are deleted in the node, reading the keys through
+/// a cursor a page at a time (`WITH HOLD`, so the rows can be written between fetches).
+async fn delete_rows_of_deleted_records(
+    shared: &Shared,
+    sql: &mut Client,
+    captured: &watch::Receiver<u64>,
+    table: &Table,
+) -> Result<(), String> {
+    let keys: Vec<String> =
+        table.key.iter().map(|&index| format!("{}::text", quote(&table.columns[index].name))).collect();
+    sql.batch_execute(&format!(
+        "DECLARE concord_resync NO SCROLL CURSOR WITH HOLD FOR SELECT {} FROM {}",
+        keys.join(", "),
+        table.name.quoted()
+    ))
+    .await
+    .map_err(|error| sql_error("opening a resync cursor", &error))?;
+    let result: Result<(), String> = async {
+        loop {
+            let messages = sql
+                .simple_query(&format!("FETCH {ROWS_PER_WRITE} FROM concord_resync"))
+                .await
+                .map_err(|error| sql_error("reading row keys", &error))?;
+            let mut ids = Vec::new();
+            for message in &messages {
+                let tokio_postgres::SimpleQueryMessage::Row(row) = message else { continue };
+                let parts: Option<Vec<&str>> = (0..keys.len()).map(|index| row.get(index)).collect();
+                if let Some(parts) = parts {
+                    ids.push(encode_id(&parts));
+                }
+            }
+            if messages.iter().all(|message| !matches!(message, tokio_postgres::SimpleQueryMessage::Row(_))) {
+                return Ok(());
+            }
+            let collection = table.collection.clone();
+            let deleted = shared
+                .engine
+                .call(move |engine| {
+                    let mut deleted = BTreeMap::new();
+                    for id in ids {
+                        let Ok(key) = RecordKey::new(&collection, &id) else { continue };
+                        if engine.record_deleted(&key)? {
+                            deleted.insert((collection.clone(), id), None);
+                        }
+                    }
+                    Ok::<_, EngineError>(deleted)
+                })
+                .await
+                .map_err(|error| error.to_string())?
+                .map_err(|error| error.to_string())?;
+            apply_records(shared, sql, captured, deleted).await?;
+        }
+    }
+    .await;
+    let closed = sql.batch_execute("CLOSE concord_resync").await;
+    result?;
+    closed.map_err(|error| sql_error("closing the resync cursor", &error))
 }
 
 /// Commits a sync message and waits (a bounded time) until the capture has read it, so every
