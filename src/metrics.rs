@@ -250,7 +250,11 @@ impl Metrics {
                 "Audit-trail entries deleted by retention.",
                 &self.audit_entries_trimmed,
             ),
-            ("concord_feed_entries_trimmed_total", "Change-feed entries deleted by retention.", &self.feed_entries_trimmed),
+            (
+                "concord_feed_entries_trimmed_total",
+                "Change-feed entries deleted by retention.",
+                &self.feed_entries_trimmed,
+            ),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(output, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.get());

@@ -1020,7 +1020,10 @@ async fn feed_trimming_is_bounded_per_step() {
     assert_eq!(status(&engine).await.feed_floor, 4096);
     engine.call(|engine| engine.retention_tick()).await.unwrap();
     assert_eq!(metrics.feed_entries_trimmed.get(), 4100);
-    assert_eq!(engine.call(|engine| engine.feed_bounds()).await.unwrap(), engine::FeedBounds { floor: 4100, sequence: 4100 });
+    assert_eq!(
+        engine.call(|engine| engine.feed_bounds()).await.unwrap(),
+        engine::FeedBounds { floor: 4100, sequence: 4100 }
+    );
     assert!(engine.call(|engine| engine.store().feed_last().unwrap()).await.unwrap().is_none());
 }
 

@@ -109,8 +109,12 @@ async fn a_since_behind_retention_gets_410_with_the_floor() {
     assert_eq!(floor, 3, "the node trimmed its feed");
     assert!(node.metrics().await.contains("concord_feed_entries_trimmed_total 3"));
     for (accept, since) in [("text/event-stream", 0), ("application/x-ndjson", 2)] {
-        let response =
-            node.request(Method::GET, &format!("/v1/changes?since={since}")).header("accept", accept).send().await.unwrap();
+        let response = node
+            .request(Method::GET, &format!("/v1/changes?since={since}"))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status().as_u16(), 410);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["floor"], json!(3));
@@ -121,6 +125,7 @@ async fn a_since_behind_retention_gets_410_with_the_floor() {
         node.request(Method::GET, "/v1/changes?since=3").header("accept", "application/x-ndjson").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     node.put("c", "r3", json!({"i": 3})).await;
-    let events = tokio::time::timeout(Duration::from_secs(30), read_ndjson(&mut response, 1)).await.expect("live event");
+    let events =
+        tokio::time::timeout(Duration::from_secs(30), read_ndjson(&mut response, 1)).await.expect("live event");
     assert_eq!(events[0]["sequence"], json!(4));
 }

@@ -911,7 +911,11 @@ async fn apply(
                     "the feed was trimmed past this connector's position; resyncing the tables from the records"
                 );
                 applied_feed = resync(shared, &mut sql, &captured).await?;
-                shared.store.save_apply(&shared.definition.name, applied_feed).await.map_err(|error| error.to_string())?;
+                shared
+                    .store
+                    .save_apply(&shared.definition.name, applied_feed)
+                    .await
+                    .map_err(|error| error.to_string())?;
                 update_status(&shared.status, |status| {
                     status.applied_feed = applied_feed;
                     status.resyncs += 1;

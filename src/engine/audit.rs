@@ -102,12 +102,7 @@ impl AuditTrail {
             },
             None => anchor,
         };
-        Ok(AuditTrail {
-            chain: Chain::resume(head),
-            anchor,
-            retention: Retention::new(retention),
-            attribution: None,
-        })
+        Ok(AuditTrail { chain: Chain::resume(head), anchor, retention: Retention::new(retention), attribution: None })
     }
 }
 

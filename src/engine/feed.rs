@@ -207,7 +207,8 @@ mod tests {
     fn entries_stored_before_the_append_time_go_by_their_timestamp() {
         let key = RecordKey::new("orders", "o1").expect("a valid key");
         let timestamp = Timestamp { wall_ms: 1_700_000_000_000, logical: 3 };
-        let earlier = EarlierEntry { key, kind: DocumentKind::Record, origin: OriginId([7; 16]), sequence: 9, timestamp };
+        let earlier =
+            EarlierEntry { key, kind: DocumentKind::Record, origin: OriginId([7; 16]), sequence: 9, timestamp };
         let bytes = rmp_serde::to_vec(&earlier).expect("encode");
         let entry = decode(1, &bytes).expect("an earlier entry decodes");
         assert_eq!((entry.appended_ms, entry.appended()), (0, timestamp.wall_ms));

@@ -19,7 +19,9 @@ use serde_bytes::ByteBuf;
 use store::Store;
 
 use super::feed::FeedEntry;
-use super::{After, Before, Document, DocumentEntry, Engine, EngineError, TRIM_ENTRIES_PER_STEP, encode_entry, physical_ms};
+use super::{
+    After, Before, Document, DocumentEntry, Engine, EngineError, TRIM_ENTRIES_PER_STEP, encode_entry, physical_ms,
+};
 
 /// The most bytes one snapshot record carries. A larger document travels as several records
 /// with the same key, each a run of its stored parts; compaction never makes one part larger
