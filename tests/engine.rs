@@ -1350,6 +1350,60 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
     }
 }
 
+/// A round of yrs writes large enough to spread over helpers stores what the engine thread alone
+/// would: every write answers its own record and version, two writes to one key apply in order,
+/// and the sequences follow arrival order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_of_yrs_writes_on_helpers_stores_what_the_engine_thread_alone_would() {
+    let mut reads = Vec::new();
+    for workers in [1, 4] {
+        let directory = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let settings = EngineSettings {
+            name: Some("yrs rounds".into()),
+            workers,
+            yrs_collections: ["events".to_owned()].into_iter().collect(),
+            ..EngineSettings::default()
+        };
+        let (engine, _thread) =
+            engine::start(store::Store::open(directory.path()).unwrap(), settings, metrics.clone()).unwrap();
+        let key = |index: usize| RecordKey::new("events", &format!("e{}", index % 100)).unwrap();
+        engine.submit(|_| std::thread::sleep(std::time::Duration::from_millis(100))).await.unwrap();
+        // 120 writes over 100 keys: the last 20 patch records written earlier in the round.
+        let outcomes = futures::future::join_all((0..120).map(|index| {
+            let operation = if index < 100 {
+                Operation::Replace(object(json!({"n": index})))
+            } else {
+                Operation::MergePatch(object(json!({"late": index})))
+            };
+            engine.write(key(index), operation, "alice".into())
+        }))
+        .await;
+        let mut sequences = Vec::new();
+        let mut versions = std::collections::HashSet::new();
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            let outcome = outcome.unwrap();
+            let expected = if index < 100 { json!({"n": index}) } else { json!({"n": index - 100, "late": index}) };
+            assert_eq!(outcome.answer.value, Some(object(expected)), "workers = {workers}, write {index}");
+            assert!(versions.insert(outcome.answer.version.clone()), "write {index} has a version of its own");
+            sequences.push(outcome.envelope.unwrap().sequence);
+        }
+        assert_eq!(sequences, (1..=120).collect::<Vec<_>>(), "sequences in arrival order");
+        assert_eq!(metrics.write_rounds.get(), 1, "one round");
+        if workers == 1 {
+            assert_eq!(metrics.write_lanes_on_helpers.get(), 0);
+        }
+        let read = engine
+            .call(move |engine| {
+                (0..100).map(|index| engine.read_record(key(index)).unwrap().unwrap().view.value).collect::<Vec<_>>()
+            })
+            .await
+            .unwrap();
+        reads.push((read, status(&engine).await.record_count));
+    }
+    assert_eq!(reads[0], reads[1], "the same records with and without helpers");
+}
+
 /// Opens an engine named `name` on `directory` with `metrics` and the given log retention,
 /// without the test ticker (the caller ticks).
 fn open_engine(

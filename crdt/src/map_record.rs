@@ -154,7 +154,7 @@ impl MapRecord {
 
     /// Reads the record as JSON. Map records never show conflicts; the version is the digest.
     pub fn view(&self) -> Result<RecordView, TextError> {
-        let version = self.digest().iter().take(16).map(|byte| format!("{byte:02x}")).collect();
+        let version = hex::encode(&self.digest()[..16]);
         let state = self.document.read(|txn| State::read(txn))??;
         let value = (state.life % 2 == 1).then(|| {
             let prefix = life_prefix(state.life);

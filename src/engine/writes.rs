@@ -37,10 +37,12 @@ use super::{
     After, Before, Body, Completion, Document, Engine, EngineError, WriteOutcome, is_system_collection, physical_ms,
 };
 
-/// A round spreads its work over helper threads only when it holds at least this many automerge
-/// writes: starting a helper costs tens of microseconds, an automerge write about a hundred, and
-/// a yrs write a few.
+/// A round spreads its work over helper threads only when it holds at least this much work,
+/// counted in automerge writes: starting a helper costs tens of microseconds, an automerge write
+/// about a hundred, and a yrs write about a fifth of that ([`YRS_WRITES_PER_AUTOMERGE_WRITE`]).
 const HELPERS_FROM_WRITES: usize = 8;
+/// How many yrs writes count as one automerge write's work when a round decides on helpers.
+const YRS_WRITES_PER_AUTOMERGE_WRITE: usize = 4;
 
 /// What a write answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,9 +337,12 @@ impl Engine {
 /// owns its document, so the threads share only `context`. Returns how many lanes helpers
 /// worked.
 fn work_all(lanes: &mut [&mut Lane], workers: usize, context: &Context<'_>) -> u64 {
-    let costly: usize =
-        lanes.iter().filter(|lane| matches!(lane.document.body, Body::Record(_))).map(|lane| lane.steps.len()).sum();
-    let helpers = if costly >= HELPERS_FROM_WRITES { workers.saturating_sub(1).min(lanes.len() - 1) } else { 0 };
+    let (automerge, yrs) = lanes.iter().fold((0, 0), |(automerge, yrs), lane| match lane.document.body {
+        Body::Record(_) => (automerge + lane.steps.len(), yrs),
+        _ => (automerge, yrs + lane.steps.len()),
+    });
+    let work = automerge + yrs / YRS_WRITES_PER_AUTOMERGE_WRITE;
+    let helpers = if work >= HELPERS_FROM_WRITES { workers.saturating_sub(1).min(lanes.len() - 1) } else { 0 };
     if helpers == 0 {
         lanes.iter_mut().for_each(|lane| work_lane(lane, context));
         return 0;
