@@ -115,6 +115,22 @@ fn number_to_scalar(number: &Number) -> ScalarValue {
     }
 }
 
+/// `value` as automerge's hydrate value, for writing a whole tree in one batch of ops: objects
+/// as maps, arrays as lists, and the rest as [`scalar_from_json`] makes them.
+pub fn hydrate(value: &Value) -> automerge::hydrate::Value {
+    use automerge::hydrate;
+    match value {
+        Value::Object(members) => hydrate::Value::Map(hydrate::Map::from(
+            members
+                .iter()
+                .map(|(key, member)| (key.clone(), hydrate(member)))
+                .collect::<std::collections::HashMap<_, _>>(),
+        )),
+        Value::Array(items) => hydrate::Value::List(hydrate::List::from(items.iter().map(hydrate).collect::<Vec<_>>())),
+        scalar => hydrate::Value::Scalar(scalar_from_json(scalar).unwrap_or(ScalarValue::Null)),
+    }
+}
+
 /// The JSON value for an automerge scalar.
 pub fn scalar_to_json(scalar: &ScalarValue) -> Value {
     match scalar {

@@ -246,6 +246,18 @@ impl Record {
             }
         };
         match operation {
+            // A record's first write (nothing before it): every key at once. automerge splices
+            // its op set once for the batch instead of once per key and nested value; the keys
+            // and values are those the general path below writes into an empty document.
+            Operation::Replace(fields) if heads_before.is_empty() => transact(candidate, options(), |transaction| {
+                let mut root = std::collections::HashMap::with_capacity(fields.len() + 1);
+                root.insert(CAUSAL_LENGTH.to_owned(), automerge::hydrate::Value::Scalar(ScalarValue::Uint(1)));
+                for (field, value) in fields {
+                    root.insert(stored_key(1, field), json::hydrate(value));
+                }
+                transaction.init_root_from_hydrate(&automerge::hydrate::Map::from(root))?;
+                Ok(())
+            })?,
             Operation::Delete => {
                 if causal_length(candidate) % 2 == 1 {
                     transact(candidate, options(), |transaction| {

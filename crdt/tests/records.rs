@@ -1512,6 +1512,28 @@ fn a_write_that_would_grow_the_record_past_its_bound_is_refused_and_changes_noth
     assert_eq!(replica.record.items(), RECORD_ITEMS_MAX - 20 + 1 + 13);
 }
 
+/// A record's first replace writes its keys in one batch (automerge's hydrate insertion). One that
+/// passes the up-front count but not the bound once the causal length and the change are counted
+/// is rolled back like any other: the record stays empty, and the next write and a save and load
+/// see nothing of it.
+#[test]
+fn a_first_replace_past_the_bound_rolls_back_its_batch() {
+    let mut replica = Replica::new(1);
+    let values = usize::try_from(RECORD_ITEMS_MAX).expect("fits") - 2;
+    let list: Vec<Value> = (0..values).map(|index| json!(index % 3)).collect();
+    let too_large = Operation::Replace(object(json!({ "list": list, "nested": {"a": [1, {"b": null}]} })));
+    assert!(matches!(replica.try_write(&too_large), Err(OperationError::RecordFull)));
+    assert_eq!(replica.record.items(), 0, "the batch was rolled back");
+    assert!(replica.record.view().expect("it reads").value.is_none());
+    replica.write_changing(&Operation::Replace(object(json!({"name": "Ada", "tags": ["a", {"b": -0.0}]}))));
+    let expected = object(json!({"name": "Ada", "tags": ["a", {"b": -0.0}]}));
+    assert_exact(&replica.view().value, &expected);
+    let loaded = Record::load(&replica.record.save(), &[]).expect("it loads");
+    assert_exact(&loaded.view().expect("it reads").value, &expected);
+    // The causal length, the two fields, the list's two items and the nested map's member, and the change.
+    assert_eq!(replica.record.items(), 1 + 2 + 2 + 1 + 1);
+}
+
 /// A write with more values than a record may hold cannot succeed, whatever the record holds,
 /// so it is refused before automerge does any work (about 8.5 µs per value in a release build).
 #[test]
