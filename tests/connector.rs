@@ -82,19 +82,7 @@ impl Sites {
     }
 
     async fn add_connector(&self, site: usize) {
-        let node = &self.nodes[site];
-        let (status, answer) = node
-            .call(
-                Method::POST,
-                "/v1/connectors",
-                Some(json!({
-                    "name": "db",
-                    "dsn": self.databases[site].dsn(),
-                    "tables": [{"table": "public.customers", "collection": "customers"}],
-                })),
-            )
-            .await;
-        assert_eq!(status, 201, "{answer}");
+        add_connector(&self.nodes[site], &self.databases[site].dsn()).await;
     }
 
     /// Waits until the connector at `site` has captured at least `count` rows.
@@ -141,6 +129,22 @@ impl Sites {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Adds the connector `db` that maps `public.customers` of the database at `dsn` to `customers`.
+async fn add_connector(node: &Node, dsn: &str) {
+    let (status, answer) = node
+        .call(
+            Method::POST,
+            "/v1/connectors",
+            Some(json!({
+                "name": "db",
+                "dsn": dsn,
+                "tables": [{"table": "public.customers", "collection": "customers"}],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
 }
 
 /// Waits until `collection` on `node` holds `count` records; returns them.
@@ -607,18 +611,7 @@ async fn a_connector_behind_feed_retention_resyncs_its_tables_from_the_records()
     let database = Postgres::start().await;
     database.execute(SCHEMA).await;
     let node = Node::start_with(&root.path().join("node"), &["--feed-retention-seconds", "2"]).await;
-    let (status, answer) = node
-        .call(
-            Method::POST,
-            "/v1/connectors",
-            Some(json!({
-                "name": "db",
-                "dsn": database.dsn(),
-                "tables": [{"table": "public.customers", "collection": "customers"}],
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "{answer}");
+    add_connector(&node, &database.dsn()).await;
     let rows = || async { database.query_strings("SELECT id, name FROM customers ORDER BY id").await };
     let wait_for = |what: &'static str, expected: Vec<Vec<Option<String>>>| {
         let rows = &rows;
