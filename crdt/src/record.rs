@@ -124,6 +124,10 @@ pub struct FirstChange {
 #[derive(Debug, Clone)]
 pub struct Record {
     document: Automerge,
+    /// The fields of the record's first replace, until anything else changes the document. A
+    /// view then is exactly these fields, without conflicts (the JSON round trip is exact), so a
+    /// write's answer needs no read back (`Record::view`).
+    first_value: Option<Map<String, Value>>,
 }
 
 impl Default for Record {
@@ -135,7 +139,7 @@ impl Default for Record {
 impl Record {
     /// An empty record document: no history, deleted in the sense of never written.
     pub fn new() -> Record {
-        Record { document: Automerge::new() }
+        Record { document: Automerge::new(), first_value: None }
     }
 
     /// Rebuilds a record from a saved document followed by incremental change bytes.
@@ -149,7 +153,7 @@ impl Record {
             for increment in std::iter::once(&saved).chain(increments).filter(|part| !part.is_empty()) {
                 document.load_incremental(increment)?;
             }
-            Ok(Record { document })
+            Ok(Record { document, first_value: None })
         })
     }
 
@@ -179,6 +183,7 @@ impl Record {
     /// Changes whose dependencies have not arrived yet (gossip delivers out of order) are kept,
     /// invisible, until they do; they do not count as a change, and `save` includes them.
     pub fn apply_changes(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
+        self.first_value = None;
         Budget::after(self.items()).charge(bytes)?;
         let before = self.document.get_heads();
         decode(|| self.document.load_incremental(bytes))?;
@@ -232,6 +237,7 @@ impl Record {
         let WriteOptions { writer, whole_fields } = options;
         let whole = |field: &str| whole_fields.iter().any(|whole| whole == field);
         validate(operation)?;
+        self.first_value = None;
         let heads_before = self.document.get_heads();
         // One transaction rolls back by itself on error, so only an increment (up to three
         // transactions: a new life, the counter's genesis, the increment) works on a copy.
@@ -317,6 +323,11 @@ impl Record {
         if let Some(copy) = copy {
             self.document = copy;
         }
+        if let Operation::Replace(fields) = operation
+            && heads_before.is_empty()
+        {
+            self.first_value = Some(fields.clone());
+        }
         Ok(Some(change))
     }
 
@@ -332,6 +343,9 @@ impl Record {
 
     fn read_view(&self) -> Result<RecordView, RecordError> {
         let version = self.version();
+        if let Some(value) = &self.first_value {
+            return Ok(RecordView { value: Some(value.clone()), conflicts: Vec::new(), version });
+        }
         if !self.is_live() {
             return Ok(RecordView { value: None, conflicts: Vec::new(), version });
         }

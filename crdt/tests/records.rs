@@ -1534,6 +1534,37 @@ fn a_first_replace_past_the_bound_rolls_back_its_batch() {
     assert_eq!(replica.record.items(), 1 + 2 + 2 + 1 + 1);
 }
 
+/// After its first replace a record answers views from the fields it was given (no read back).
+/// That answer equals what automerge reads back, and it is dropped by anything that changes the
+/// document: a concurrent change from a peer (whose conflict must show), or a later write.
+#[test]
+fn a_first_replace_answers_from_its_fields_until_the_record_changes() {
+    let fields = object(json!({"name": "Ada", "score": -0.0, "big": u64::MAX, "tags": ["x", {"y": null}]}));
+    let mut first = Replica::new(1);
+    let mut second = Replica::new(2);
+    let change = first.write_changing(&Operation::Replace(fields.clone()));
+    let concurrent = second.write_changing(&Operation::Replace(object(json!({"name": "Grace"}))));
+    let view = first.view();
+    assert_exact(&view.value, &fields);
+    assert!(view.conflicts.is_empty());
+    let loaded = Record::load(&first.record.save(), &[]).expect("it loads").view().expect("it reads");
+    assert_eq!((text(&loaded.value), loaded.version), (text(&view.value), view.version), "the same as read back");
+
+    // A peer's concurrent first replace: both views show the same conflict on `name`.
+    assert!(first.record.apply_changes(&concurrent).expect("it applies"));
+    assert!(second.record.apply_changes(&change).expect("it applies"));
+    let (merged, other) = (first.view(), second.view());
+    assert_eq!(text(&merged.value), text(&other.value));
+    assert_eq!(merged.version, other.version);
+    assert_eq!(merged.conflicts.iter().map(|conflict| conflict.field.as_str()).collect::<Vec<_>>(), ["/name"]);
+
+    // A later write on a fresh record reads back what it wrote, not the first fields.
+    let mut third = Replica::new(3);
+    third.write_changing(&Operation::Replace(object(json!({"a": 1}))));
+    third.write_changing(&Operation::MergePatch(object(json!({"b": 2}))));
+    assert_exact(&third.value(), &object(json!({"a": 1, "b": 2})));
+}
+
 /// A write with more values than a record may hold cannot succeed, whatever the record holds,
 /// so it is refused before automerge does any work (about 8.5 µs per value in a release build).
 #[test]
