@@ -239,6 +239,11 @@ impl Record {
         validate(operation)?;
         self.first_value = None;
         let heads_before = self.document.get_heads();
+        // A record's first write (nothing before it).
+        let first_replace = match operation {
+            Operation::Replace(fields) if heads_before.is_empty() => Some(fields),
+            _ => None,
+        };
         // One transaction rolls back by itself on error, so only an increment (up to three
         // transactions: a new life, the counter's genesis, the increment) works on a copy.
         let mut copy = matches!(operation, Operation::Increment { .. }).then(|| self.document.clone());
@@ -252,10 +257,10 @@ impl Record {
             }
         };
         match operation {
-            // A record's first write (nothing before it): every key at once. automerge splices
-            // its op set once for the batch instead of once per key and nested value; the keys
-            // and values are those the general path below writes into an empty document.
-            Operation::Replace(fields) if heads_before.is_empty() => transact(candidate, options(), |transaction| {
+            // A first replace writes every key at once: automerge splices its op set once for the
+            // batch instead of once per key and nested value. The keys and values are those the
+            // general path below writes into an empty document.
+            Operation::Replace(fields) if first_replace.is_some() => transact(candidate, options(), |transaction| {
                 let mut root = std::collections::HashMap::with_capacity(fields.len() + 1);
                 root.insert(CAUSAL_LENGTH.to_owned(), automerge::hydrate::Value::Scalar(ScalarValue::Uint(1)));
                 for (field, value) in fields {
@@ -323,11 +328,7 @@ impl Record {
         if let Some(copy) = copy {
             self.document = copy;
         }
-        if let Operation::Replace(fields) = operation
-            && heads_before.is_empty()
-        {
-            self.first_value = Some(fields.clone());
-        }
+        self.first_value = first_replace.cloned();
         Ok(Some(change))
     }
 

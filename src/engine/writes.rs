@@ -39,7 +39,7 @@ use super::{
 
 /// A round spreads its work over helper threads only when it holds at least this much work,
 /// counted in automerge writes: starting a helper costs tens of microseconds, an automerge write
-/// about a hundred, and a yrs write about a fifth of that ([`YRS_WRITES_PER_AUTOMERGE_WRITE`]).
+/// 30 (a creation) to 100, and a yrs write about 20 (BENCHMARKS.md, session 13).
 const HELPERS_FROM_WRITES: usize = 8;
 /// How many yrs writes count as one automerge write's work when a round decides on helpers.
 const YRS_WRITES_PER_AUTOMERGE_WRITE: usize = 4;
