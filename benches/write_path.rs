@@ -143,11 +143,21 @@ fn apply_envelopes(runtime: &tokio::runtime::Runtime, engine: &EngineHandle, env
 /// in one engine job and one group commit.
 const APPLY_BATCH: u64 = 256;
 
+/// Whether an apply benchmark's iteration also serves what it applied to a change feed reader.
+#[derive(Clone, Copy, PartialEq)]
+enum Feed {
+    Unread,
+    /// After the commit, one feed page of the iteration's events, as `GET /v1/changes` reads it
+    /// for a follower at the feed's end.
+    Served,
+}
+
 /// Benchmarks applying what `envelopes` makes for each iteration (given the engine and the first
 /// of the iteration's [`APPLY_BATCH`] sequence numbers) through a real engine and sled store.
 fn apply_benchmark(
     criterion: &mut Criterion,
     name: &str,
+    feed: Feed,
     mut envelopes: impl FnMut(&tokio::runtime::Runtime, &EngineHandle, u64) -> Vec<Envelope>,
 ) {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -163,73 +173,95 @@ fn apply_benchmark(
                 first += APPLY_BATCH;
                 made
             },
-            |envelopes| apply_envelopes(&runtime, &engine, envelopes),
+            |envelopes| {
+                let after = engine.feed.borrow().to_owned();
+                apply_envelopes(&runtime, &engine, envelopes);
+                if feed == Feed::Served {
+                    let page = runtime.block_on(engine.call(move |engine| engine.feed_page(after, 256)));
+                    let events = page.expect("engine").expect("a feed page");
+                    assert!(events.len() as u64 == APPLY_BATCH && events.iter().all(|event| event.value.is_some()));
+                }
+            },
             BatchSize::SmallInput,
         )
     });
     group.finish();
 }
 
-/// Catch-up of records new to the node, as the replication loop applies them: change envelopes
-/// from another origin, each creating a record.
+/// Change envelopes from another origin, each creating a record, sequences from `first`.
+fn creations(first: u64) -> Vec<Envelope> {
+    (first..first + APPLY_BATCH)
+        .map(|sequence| {
+            let key = RecordKey::new("customers", &format!("peer{sequence}")).expect("key");
+            let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+            let operation = Operation::Replace(small_object(sequence));
+            let change = Record::default()
+                .write(&key, &OriginId([PEER; 16]), timestamp, &operation)
+                .expect("write")
+                .expect("a change");
+            peer_envelope(sequence, timestamp, key, change)
+        })
+        .collect()
+}
+
+/// Catch-up of records new to the node, as the replication loop applies them, and the same
+/// with a change feed follower served each batch (a connector or application at the feed's end).
 fn peer_applies(criterion: &mut Criterion) {
-    apply_benchmark(criterion, "apply 256 peer changes creating records", |_, _, first| {
-        (first..first + APPLY_BATCH)
-            .map(|sequence| {
-                let key = RecordKey::new("customers", &format!("peer{sequence}")).expect("key");
-                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
-                let operation = Operation::Replace(small_object(sequence));
-                let change = Record::default()
-                    .write(&key, &OriginId([PEER; 16]), timestamp, &operation)
-                    .expect("write")
-                    .expect("a change");
-                peer_envelope(sequence, timestamp, key, change)
-            })
-            .collect()
-    });
+    apply_benchmark(criterion, "apply 256 peer changes creating records", Feed::Unread, |_, _, first| creations(first));
+    apply_benchmark(
+        criterion,
+        "apply 256 peer changes creating records and serve them to a feed",
+        Feed::Served,
+        |_, _, first| creations(first),
+    );
 }
 
 /// Catch-up of records changed on both sides: each record was created here and patched here,
 /// and patched concurrently at a peer on two of the same fields, so every apply merges
 /// concurrent histories and records conflicts.
 fn concurrent_applies(criterion: &mut Criterion) {
-    apply_benchmark(criterion, "apply 256 peer changes concurrent with local ones", |runtime, engine, first| {
-        let keys: Vec<RecordKey> = (first..first + APPLY_BATCH)
-            .map(|index| RecordKey::new("customers", &format!("both{index}")).expect("key"))
-            .collect();
-        let created = keys.clone();
-        // Created and patched here, in one job; the creations go to the peer.
-        let bases = runtime
-            .block_on(engine.call(move |engine| {
-                created
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, key)| {
-                        let create = Operation::Replace(small_object(index as u64));
-                        let base = engine.write_record(key.clone(), create).expect("create");
-                        let patch = Operation::MergePatch(small_object(index as u64 + 1_000_000));
-                        engine.write_record(key, patch).expect("patch");
-                        base.envelope.expect("a change").change
-                    })
-                    .collect::<Vec<_>>()
-            }))
-            .expect("engine");
-        keys.into_iter()
-            .zip(bases)
-            .zip(first..)
-            .map(|((key, base), sequence)| {
-                let mut record = Record::load(&base, &[]).expect("base loads");
-                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
-                let patch = Operation::MergePatch(match json!({"city": "Basel", "orders": sequence}) {
-                    serde_json::Value::Object(map) => map,
-                    _ => serde_json::Map::new(),
-                });
-                let change =
-                    record.write(&key, &OriginId([PEER; 16]), timestamp, &patch).expect("write").expect("a change");
-                peer_envelope(sequence, timestamp, key, change)
-            })
-            .collect()
-    });
+    apply_benchmark(
+        criterion,
+        "apply 256 peer changes concurrent with local ones",
+        Feed::Unread,
+        |runtime, engine, first| {
+            let keys: Vec<RecordKey> = (first..first + APPLY_BATCH)
+                .map(|index| RecordKey::new("customers", &format!("both{index}")).expect("key"))
+                .collect();
+            let created = keys.clone();
+            // Created and patched here, in one job; the creations go to the peer.
+            let bases = runtime
+                .block_on(engine.call(move |engine| {
+                    created
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, key)| {
+                            let create = Operation::Replace(small_object(index as u64));
+                            let base = engine.write_record(key.clone(), create).expect("create");
+                            let patch = Operation::MergePatch(small_object(index as u64 + 1_000_000));
+                            engine.write_record(key, patch).expect("patch");
+                            base.envelope.expect("a change").change
+                        })
+                        .collect::<Vec<_>>()
+                }))
+                .expect("engine");
+            keys.into_iter()
+                .zip(bases)
+                .zip(first..)
+                .map(|((key, base), sequence)| {
+                    let mut record = Record::load(&base, &[]).expect("base loads");
+                    let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+                    let patch = Operation::MergePatch(match json!({"city": "Basel", "orders": sequence}) {
+                        serde_json::Value::Object(map) => map,
+                        _ => serde_json::Map::new(),
+                    });
+                    let change =
+                        record.write(&key, &OriginId([PEER; 16]), timestamp, &patch).expect("write").expect("a change");
+                    peer_envelope(sequence, timestamp, key, change)
+                })
+                .collect()
+        },
+    );
 }
 
 criterion_group!(benches, record_operations, durable_writes, peer_applies, concurrent_applies);

@@ -37,6 +37,7 @@ mod conflicts;
 mod feed;
 mod quarantine;
 mod snapshots;
+mod unbuilt;
 mod writes;
 
 pub use audit::{
@@ -472,10 +473,11 @@ pub struct Engine {
     dirty: HashSet<RecordKey>,
     /// Dirty documents the cache evicted, kept until the commit (bounded by the batch).
     evicted_dirty: std::collections::HashMap<RecordKey, Document>,
-    /// Records new to this node stored in the batch straight from their first change, without
-    /// building them (see [`Engine::stage_first_change`]): their bytes until the commit, so a
-    /// read or change in the same batch builds them from these, not from a store that lacks them.
-    unbuilt: std::collections::HashMap<RecordKey, Vec<u8>>,
+    /// Records new to this node stored straight from their first change, without building them
+    /// (see [`Engine::stage_first_change`]): their bytes until the commit, so a read or change in
+    /// the same batch builds them from these, not from a store that lacks them, and the newest
+    /// ones after it, so a change feed serving them reads neither the store nor the log.
+    unbuilt: unbuilt::Unbuilt,
     identity: Identity,
     clock: Clock,
     pub(crate) next_sequence: u64,
@@ -697,7 +699,7 @@ pub fn start(
         cache: LruCache::new(settings.cache_documents),
         dirty: HashSet::new(),
         evicted_dirty: Default::default(),
-        unbuilt: Default::default(),
+        unbuilt: unbuilt::Unbuilt::new(),
         identity: identity.clone(),
         clock: Clock::new(),
         next_sequence: 1,
@@ -853,7 +855,7 @@ impl Engine {
         // Durable now: the store holds every document the batch changed.
         self.dirty.clear();
         self.evicted_dirty.clear();
-        self.unbuilt.clear();
+        self.unbuilt.committed();
         let elapsed = started.elapsed();
         self.metrics.observe_commit(elapsed, operations);
         if elapsed > SLOW_COMMIT {
@@ -881,8 +883,8 @@ impl Engine {
     }
 
     /// Finds the document for `key`: built (taken out of the cache, or from those kept aside until
-    /// the commit) or as bytes (staged unbuilt in this batch, or in the store). Bytes staged
-    /// unbuilt are left staged, since a read of them needs no build; [`Engine::build_document`]
+    /// the commit) or as bytes (unbuilt, staged in this batch or kept since; or in the store).
+    /// Unbuilt bytes are left where they are, since a read of them needs no build; [`Engine::build_document`]
     /// takes them out, and its caller puts the built document back while the key is still dirty,
     /// so the cache keeps it until the commit.
     fn find_document(&mut self, key: &RecordKey) -> Result<Option<Found>, EngineError> {
@@ -895,7 +897,7 @@ impl Engine {
         if let Some(change) = self.unbuilt.get(key) {
             return Ok(Some(Found::Bytes {
                 kind: DocumentKind::Record,
-                saved: change.clone(),
+                saved: change.to_vec(),
                 increments: Vec::new(),
             }));
         }
@@ -1061,7 +1063,7 @@ impl Engine {
         let key = &envelope.key;
         self.batch.put_document(&key.to_bytes(), &encode_logged(DocumentKind::Record, envelope));
         self.dirty.insert(key.clone());
-        self.unbuilt.insert(key.clone(), envelope.change.clone());
+        self.unbuilt.stage(key.clone(), envelope.change.clone());
         let before = Before { live: false, digest: None };
         let after = After { live: first.live, digest: record_digest(key, &[first.head]) };
         self.stage_logged(envelope, before, after, true);
