@@ -833,7 +833,9 @@ impl Engine {
         self.trim_feed_if_due(now);
     }
 
-    /// Writes the pending batch and flushes it: the one place the store is flushed.
+    /// Writes the pending batch and flushes it: the one place the store is flushed. In between,
+    /// the changes the batch holds are relayed to peers (`relay_available`), so their apply and
+    /// flush overlap this one; writers' replies and peers' credit still wait for the flush.
     fn commit(&mut self) -> Result<(), EngineError> {
         if self.counters_dirty {
             self.batch.put_meta("counters", &rmp_serde::to_vec(&self.counters).unwrap_or_default());
@@ -851,11 +853,15 @@ impl Engine {
         }
         let started = Instant::now();
         let operations = self.batch.len();
-        self.store.commit(std::mem::take(&mut self.batch)).map_err(|error| EngineError::Storage(error.to_string()))?;
-        // Durable now: the store holds every document the batch changed.
+        let storage = |error: store::WriteError| EngineError::Storage(error.to_string());
+        let applied = self.store.apply(std::mem::take(&mut self.batch)).map_err(storage)?;
+        // The store holds every document the batch changed (durable after the flush below; a
+        // crash before it loses the whole batch, and the engine reloads from the store).
         self.dirty.clear();
         self.evicted_dirty.clear();
         self.unbuilt.committed();
+        self.relay_available();
+        self.store.flush(applied).map_err(storage)?;
         let elapsed = started.elapsed();
         self.metrics.observe_commit(elapsed, operations);
         if elapsed > SLOW_COMMIT {

@@ -3,7 +3,8 @@
 //!
 //! Peer input arrives as engine jobs, so it is ordered with local writes and shares their group
 //! commit: envelopes from a peer are applied and staged with the batch, and the core hears that
-//! they are durable (and grants the peer credit) only after the batch is flushed. The engine
+//! they are durable (and grants the peer credit) only after the batch is flushed. What a batch
+//! holds is relayed to other peers as soon as it is in the store, before the flush. The engine
 //! knows peers by number and bytes only; the node maps them to transport connections.
 
 use std::collections::BTreeMap;
@@ -210,8 +211,20 @@ impl Engine {
         }
     }
 
+    /// During a group commit, once the batch is in the store and before its flush: its changes go
+    /// to peers that lack them (`Replica::handle_available`). Every process start is a new
+    /// origin, so a crash during the flush cannot reuse what was sent; the peers hand it back.
+    pub(crate) fn relay_available(&mut self) {
+        if self.replication.durable.is_empty() {
+            return;
+        }
+        let replication = &mut self.replication;
+        replication.replica.handle_available(Instant::now(), &replication.durable, &StoreSource(&self.store));
+        self.flush_transmits();
+    }
+
     /// After a group commit: what it made durable goes to the core, which grants credit and
-    /// relays to peers that lack it.
+    /// relays to peers that lack it (if `relay_available` did not already).
     pub(crate) fn after_commit(&mut self) {
         if std::mem::take(&mut self.replication.floors_changed) {
             for (origin, floor) in self.log_floors() {

@@ -52,8 +52,11 @@
 //! beyond it is refused with [`ProtocolError::CreditExceeded`].
 //!
 //! # Relay and catch-up
-//! New local changes, and changes from a peer once durable, are pushed to every other peer that
-//! lacks them (they appear in the log, and the per-peer difference picks them up), so a chain
+//! New local changes, and changes from a peer, are pushed to every other peer that lacks them
+//! once they are in the log (they appear there, and the per-peer difference picks them up). The
+//! node may say so before its flush makes them durable ([`Replica::handle_available`]), so the
+//! next hop's apply and flush overlap this node's flush; credit and summaries wait for
+//! durability ([`Replica::handle_durable`]). A chain
 //! A–B–C converges though A and C never talk. A change is never sent to a peer known to hold it
 //! and never applied twice (the node's version vector deduplicates by origin and sequence), so
 //! nothing loops. A node that reconnects exchanges summaries and receives exactly the
@@ -358,6 +361,9 @@ pub struct Statistics {
 pub struct Replica {
     /// What this node holds durably.
     local: VersionVector,
+    /// What its log holds, durable or about to be (see [`Replica::handle_available`]): what it
+    /// sends from. Always holds `local`.
+    available: VersionVector,
     /// Below these, per origin, the log lacks changes this node holds.
     floors: LogFloors,
     settings: Settings,
@@ -383,6 +389,7 @@ impl Replica {
     /// A replica over what the node holds durably now (its version vector) and its log floors.
     pub fn new(local: VersionVector, floors: LogFloors, settings: Settings, _now: Instant) -> Replica {
         Replica {
+            available: local.clone(),
             local,
             floors,
             settings,
@@ -534,15 +541,38 @@ impl Replica {
         Ok(())
     }
 
+    /// The changes in `durable` are in the node's log now and will be durable once its flush
+    /// completes: relays them to every peer that lacks them, while the node flushes. Nothing
+    /// else counts them yet: summaries still say only what is durable, and the senders get
+    /// their credit from [`Replica::handle_durable`], which the node calls with the same items
+    /// after the flush. Records and snapshot ends are ignored here.
+    ///
+    /// Sending before the flush is safe because every process start is a new origin: a crash
+    /// that loses these changes here cannot reuse their sequences, and the peers that got them
+    /// hand them back at the next exchange. A write acknowledged to its client was durable
+    /// first, as before. Calling this is optional; without it changes are relayed once durable.
+    pub fn handle_available(&mut self, now: Instant, durable: &[Durable], source: &impl Source) {
+        let mut any = false;
+        for item in durable {
+            if let Durable::Change { origin, sequence, .. } = item {
+                any |= self.available.insert(*origin, *sequence);
+            }
+        }
+        if any {
+            self.pump_all(now, source);
+        }
+    }
+
     /// These are now durable here: local writes, or what [`Replica::poll_apply`] handed over
     /// (whether or not it changed anything). Grants the senders credit and relays the changes to
-    /// every peer that lacks them.
+    /// every peer that lacks them (unless [`Replica::handle_available`] did already).
     pub fn handle_durable(&mut self, now: Instant, durable: &[Durable], source: &impl Source) {
         let mut snapshot_arrived = false;
         for item in durable {
             match item {
                 Durable::Change { source, origin, sequence } => {
                     self.local.insert(*origin, *sequence);
+                    self.available.insert(*origin, *sequence);
                     if let Some(peer) = source.and_then(|peer| self.peers.get_mut(&peer)) {
                         peer.pending = peer.pending.saturating_sub(1);
                         peer.owed += 1;
@@ -561,18 +591,26 @@ impl Replica {
                     }
                     raise_log_floors(&mut self.floors, &self.local, version_vector);
                     self.local.merge(version_vector);
+                    self.available.merge(version_vector);
                     self.statistics.snapshots_received += 1;
                     snapshot_arrived = true;
                 }
             }
         }
         self.flush_credit();
-        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
-        for peer in peers {
+        if snapshot_arrived {
             // Every peer hears at once that we hold much more, so none sends it again.
-            if snapshot_arrived {
+            let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+            for peer in peers {
                 self.send_summary(now, peer);
             }
+        }
+        self.pump_all(now, source);
+    }
+
+    fn pump_all(&mut self, now: Instant, source: &impl Source) {
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
             self.pump(now, peer, source);
         }
     }
@@ -766,7 +804,7 @@ impl Replica {
         }
         let mut chunk: Vec<Envelope> = Vec::new();
         let mut chunk_bytes = 0;
-        for (origin, ranges) in self.local.missing_from(&state.known) {
+        for (origin, ranges) in self.available.missing_from(&state.known) {
             for (start, end) in ranges {
                 let mut next = start;
                 while next <= end && state.credit > 0 {
@@ -824,6 +862,7 @@ fn holds_none_of(peer: &VersionVector, local: &VersionVector) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::MemorySource;
 
     struct Empty;
     impl Source for Empty {
@@ -833,6 +872,76 @@ mod tests {
         fn records(&self, _after: Option<&RecordKey>, _limit: usize) -> Vec<SnapshotRecord> {
             Vec::new()
         }
+    }
+
+    /// A connected replica with a log of `origin`'s changes 1..=`count`, and a peer (1) that
+    /// has summarized holding nothing, with a full window of credit.
+    fn replica_with_log(now: Instant, origin: OriginId, count: u64) -> (Replica, MemorySource<SnapshotRecord>) {
+        let mut log = MemorySource::<SnapshotRecord>::default();
+        for sequence in 1..=count {
+            let key = RecordKey::new("orders", &format!("o{sequence}")).expect("a valid key");
+            let envelope = Envelope {
+                origin,
+                node: crate::identity::NodeId([3; 16]),
+                sequence,
+                timestamp: crate::clock::Timestamp { wall_ms: sequence, logical: 0 },
+                key,
+                kind: DocumentKind::Record,
+                change: vec![sequence as u8; 8],
+            };
+            log.log.insert((origin, sequence), envelope);
+        }
+        let mut replica = Replica::new(VersionVector::new(), LogFloors::new(), Settings::default(), now);
+        replica.handle_peer_connected(now, 1);
+        let summary = Message::Summary {
+            version_vector: VersionVector::new(),
+            credit: 1024,
+            snapshots: 0,
+            receiving: false,
+            epoch: 1,
+        };
+        replica.handle_peer_message(now, 1, summary, &log).expect("a summary");
+        while replica.poll_transmit().is_some() {}
+        (replica, log)
+    }
+
+    fn sent_sequences(replica: &mut Replica) -> Vec<u64> {
+        let mut sent = Vec::new();
+        while let Some((_, message)) = replica.poll_transmit() {
+            if let Message::Changes { envelopes } = message {
+                sent.extend(envelopes.iter().map(|envelope| envelope.sequence));
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn available_changes_are_relayed_before_they_are_durable_and_claimed_only_after() {
+        let now = Instant::now();
+        let origin = OriginId([3; 16]);
+        let (mut replica, log) = replica_with_log(now, origin, 2);
+        let local = |sequence| Durable::Change { source: None, origin, sequence };
+        replica.handle_available(now, &[local(1), local(2)], &log);
+        assert_eq!(sent_sequences(&mut replica), vec![1, 2], "sent while the node flushes");
+        // Not durable yet: a summary does not claim them, and lag counts none held here.
+        replica.handle_timeout(now + Settings::default().summary_interval, &log);
+        let summaries: Vec<Message> =
+            std::iter::from_fn(|| replica.poll_transmit()).map(|(_, message)| message).collect();
+        assert!(
+            summaries
+                .iter()
+                .any(|message| matches!(message, Message::Summary { version_vector, .. } if version_vector.is_empty())),
+            "{summaries:?}"
+        );
+        assert_eq!(replica.version_vector().contiguous(&origin), 0);
+        // Durable: claimed from now on, and not sent a second time.
+        replica.handle_durable(now, &[local(1), local(2)], &log);
+        assert_eq!(sent_sequences(&mut replica), Vec::<u64>::new());
+        assert_eq!(replica.version_vector().contiguous(&origin), 2);
+        // Without the early call, a durable change is relayed then, as before.
+        let (mut replica, log) = replica_with_log(now, origin, 1);
+        replica.handle_durable(now, &[local(1)], &log);
+        assert_eq!(sent_sequences(&mut replica), vec![1]);
     }
 
     #[test]

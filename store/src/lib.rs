@@ -122,6 +122,14 @@ struct Locks {
     visibility: RwLock<()>,
 }
 
+/// A batch [`Store::apply`] made visible, to pass to [`Store::flush`] to make it durable.
+#[must_use = "an applied batch is not durable until it is flushed"]
+#[derive(Debug)]
+pub struct Applied {
+    /// Whether the batch held anything.
+    flush: bool,
+}
+
 /// Writes to apply together with [`Store::commit`]. Later operations on a key replace earlier
 /// ones in the same batch.
 #[derive(Debug, Default)]
@@ -316,21 +324,30 @@ impl Store {
         self.numbered_last(Keyspace::Quarantine)
     }
 
-    /// Applies the batch atomically and then flushes (sled `flush()`), returning only once durable.
-    ///
-    /// This is the single path that flushes: sled 0.34.7 deadlocks when several tasks call
-    /// flush_async concurrently (sled issue #1308), so the node calls commit from one thread only.
-    /// Commits are also serialised by a lock shared by all clones of the store.
-    ///
-    /// The commit reads the last page of each journal (feed, audit, an origin's log) the batch
-    /// writes to, and the pages its removals and trims reach (see `journal`).
+    /// Applies the batch atomically and then flushes (sled `flush()`), returning only once durable:
+    /// [`Store::apply`] then [`Store::flush`].
     pub fn commit(&self, batch: WriteBatch) -> Result<(), WriteError> {
+        let applied = self.apply(batch)?;
+        self.flush(applied)
+    }
+
+    /// Applies the batch atomically: readers see it from now on, and it is durable once the
+    /// returned [`Applied`] is passed to [`Store::flush`]. A crash before that may lose it (and
+    /// any batch applied after it), never part of it.
+    ///
+    /// The store never flushes by itself: sled 0.34.7 deadlocks when several tasks call
+    /// flush_async concurrently (sled issue #1308), so the node applies and flushes from one
+    /// thread only. Applies are also serialised by a lock shared by all clones of the store.
+    ///
+    /// Applying reads the last page of each journal (feed, audit, an origin's log) the batch
+    /// writes to, and the pages its removals and trims reach (see `journal`).
+    pub fn apply(&self, batch: WriteBatch) -> Result<Applied, WriteError> {
         let WriteBatch { batch: mut staged, feed, audit, log, operations, refused } = batch;
         if let Some(refused) = refused {
             return Err(refused);
         }
         if operations == 0 {
-            return Ok(());
+            return Ok(Applied { flush: false });
         }
         let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
         // Only commits change the tree, so the journals are read without blocking readers.
@@ -346,13 +363,22 @@ impl Store {
             Ok(())
         })
         .map_err(|message| WriteError::Panicked { message })??;
-        {
-            let _applying = self.locks.visibility.write().unwrap_or_else(PoisonError::into_inner);
-            guarded(|| self.db.apply_batch(staged))
+        let _applying = self.locks.visibility.write().unwrap_or_else(PoisonError::into_inner);
+        guarded(|| self.db.apply_batch(staged))
+            .map_err(|message| WriteError::Panicked { message })?
+            .map_err(WriteError::Apply)?;
+        Ok(Applied { flush: true })
+    }
+
+    /// Makes what [`Store::apply`] applied durable (and every batch applied before it).
+    pub fn flush(&self, applied: Applied) -> Result<(), WriteError> {
+        if applied.flush {
+            // One flush at a time, whichever clone of the store calls it (sled issue #1308).
+            let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
+            guarded(|| self.db.flush())
                 .map_err(|message| WriteError::Panicked { message })?
-                .map_err(WriteError::Apply)?;
+                .map_err(WriteError::Flush)?;
         }
-        guarded(|| self.db.flush()).map_err(|message| WriteError::Panicked { message })?.map_err(WriteError::Flush)?;
         Ok(())
     }
 
