@@ -138,6 +138,9 @@ impl From<EngineError> for ApiError {
             {
                 StatusCode::BAD_REQUEST
             }
+            EngineError::Operation(error) if matches!(**error, OperationError::Damaged) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             EngineError::Operation(_) | EngineError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EngineError::SystemCollection(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EngineError::Text(_) | EngineError::BadChange { .. } => StatusCode::BAD_REQUEST,

@@ -86,6 +86,8 @@ pub enum OperationError {
     Map(#[from] crate::map_record::MapRecordError),
     #[error("the record would hold more than {RECORD_ITEMS_MAX} operations and changes")]
     RecordFull,
+    #[error("the record's document failed inside automerge (a damaged or crafted history); it is unchanged")]
+    Damaged,
 }
 
 /// Why stored or received bytes could not become (part of) a record. The document is unchanged
@@ -235,7 +237,6 @@ impl Record {
         operation: &Operation,
     ) -> Result<Option<Vec<u8>>, OperationError> {
         let WriteOptions { writer, whole_fields } = options;
-        let whole = |field: &str| whole_fields.iter().any(|whole| whole == field);
         validate(operation)?;
         self.first_value = None;
         let heads_before = self.document.get_heads();
@@ -244,87 +245,30 @@ impl Record {
             Operation::Replace(fields) if heads_before.is_empty() => Some(fields),
             _ => None,
         };
-        // One transaction rolls back by itself on error, so only an increment (up to three
-        // transactions: a new life, the counter's genesis, the increment) works on a copy.
-        let mut copy = matches!(operation, Operation::Increment { .. }).then(|| self.document.clone());
+        // A write to a record with a history works on a copy, kept only if the write succeeds. A
+        // transaction rolls back by itself on error, but automerge 0.12 panics on some documents
+        // that a crafted (checksum-valid) change leaves behind, and from a panic a copy is the
+        // only way back: `save_after` failed so after such a change (the corrupted-chunk property
+        // in tests/records.rs). An increment (up to three transactions: a new life, the counter's
+        // genesis, the increment) always works on a copy. A first write works in place: its
+        // document goes back to empty on a panic.
+        let mut copy = (!heads_before.is_empty() || matches!(operation, Operation::Increment { .. }))
+            .then(|| self.document.clone());
         let candidate = copy.as_mut().unwrap_or(&mut self.document);
-        candidate.set_actor(origin.actor());
-        let options = || {
-            let options = CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
-            match writer {
-                Some(name) => options.with_message(name),
-                None => options,
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_into(candidate, key, origin, &heads_before, first_replace, whole_fields, writer, timestamp, operation)
+        }));
+        let change = match written {
+            Ok(Ok(change)) => change,
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                if copy.is_none() {
+                    self.document = Automerge::new();
+                }
+                return Err(OperationError::Damaged);
             }
         };
-        match operation {
-            // A first replace writes every key at once: automerge splices its op set once for the
-            // batch instead of once per key and nested value. The keys and values are those the
-            // general path below writes into an empty document.
-            Operation::Replace(fields) if first_replace.is_some() => transact(candidate, options(), |transaction| {
-                let mut root = std::collections::HashMap::with_capacity(fields.len() + 1);
-                root.insert(CAUSAL_LENGTH.to_owned(), automerge::hydrate::Value::Scalar(ScalarValue::Uint(1)));
-                for (field, value) in fields {
-                    root.insert(stored_key(1, field), json::hydrate(value));
-                }
-                transaction.init_root_from_hydrate(&automerge::hydrate::Map::from(root))?;
-                Ok(())
-            })?,
-            Operation::Delete => {
-                if causal_length(candidate) % 2 == 1 {
-                    transact(candidate, options(), |transaction| {
-                        bump_causal_length(transaction)?;
-                        remove_fields(transaction, None)
-                    })?;
-                }
-            }
-            Operation::Replace(fields) => transact(candidate, options(), |transaction| {
-                let life = enter_life(transaction)?;
-                let prefix = life_prefix(life);
-                let (whole_given, in_place): (Map<String, Value>, Map<String, Value>) =
-                    fields.clone().into_iter().partition(|(field, _)| whole(field));
-                json::update_map_filtered(
-                    transaction,
-                    &ROOT,
-                    &in_place,
-                    |field| Cow::Owned(format!("{prefix}{field}")),
-                    |stored| stored.strip_prefix(prefix.as_str()).filter(|field| !whole(field)).map(Cow::Borrowed),
-                )?;
-                for field in whole_fields.iter().filter(|field| !whole_given.contains_key(field.as_str())) {
-                    let stored = stored_key(life, field);
-                    if transaction.get(ROOT, stored.as_str())?.is_some() {
-                        transaction.delete(ROOT, stored.as_str())?;
-                    }
-                }
-                for (field, value) in &whole_given {
-                    write_whole(transaction, &stored_key(life, field), value)?;
-                }
-                tidy(transaction, life)
-            })?,
-            Operation::MergePatch(patch) => transact(candidate, options(), |transaction| {
-                let life = enter_life(transaction)?;
-                for (field, value) in patch {
-                    let stored = stored_key(life, field);
-                    if whole(field) && !value.is_null() {
-                        let merged = match value {
-                            Value::Object(members) => {
-                                json::merge_patch(read_stored(transaction, &stored)?.as_ref(), members)
-                            }
-                            other => other.clone(),
-                        };
-                        write_whole(transaction, &stored, &merged)?;
-                        continue;
-                    }
-                    json::merge_patch_slot(transaction, &ROOT, stored.into(), value)?;
-                }
-                tidy(transaction, life)
-            })?,
-            Operation::Increment { by: 0, .. } => {}
-            Operation::Increment { field, by } => increment(candidate, key, field, *by, options)?,
-        }
-        if candidate.get_heads() == heads_before {
-            return Ok(None);
-        }
-        let change = candidate.save_after(&heads_before);
+        let Some(change) = change else { return Ok(None) };
         if let Some(copy) = copy {
             self.document = copy;
         }
@@ -446,6 +390,100 @@ impl Record {
             })
             .map(|change| (u64::try_from(change.timestamp()).unwrap_or(0), change.message().map(str::to_owned)))
     }
+}
+
+/// The body of [`Record::write_with`]: `operation` on `candidate` (the record's document or a
+/// copy of it), then the change it made. Runs under `catch_unwind`.
+#[allow(clippy::too_many_arguments)]
+fn write_into(
+    candidate: &mut Automerge,
+    key: &RecordKey,
+    origin: &OriginId,
+    heads_before: &[ChangeHash],
+    first_replace: Option<&Map<String, Value>>,
+    whole_fields: &[String],
+    writer: Option<&str>,
+    timestamp: Timestamp,
+    operation: &Operation,
+) -> Result<Option<Vec<u8>>, OperationError> {
+    let whole = |field: &str| whole_fields.iter().any(|whole| whole == field);
+    candidate.set_actor(origin.actor());
+    let options = || {
+        let options = CommitOptions::default().with_time(i64::try_from(timestamp.wall_ms).unwrap_or(i64::MAX));
+        match writer {
+            Some(name) => options.with_message(name),
+            None => options,
+        }
+    };
+    match operation {
+        // A first replace writes every key at once: automerge splices its op set once for the
+        // batch instead of once per key and nested value. The keys and values are those the
+        // general path below writes into an empty document.
+        Operation::Replace(fields) if first_replace.is_some() => transact(candidate, options(), |transaction| {
+            let mut root = std::collections::HashMap::with_capacity(fields.len() + 1);
+            root.insert(CAUSAL_LENGTH.to_owned(), automerge::hydrate::Value::Scalar(ScalarValue::Uint(1)));
+            for (field, value) in fields {
+                root.insert(stored_key(1, field), json::hydrate(value));
+            }
+            transaction.init_root_from_hydrate(&automerge::hydrate::Map::from(root))?;
+            Ok(())
+        })?,
+        Operation::Delete => {
+            if causal_length(candidate) % 2 == 1 {
+                transact(candidate, options(), |transaction| {
+                    bump_causal_length(transaction)?;
+                    remove_fields(transaction, None)
+                })?;
+            }
+        }
+        Operation::Replace(fields) => transact(candidate, options(), |transaction| {
+            let life = enter_life(transaction)?;
+            let prefix = life_prefix(life);
+            let (whole_given, in_place): (Map<String, Value>, Map<String, Value>) =
+                fields.clone().into_iter().partition(|(field, _)| whole(field));
+            json::update_map_filtered(
+                transaction,
+                &ROOT,
+                &in_place,
+                |field| Cow::Owned(format!("{prefix}{field}")),
+                |stored| stored.strip_prefix(prefix.as_str()).filter(|field| !whole(field)).map(Cow::Borrowed),
+            )?;
+            for field in whole_fields.iter().filter(|field| !whole_given.contains_key(field.as_str())) {
+                let stored = stored_key(life, field);
+                if transaction.get(ROOT, stored.as_str())?.is_some() {
+                    transaction.delete(ROOT, stored.as_str())?;
+                }
+            }
+            for (field, value) in &whole_given {
+                write_whole(transaction, &stored_key(life, field), value)?;
+            }
+            tidy(transaction, life)
+        })?,
+        Operation::MergePatch(patch) => transact(candidate, options(), |transaction| {
+            let life = enter_life(transaction)?;
+            for (field, value) in patch {
+                let stored = stored_key(life, field);
+                if whole(field) && !value.is_null() {
+                    let merged = match value {
+                        Value::Object(members) => {
+                            json::merge_patch(read_stored(transaction, &stored)?.as_ref(), members)
+                        }
+                        other => other.clone(),
+                    };
+                    write_whole(transaction, &stored, &merged)?;
+                    continue;
+                }
+                json::merge_patch_slot(transaction, &ROOT, stored.into(), value)?;
+            }
+            tidy(transaction, life)
+        })?,
+        Operation::Increment { by: 0, .. } => {}
+        Operation::Increment { field, by } => increment(candidate, key, field, *by, options)?,
+    }
+    if candidate.get_heads() == heads_before {
+        return Ok(None);
+    }
+    Ok(Some(candidate.save_after(heads_before)))
 }
 
 /// Runs automerge's decoder on bytes from a peer or the disk. automerge 0.12 panics, instead of

@@ -1245,6 +1245,7 @@ fn feed(bytes: &[u8], target: &Replica) {
         match record.apply_changes_intact(bytes) {
             Ok(true) => {
                 let _ = record.view();
+                let _ = record.save();
             }
             Ok(false) => assert_eq!(record.view().ok(), view),
             Err(_) => {
@@ -1321,6 +1322,29 @@ fn resealing_intact_bytes_changes_nothing() {
         reseal(&mut resealed, &bounds);
         assert_eq!(resealed, bytes);
     }
+}
+
+/// A saved record with one byte of its change columns flipped and its checksum fixed applies to
+/// an empty record, and automerge 0.12 then panics in `save_after` on the next local write (the
+/// corrupted-chunk property below found it). The write is an error and the record unchanged.
+#[test]
+fn a_write_on_a_document_automerge_panics_on_is_an_error_and_changes_nothing() {
+    // What `prop::sample::Index::index` computes for the shrunk case.
+    let index = |raw: u64, size: usize| ((size as u128 * raw as u128) >> 64) as usize;
+    let raw = 6_703_325_032_249_645_806;
+    let (replica, _) = sample_record();
+    let mut bytes = replica.record.save();
+    let bounds = chunk_bounds(&bytes);
+    let (header, end) = bounds[index(raw, bounds.len())];
+    bytes[header + 1 + index(raw, end - header - 1)] ^= 110;
+    let corrupted_bounds = chunk_bounds(&bytes);
+    reseal(&mut bytes, &corrupted_bounds);
+    let mut record = Record::new();
+    assert!(record.apply_changes_intact(&bytes).expect("automerge accepts the crafted bytes"));
+    let version = record.version();
+    let written = record.write(&record_key(), &OriginId([9; 16]), Timestamp::default(), &Operation::Delete);
+    assert!(matches!(written, Err(OperationError::Damaged)), "{written:?}");
+    assert_eq!(record.version(), version, "the failed write left no change behind");
 }
 
 proptest! {
