@@ -1345,6 +1345,14 @@ fn a_write_on_a_document_automerge_panics_on_is_an_error_and_changes_nothing() {
     let written = record.write(&record_key(), &OriginId([9; 16]), Timestamp::default(), &Operation::Delete);
     assert!(matches!(written, Err(OperationError::Damaged)), "{written:?}");
     assert_eq!(record.version(), version, "the failed write left no change behind");
+    // Another write may go through (it touches other operations) or fail the same way, on a copy
+    // again since the document was never proven; either way, never a panic.
+    let patch = Operation::MergePatch(object(json!({"name": "Grace"})));
+    match record.write(&record_key(), &OriginId([9; 16]), Timestamp::default(), &patch) {
+        Ok(Some(_)) => assert_ne!(record.version(), version),
+        Err(OperationError::Damaged) => assert_eq!(record.version(), version),
+        other => panic!("{other:?}"),
+    }
 }
 
 proptest! {
