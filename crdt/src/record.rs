@@ -240,7 +240,6 @@ impl Record {
         timestamp: Timestamp,
         operation: &Operation,
     ) -> Result<Option<Vec<u8>>, OperationError> {
-        let WriteOptions { writer, whole_fields } = options;
         validate(operation)?;
         self.first_value = None;
         let heads_before = self.document.get_heads();
@@ -260,7 +259,7 @@ impl Record {
         let mut copy = on_copy.then(|| self.document.clone());
         let candidate = copy.as_mut().unwrap_or(&mut self.document);
         let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            write_into(candidate, key, origin, &heads_before, first_replace, whole_fields, writer, timestamp, operation)
+            write_into(candidate, key, origin, &heads_before, options, timestamp, operation)
         }));
         let change = match written {
             Ok(Ok(change)) => change,
@@ -413,18 +412,16 @@ impl Record {
 
 /// The body of [`Record::write_with`]: `operation` on `candidate` (the record's document or a
 /// copy of it), then the change it made. Runs under `catch_unwind`.
-#[allow(clippy::too_many_arguments)]
 fn write_into(
     candidate: &mut Automerge,
     key: &RecordKey,
     origin: &OriginId,
     heads_before: &[ChangeHash],
-    first_replace: Option<&Map<String, Value>>,
-    whole_fields: &[String],
-    writer: Option<&str>,
+    options: WriteOptions<'_>,
     timestamp: Timestamp,
     operation: &Operation,
 ) -> Result<Option<Vec<u8>>, OperationError> {
+    let WriteOptions { writer, whole_fields } = options;
     let whole = |field: &str| whole_fields.iter().any(|whole| whole == field);
     candidate.set_actor(origin.actor());
     let options = || {
@@ -438,7 +435,7 @@ fn write_into(
         // A first replace writes every key at once: automerge splices its op set once for the
         // batch instead of once per key and nested value. The keys and values are those the
         // general path below writes into an empty document.
-        Operation::Replace(fields) if first_replace.is_some() => transact(candidate, options(), |transaction| {
+        Operation::Replace(fields) if heads_before.is_empty() => transact(candidate, options(), |transaction| {
             let mut root = std::collections::HashMap::with_capacity(fields.len() + 1);
             root.insert(CAUSAL_LENGTH.to_owned(), automerge::hydrate::Value::Scalar(ScalarValue::Uint(1)));
             for (field, value) in fields {

@@ -541,7 +541,7 @@ impl Replica {
         Ok(())
     }
 
-    /// The changes in `durable` are in the node's log now and will be durable once its flush
+    /// The changes among `items` are in the node's log now and will be durable once its flush
     /// completes: relays them to every peer that lacks them, while the node flushes. Nothing
     /// else counts them yet: summaries still say only what is durable, and the senders get
     /// their credit from [`Replica::handle_durable`], which the node calls with the same items
@@ -551,9 +551,9 @@ impl Replica {
     /// that loses these changes here cannot reuse their sequences, and the peers that got them
     /// hand them back at the next exchange. A write acknowledged to its client was durable
     /// first, as before. Calling this is optional; without it changes are relayed once durable.
-    pub fn handle_available(&mut self, now: Instant, durable: &[Durable], source: &impl Source) {
+    pub fn handle_available(&mut self, now: Instant, items: &[Durable], source: &impl Source) {
         let mut any = false;
-        for item in durable {
+        for item in items {
             if let Durable::Change { origin, sequence, .. } = item {
                 any |= self.available.insert(*origin, *sequence);
             }
