@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 mod audit;
 mod collections;
 mod conflicts;
+mod disposal;
 mod feed;
 mod quarantine;
 mod snapshots;
@@ -473,6 +474,8 @@ pub struct Engine {
     dirty: HashSet<RecordKey>,
     /// Dirty documents the cache evicted, kept until the commit (bounded by the batch).
     evicted_dirty: std::collections::HashMap<RecordKey, Document>,
+    /// Evicted documents on their way to be freed off this thread.
+    disposal: disposal::Disposal<Document>,
     /// Records new to this node stored straight from their first change, without building them
     /// (see [`Engine::stage_first_change`]): their bytes until the commit, so a read or change in
     /// the same batch builds them from these, not from a store that lacks them, and the newest
@@ -699,6 +702,7 @@ pub fn start(
         cache: LruCache::new(settings.cache_documents),
         dirty: HashSet::new(),
         evicted_dirty: Default::default(),
+        disposal: disposal::Disposal::start("concord-disposal"),
         unbuilt: unbuilt::Unbuilt::new(),
         identity: identity.clone(),
         clock: Clock::new(),
@@ -849,6 +853,8 @@ impl Engine {
             self.replication.floors_changed = true;
         }
         if self.batch.is_empty() {
+            // Reads evict documents too.
+            self.disposal.hand_over();
             return Ok(());
         }
         let started = Instant::now();
@@ -858,10 +864,13 @@ impl Engine {
         // The store holds every document the batch changed (durable after the flush below; a
         // crash before it loses the whole batch, and the engine reloads from the store).
         self.dirty.clear();
-        self.evicted_dirty.clear();
+        for (_, document) in self.evicted_dirty.drain() {
+            self.disposal.discard(document);
+        }
         self.unbuilt.committed();
         self.relay_available();
         self.store.flush(applied).map_err(storage)?;
+        self.disposal.hand_over();
         let elapsed = started.elapsed();
         self.metrics.observe_commit(elapsed, operations);
         if elapsed > SLOW_COMMIT {
@@ -947,11 +956,12 @@ impl Engine {
     /// kept aside until the commit: reloading it from the store would lose them (found by the
     /// chaos harness with a small cache).
     fn put_back(&mut self, key: RecordKey, document: Document) {
-        if let Some((evicted, document)) = self.cache.push(key.clone(), document)
-            && evicted != key
-            && self.dirty.contains(&evicted)
-        {
-            self.evicted_dirty.insert(evicted, document);
+        if let Some((evicted, document)) = self.cache.push(key.clone(), document) {
+            if evicted != key && self.dirty.contains(&evicted) {
+                self.evicted_dirty.insert(evicted, document);
+            } else {
+                self.disposal.discard(document);
+            }
         }
     }
 
