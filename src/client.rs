@@ -333,7 +333,9 @@ async fn watch(arguments: &ClientArgs, since: u64) -> anyhow::Result<()> {
                     event["sequence"],
                     event["collection"].as_str().unwrap_or(""),
                     event["id"].as_str().unwrap_or(""),
-                    if event["deleted"] == Value::Bool(true) {
+                    if let Some(reason) = event["damage"]["reason"].as_str() {
+                        format!("damaged: {reason}")
+                    } else if event["deleted"] == Value::Bool(true) {
                         "deleted".to_owned()
                     } else {
                         event["value"].to_string()

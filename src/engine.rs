@@ -47,7 +47,7 @@ pub use audit::{
 };
 pub use conflicts::CONFLICTS_PAGE_MAX;
 use feed::FeedEntry;
-pub use feed::{FEED_RETENTION_DEFAULT, FeedBounds, FeedEvent};
+pub use feed::{FEED_RETENTION_DEFAULT, FeedBounds, FeedDamage, FeedEvent};
 pub use quarantine::{QUARANTINE_ENTRIES_MAX, QUARANTINE_PAGE_MAX, QuarantineEntry};
 
 pub use collections::is_system_collection;
@@ -695,7 +695,11 @@ pub fn start(
     let quarantine_state = quarantine::open(&store)?;
     let ledger_next = store.conflict_last()?.map_or(1, |(sequence, _)| sequence + 1);
     let (feed_sender, feed) = watch::channel(counters.feed_sequence);
-    let feed_state = feed::Feed::new(feed::stored_floor(&store, counters.feed_sequence), settings.feed_retention);
+    let feed_state = feed::Feed::new(
+        feed::stored_floor(&store, counters.feed_sequence),
+        counters.feed_sequence,
+        settings.feed_retention,
+    );
     let engine = Engine {
         store,
         batch: WriteBatch::default(),
@@ -861,6 +865,7 @@ impl Engine {
         let operations = self.batch.len();
         let storage = |error: store::WriteError| EngineError::Storage(error.to_string());
         let applied = self.store.apply(std::mem::take(&mut self.batch)).map_err(storage)?;
+        self.feed.stored = self.counters.feed_sequence;
         // The store holds every document the batch changed (durable after the flush below; a
         // crash before it loses the whole batch, and the engine reloads from the store).
         self.dirty.clear();

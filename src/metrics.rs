@@ -140,6 +140,8 @@ pub struct Metrics {
     pub audit_entries_trimmed: Counter,
     /// Change-feed entries deleted by retention.
     pub feed_entries_trimmed: Counter,
+    /// Feed events served as damaged (an entry, page or record on disk that did not read).
+    pub feed_events_damaged: Counter,
     /// From the origin's write (the envelope's clock) to the local apply.
     pub replication_latency: Histogram,
     /// Conflicts recorded in the ledger, by collection and policy.
@@ -178,7 +180,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 28] = [
+        let counters: [(&str, &str, &Counter); 29] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -254,6 +256,11 @@ impl Metrics {
                 "concord_feed_entries_trimmed_total",
                 "Change-feed entries deleted by retention.",
                 &self.feed_entries_trimmed,
+            ),
+            (
+                "concord_feed_events_damaged_total",
+                "Feed events served as damaged: an entry, page or record on disk that did not read.",
+                &self.feed_events_damaged,
             ),
         ];
         for (name, help, counter) in counters {

@@ -997,6 +997,36 @@ async fn feed_retention_trims_by_append_time_and_refuses_reads_below_its_floor()
     assert_eq!(feed_page(&engine, 2).await.unwrap(), [3]);
 }
 
+/// Feed entries that do not decode count as old: retention trims a leading run of them with the
+/// old entries around them, and stops at the first recent entry that reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_retention_trims_damaged_entries_with_the_old_ones() {
+    let directory = tempfile::tempdir().unwrap();
+    let (engine, thread, _) = start_feed_engine(directory.path(), std::time::Duration::from_secs(60));
+    for name in ["a", "b", "c", "d"] {
+        write(&engine, name, Operation::Replace(object(json!({"n": name})))).await;
+    }
+    drop(engine);
+    thread.join().unwrap().unwrap();
+    let store = store::Store::open(directory.path()).unwrap();
+    let mut batch = store::WriteBatch::default();
+    for sequence in [1, 2, 4] {
+        batch.put_feed(sequence, b"\xc1 damaged");
+    }
+    store.commit(batch).unwrap();
+    drop(store);
+
+    // Entry 3 is recent and reads: the run trimmed is 1 and 2, and 4 stays behind 3.
+    let (engine, _thread, metrics) = start_feed_engine(directory.path(), std::time::Duration::from_secs(60));
+    engine.call(|engine| engine.retention_tick()).await.unwrap();
+    assert_eq!(metrics.feed_entries_trimmed.get(), 2);
+    assert_eq!(status(&engine).await.feed_floor, 2);
+    let events = engine.call(|engine| engine.feed_page(2, 10)).await.unwrap().unwrap();
+    let served: Vec<(u64, &str)> = events.iter().map(|event| (event.sequence, event.kind)).collect();
+    assert_eq!(served, [(3, "record"), (4, "damaged")]);
+    assert_eq!(metrics.feed_events_damaged.get(), 1);
+}
+
 /// One trimming step deletes at most 4,096 feed entries, so a long backlog never stalls writes;
 /// a full step makes the next one due at once, and retention emptying the feed leaves the floor
 /// at the last sequence handed out.

@@ -129,3 +129,48 @@ async fn a_since_behind_retention_gets_410_with_the_floor() {
         tokio::time::timeout(Duration::from_secs(30), read_ndjson(&mut response, 1)).await.expect("live event");
     assert_eq!(events[0]["sequence"], json!(4));
 }
+
+/// Damage on disk does not stop the feed: an entry that does not decode is served as a
+/// `damaged` event, an event whose record does not load says so instead of claiming a delete,
+/// and the events after both are served, on a first page and to a live stream alike.
+#[tokio::test]
+async fn damaged_feed_entries_and_records_are_served_as_damage_and_the_feed_goes_on() {
+    let directory = temporary_directory();
+    let mut node = Node::start(directory.path()).await;
+    for index in 1..=4 {
+        node.put("c", &format!("r{index}"), json!({"i": index})).await;
+    }
+    node.terminate();
+
+    // Feed entry 2 (r2) becomes bytes that do not decode, and r3's document garbage.
+    let store = store::Store::open(directory.path()).unwrap();
+    let mut batch = store::WriteBatch::default();
+    batch.put_feed(2, b"\xc1 not a feed entry");
+    batch.put_document(b"c\0r3", b"\xc1 not a document");
+    store.commit(batch).unwrap();
+    drop(store);
+
+    node.restart().await;
+    let mut response =
+        node.request(Method::GET, "/v1/changes?since=0").header("accept", "application/x-ndjson").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let events = read_ndjson(&mut response, 4).await;
+    let sequences: Vec<u64> = events.iter().map(|event| event["sequence"].as_u64().unwrap()).collect();
+    assert_eq!(sequences, [1, 2, 3, 4]);
+    assert_eq!((events[0]["value"].clone(), events[0].get("damage")), (json!({"i": 1}), None));
+
+    assert_eq!(events[1]["kind"], json!("damaged"));
+    assert_eq!(events[1]["damage"]["first"], json!(2));
+    assert!(events[1]["damage"]["reason"].as_str().unwrap().contains("feed 2"), "{}", events[1]);
+
+    assert_eq!((events[2]["kind"].clone(), events[2]["id"].clone()), (json!("record"), json!("r3")));
+    assert_eq!((events[2]["deleted"].clone(), events[2]["value"].clone()), (json!(false), Value::Null));
+    assert!(events[2]["damage"]["reason"].as_str().unwrap().contains("c/r3"), "{}", events[2]);
+
+    assert_eq!(events[3]["value"], json!({"i": 4}));
+    // The stream goes on live past the damage.
+    node.put("c", "r5", json!({"i": 5})).await;
+    let live = tokio::time::timeout(Duration::from_secs(30), read_ndjson(&mut response, 1)).await.expect("live event");
+    assert_eq!((live[0]["sequence"].clone(), live[0]["value"].clone()), (json!(5), json!({"i": 5})));
+    assert_eq!(support::metric(&node.metrics().await, "concord_feed_events_damaged_total"), 2);
+}

@@ -938,6 +938,18 @@ async fn apply(
             if event.kind == "text" {
                 continue;
             }
+            if let Some(damage) = &event.damage {
+                // Nothing is known of the record's value: its row stays as it is.
+                tracing::warn!(
+                    connector = %shared.definition.name,
+                    sequence = event.sequence,
+                    collection = %event.collection,
+                    id = %event.id,
+                    reason = %damage.reason,
+                    "skipping a damaged feed event"
+                );
+                continue;
+            }
             let value = match event.value {
                 Some(Value::Object(map)) if !event.deleted => Some(map),
                 _ => None,

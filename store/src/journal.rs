@@ -443,13 +443,43 @@ pub(crate) fn last(tree: &sled::Tree, journal: &Journal) -> Result<Option<(u64, 
     }
 }
 
-/// Entries numbered `from` or above, ascending, at most `limit`.
+/// What a read of a journal that goes past damage finds, in number order.
+#[derive(Debug)]
+pub enum JournalItem {
+    /// An entry: its number and bytes.
+    Entry(u64, Vec<u8>),
+    /// Numbers from `first` whose page does not read, through `through`, the number before the
+    /// next page; `None` when no page follows (the damage runs to the journal's end).
+    Damaged { first: u64, through: Option<u64>, error: ReadError },
+}
+
+/// Entries numbered `from` or above, ascending, at most `limit`; the first damaged page fails
+/// the read.
 pub(crate) fn range(
     tree: &sled::Tree,
     journal: &Journal,
     from: u64,
     limit: usize,
 ) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
+    readable_range(tree, journal, from, limit)?
+        .into_iter()
+        .map(|found| match found {
+            JournalItem::Entry(number, value) => Ok((number, value)),
+            JournalItem::Damaged { error, .. } => Err(error),
+        })
+        .collect()
+}
+
+/// Entries numbered `from` or above, ascending, at most `limit` items, reading past damage: a
+/// page that does not unpack, or the rest of one from an entry that does not parse, is one
+/// [`JournalItem::Damaged`] item, and the read goes on with the next page. Only sled's own errors
+/// and a damaged page key fail it.
+pub(crate) fn readable_range(
+    tree: &sled::Tree,
+    journal: &Journal,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<JournalItem>, ReadError> {
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -459,16 +489,41 @@ pub(crate) fn range(
         None => from,
     };
     let mut found = Vec::new();
-    for stored in tree.range(journal.key(start)..=journal.key(u64::MAX)) {
+    let mut stored_pages = tree.range(journal.key(start)..=journal.key(u64::MAX)).peekable();
+    while let Some(stored) = stored_pages.next() {
         let (key, value) = stored?;
         let first = journal.number(&key)?;
-        let value = unpack(journal.keyspace, &key, &value)?;
-        for entry in Page::new(journal.keyspace, &key, first, &value) {
-            let (number, value) = entry?;
-            if number < from {
+        let next_page = match stored_pages.peek() {
+            Some(Ok((next_key, _))) => Some(journal.number(next_key)?),
+            Some(Err(_)) | None => None,
+        };
+        // What is unreadable from `unreadable` on, up to the next page.
+        let damaged = |unreadable: u64, error| {
+            let through = next_page.map(|next| next.saturating_sub(1));
+            let first = unreadable.max(from);
+            (through.is_none_or(|through| first <= through)).then_some(JournalItem::Damaged { first, through, error })
+        };
+        let entries = match unpack(journal.keyspace, &key, &value) {
+            Ok(entries) => entries,
+            Err(error) => {
+                found.extend(damaged(first, error));
+                if found.len() >= limit {
+                    return Ok(found);
+                }
                 continue;
             }
-            found.push((number, value.to_vec()));
+        };
+        let mut next = first;
+        for entry in Page::new(journal.keyspace, &key, first, &entries) {
+            match entry {
+                Ok((number, value)) => {
+                    next = number.saturating_add(1);
+                    if number >= from {
+                        found.push(JournalItem::Entry(number, value.to_vec()));
+                    }
+                }
+                Err(error) => found.extend(damaged(next, error)),
+            }
             if found.len() >= limit {
                 return Ok(found);
             }
@@ -647,6 +702,63 @@ mod tests {
                 assert!(unpack(Keyspace::Audit, b"key", &stored).is_err(), "{stored:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_read_past_damage_reports_each_damaged_run_and_goes_on() {
+        let database = sled::Config::new().temporary(true).open().expect("a temporary sled");
+        let tree: &sled::Tree = &database;
+        let journal = Journal::numbered(Keyspace::Feed);
+        let value = |number: u64| format!("entry {number}").into_bytes();
+        // Pages 1..=3, 4..=6, 7..=9 and 10..=12, stored as a commit stores them.
+        for first in [1u64, 4, 7, 10] {
+            let built = pages(
+                (first..first + 3)
+                    .map(|number| (number, value(number)))
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(|(number, value)| (*number, value.as_slice())),
+            );
+            for page in built {
+                let (key, stored) = page.into_entry(&journal);
+                tree.insert(key, stored).expect("insert");
+            }
+        }
+        // The second page does not unpack; the fourth has a good entry, then one cut short.
+        tree.insert(journal.key(4), vec![PAGE_COMPRESSED, 1, 2, 3]).expect("insert");
+        let mut cut = vec![PAGE_PLAIN];
+        cut.push(8);
+        cut.extend(value(10));
+        cut.extend([9, b'e']);
+        tree.insert(journal.key(10), cut).expect("insert");
+
+        let summary = |items: Vec<JournalItem>| -> Vec<String> {
+            items
+                .into_iter()
+                .map(|item| match item {
+                    JournalItem::Entry(number, bytes) => {
+                        assert_eq!(bytes, value(number));
+                        number.to_string()
+                    }
+                    JournalItem::Damaged { first, through, error } => {
+                        assert!(matches!(error, ReadError::CorruptValue { keyspace: Keyspace::Feed, .. }));
+                        format!("damaged {first}..{through:?}")
+                    }
+                })
+                .collect()
+        };
+        let all = summary(readable_range(tree, &journal, 1, 100).expect("reads"));
+        assert_eq!(all, ["1", "2", "3", "damaged 4..Some(6)", "7", "8", "9", "10", "damaged 11..None"]);
+        // From inside a damaged page, the run starts where the read does.
+        assert_eq!(summary(readable_range(tree, &journal, 5, 2).expect("reads")), ["damaged 5..Some(6)", "7"]);
+        // A limit counts a damaged run as one item.
+        assert_eq!(summary(readable_range(tree, &journal, 2, 3).expect("reads")), ["2", "3", "damaged 4..Some(6)"]);
+        assert_eq!(summary(readable_range(tree, &journal, 12, 5).expect("reads")), ["damaged 12..None"]);
+        // The strict read fails at the first damage it reaches, and not before.
+        assert_eq!(range(tree, &journal, 1, 3).expect("before the damage").len(), 3);
+        assert!(range(tree, &journal, 1, 4).is_err());
+        assert_eq!(range(tree, &journal, 7, 4).expect("between the damage").len(), 4);
+        assert!(range(tree, &journal, 7, 5).is_err());
     }
 
     #[test]

@@ -40,8 +40,9 @@
 //!
 //! # One writer, one flusher
 //!
-//! [`Store::commit`] is the only write path and the only place that flushes: it applies the
-//! batch and then calls sled's `flush()`, returning once the batch is durable. sled 0.34.7
+//! [`Store::apply`] and [`Store::flush`] are the only write path and the only place that
+//! flushes ([`Store::commit`] is both at once): the first applies a batch, visible to reads at
+//! once, and the second calls sled's `flush()`, returning once the batch is durable. sled 0.34.7
 //! deadlocks when several tasks call `flush_async` concurrently (sled issue #1308), so the node
 //! commits from one thread; the store also serialises commits behind a mutex, so clones of a
 //! [`Store`] cannot flush concurrently either.
@@ -87,6 +88,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use error::{OpenError, ReadError, WriteError};
+pub use journal::JournalItem;
 pub use keys::{Keyspace, MAX_DOCUMENT_KEY};
 
 use keys::FORMAT_META;
@@ -271,6 +273,13 @@ impl Store {
     pub fn feed_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
         let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
         self.read(|| journal::range(&self.db, &Journal::numbered(Keyspace::Feed), from, limit))
+    }
+
+    /// Feed items with feed sequence > after, ascending, at most `limit`, reading past damaged
+    /// pages and entries (each run of them is one [`JournalItem::Damaged`]).
+    pub fn feed_items(&self, after: u64, limit: usize) -> Result<Vec<JournalItem>, ReadError> {
+        let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
+        self.read(|| journal::readable_range(&self.db, &Journal::numbered(Keyspace::Feed), from, limit))
     }
 
     /// The feed entry with the highest sequence, if any.
