@@ -1113,7 +1113,18 @@ struct Probe {
     seen: [Option<Instant>; 2],
 }
 
-/// Reads an NDJSON change feed and stamps each probe of `collection` it carries.
+/// The fields of a feed line the latency phases look at; the rest (the value) is skipped.
+#[derive(serde::Deserialize)]
+struct FeedLine<'a> {
+    #[serde(borrow)]
+    collection: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// Reads an NDJSON change feed and stamps each probe of `collection` it carries. The load
+/// generator shares the machine with the nodes it measures, so it reads each chunk's lines in
+/// place and takes the probes' lock once per chunk.
 async fn follow_feed(
     response: reqwest::Response,
     collection: String,
@@ -1125,17 +1136,20 @@ async fn follow_feed(
     while let Some(Ok(chunk)) = stream.next().await {
         let now = Instant::now();
         buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|&byte| byte == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
-            if event["collection"].as_str() != Some(collection.as_str()) {
-                continue;
-            }
-            let Some(id) = event["id"].as_str() else { continue };
-            if let Some(probe) = probes.lock().unwrap_or_else(PoisonError::into_inner).get_mut(id) {
-                probe.seen[reader].get_or_insert(now);
+        let Some(complete) = buffer.iter().rposition(|&byte| byte == b'\n') else { continue };
+        {
+            let mut probes = probes.lock().unwrap_or_else(PoisonError::into_inner);
+            for line in buffer[..complete].split(|&byte| byte == b'\n') {
+                let Ok(event) = serde_json::from_slice::<FeedLine<'_>>(line) else { continue };
+                if event.collection != collection.as_str() {
+                    continue;
+                }
+                if let Some(probe) = probes.get_mut(event.id.as_ref()) {
+                    probe.seen[reader].get_or_insert(now);
+                }
             }
         }
+        buffer.drain(..=complete);
     }
 }
 

@@ -235,6 +235,9 @@ struct Simulation {
     envelopes_sent: u64,
     /// Records put in Snapshot messages, counted the same way.
     records_sent: u64,
+    /// Lazy-relay lists sent, and local writes made.
+    lazy_lists_sent: u64,
+    writes: u64,
     /// Local writes that restarts lost after relaying them.
     writes_lost: usize,
 }
@@ -262,6 +265,8 @@ impl Simulation {
             partition: None,
             envelopes_sent: 0,
             records_sent: 0,
+            lazy_lists_sent: 0,
+            writes: 0,
             writes_lost: 0,
         };
         for first in 0..node_count {
@@ -316,6 +321,7 @@ impl Simulation {
                 match &message {
                     Message::Changes { envelopes } => self.envelopes_sent += envelopes.len() as u64,
                     Message::Snapshot { records, .. } => self.records_sent += records.len() as u64,
+                    Message::Lazy { .. } => self.lazy_lists_sent += 1,
                     _ => {}
                 }
                 if self.random.chance(self.faults.loss_percent) {
@@ -439,6 +445,7 @@ impl Simulation {
         let now = self.now();
         let wall_ms = self.elapsed.as_millis() as u64;
         self.nodes[index].write(now, key, operation, wall_ms);
+        self.writes += 1;
         // Relayed at once: the peers may hold it before it is durable here.
         self.transmit_from(index);
     }
@@ -569,6 +576,36 @@ fn three_replicas_converge_on_a_clean_network() {
         restarts: false,
         trims: false,
     });
+}
+
+/// In a full mesh each node gets a change from its origin directly, so relaying it on would
+/// only send duplicates: after the first duplicates, nodes ask each other to relay those origins
+/// lazily, and each change crosses the wire about once per peer instead of twice.
+#[test]
+fn a_full_mesh_sends_each_change_to_each_peer_about_once() {
+    let (mut envelopes, mut deliveries, mut lazy_lists) = (0, 0, 0);
+    for seed in 0..40 {
+        let mut simulation = Simulation::new(
+            seed,
+            3,
+            Faults {
+                loss_percent: 0,
+                duplicate_percent: 0,
+                delay_ms_max: 5,
+                partitions: false,
+                restarts: false,
+                trims: false,
+            },
+        );
+        simulation.run(2_000).unwrap();
+        simulation.assert_same_views(seed);
+        envelopes += simulation.envelopes_sent;
+        deliveries += simulation.writes * 2;
+        lazy_lists += simulation.lazy_lists_sent;
+    }
+    let ratio = envelopes as f64 / deliveries as f64;
+    assert!(ratio < 1.25, "{envelopes} envelopes sent for {deliveries} deliveries ({ratio:.2} each)");
+    assert!(lazy_lists > 0, "no node asked for lazy relay");
 }
 
 #[test]

@@ -23,7 +23,8 @@ use crdt::key::RecordKey;
 use crdt::map_record::MapRecord;
 use crdt::record::{Operation, OperationError, Record, RecordView};
 use crdt::replica::{
-    Apply, Durable, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings, SnapshotRecord,
+    Apply, Durable, LAZY_ORIGINS_MAX, LogFloors, Message, PeerId, ProtocolError, Replica as Core, Settings,
+    SnapshotRecord,
 };
 use crdt::text::{TextDocument, TextLimits, validate_update};
 use crdt::version_vector::{OriginRange, VersionVector};
@@ -1266,7 +1267,13 @@ pub fn replica_messages(data: &[u8]) {
                 sent =
                     Some(Message::SnapshotEnd { snapshot, records, version_vector: some_version_vector(&mut bytes) });
             }
-            7 => sent = Some(Message::Peers { addresses: vec!["127.0.0.1:1".into(); bytes.below(3)] }),
+            7 => {
+                sent = Some(if bytes.below(2) == 0 {
+                    Message::Peers { addresses: vec!["127.0.0.1:1".into(); bytes.below(3)] }
+                } else {
+                    Message::Lazy { origins: (0..bytes.below(6)).map(|_| some_origin(&mut bytes)).collect() }
+                });
+            }
             8 => {
                 let length = usize::from(bytes.byte()) << 8 | usize::from(bytes.byte());
                 if let Ok(message) = Message::decode(bytes.take(length)) {
@@ -1541,6 +1548,10 @@ fn drain_transmits(replica: &mut Core, peers: &mut [FakePeer], settings: &Settin
                 assert!(covered_by(version_vector, replica.version_vector()), "a snapshot end claims more than held");
             }
             Message::Peers { .. } => panic!("the core sent a Peers message"),
+            Message::Lazy { origins } => {
+                assert!(origins.len() <= LAZY_ORIGINS_MAX, "a lazy list of {} origins", origins.len());
+                assert!(origins.windows(2).all(|pair| pair[0] < pair[1]), "a lazy list not sorted or with repeats");
+            }
         }
     }
 }
