@@ -81,8 +81,12 @@ impl Engine {
     pub fn handle_peer_connected(&mut self, peer: PeerId, info: PeerInfo) {
         tracing::info!(peer, name = %info.name, address = %info.address, "peer connected");
         self.replication.disconnected.retain(|(known, _)| known.node_id != info.node_id);
+        let info_node = info.node_id.clone();
         self.replication.peers.insert(peer, info);
         self.replication.replica.handle_peer_connected(Instant::now(), peer);
+        if let Some(node) = crdt::identity::NodeId::from_hex(&info_node) {
+            self.replication.replica.handle_peer_identified(peer, node);
+        }
         self.flush_transmits();
         self.exchange_peers();
     }

@@ -113,7 +113,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::envelope::{DocumentKind, Envelope};
-use crate::identity::OriginId;
+use crate::identity::{NodeId, OriginId};
 use crate::key::RecordKey;
 use crate::version_vector::VersionVector;
 
@@ -365,6 +365,8 @@ struct Peer {
     /// Origins we asked it to relay lazily, and whether it has yet to hear the current list.
     asked_lazy: BTreeSet<OriginId>,
     asked_lazy_changed: bool,
+    /// The node it is, once the node says ([`Replica::handle_peer_identified`]).
+    node: Option<NodeId>,
 }
 
 /// How far apart this node and one peer are, in changes.
@@ -480,9 +482,19 @@ impl Replica {
             lazy_through: VersionVector::new(),
             asked_lazy: BTreeSet::new(),
             asked_lazy_changed: false,
+            node: None,
         };
         self.peers.insert(peer, state);
         self.send_summary(now, peer);
+    }
+
+    /// The peer is `node` (as its certificate says). Its own changes are then never asked of it
+    /// lazily: they reach us straight from it, and our credit acknowledges them to it at once,
+    /// which its writers waiting for acknowledgements count on.
+    pub fn handle_peer_identified(&mut self, peer: PeerId, node: NodeId) {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.node = Some(node);
+        }
     }
 
     /// Forgets the peer. Envelopes it sent that are still being applied are kept: they are
@@ -550,7 +562,9 @@ impl Replica {
                     state.known.insert(envelope.origin, envelope.sequence);
                     let held = self.available.contains(&envelope.origin, envelope.sequence);
                     if held {
-                        duplicates.insert(envelope.origin);
+                        if state.node != Some(envelope.node) {
+                            duplicates.insert(envelope.origin);
+                        }
                     } else if !state.asked_lazy.contains(&envelope.origin) {
                         first.insert(envelope.origin);
                     }
@@ -1136,6 +1150,11 @@ mod tests {
         while replica.poll_transmit().is_some() {}
         deliver(&mut replica, 2, 1).expect("changes");
         assert_eq!(lazy_lists(&mut replica), vec![(2, vec![origin])]);
+        // The origin's own node is never asked, even for a duplicate of its own change.
+        replica.handle_peer_identified(3, log.log[&(origin, 1)].node);
+        deliver(&mut replica, 3, 1).expect("changes");
+        assert_eq!(lazy_lists(&mut replica), Vec::new(), "a peer is never asked to relay its own changes lazily");
+        replica.handle_peer_identified(3, crate::identity::NodeId([9; 16]));
         // A duplicate from the eager source itself asks nothing (the lazy peer's copy came first).
         deliver(&mut replica, 2, 2).expect("changes");
         applied(&mut replica, 2, 2);

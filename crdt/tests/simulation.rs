@@ -288,6 +288,9 @@ impl Simulation {
         let now = self.now();
         self.nodes[first].replica.handle_peer_connected(now, second as PeerId);
         self.nodes[second].replica.handle_peer_connected(now, first as PeerId);
+        // As the node does from the peer's certificate (node `index` is NodeId([index + 1; 16])).
+        self.nodes[first].replica.handle_peer_identified(second as PeerId, NodeId([second as u8 + 1; 16]));
+        self.nodes[second].replica.handle_peer_identified(first as PeerId, NodeId([first as u8 + 1; 16]));
     }
 
     fn disconnect(&mut self, first: usize, second: usize) {

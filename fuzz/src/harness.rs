@@ -1226,6 +1226,9 @@ pub fn replica_messages(data: &[u8]) {
             0 => {
                 peers.push(FakePeer { connected: true, honest: true, ..FakePeer::default() });
                 replica.handle_peer_connected(now, peers.len() as PeerId - 1);
+                if bytes.below(2) == 0 {
+                    replica.handle_peer_identified(peers.len() as PeerId - 1, NodeId([bytes.byte() % 3; 16]));
+                }
             }
             1 => {
                 if let Some(peer) = peers.get_mut(peer_index) {
