@@ -414,6 +414,9 @@ pub struct Replica {
     /// Per origin, the peer that last brought one of its changes first while relaying it
     /// eagerly: duplicates from other peers are asked to relay that origin lazily.
     eager_sources: BTreeMap<OriginId, PeerId>,
+    /// Every change received from a peer since this start, applied yet or not: a copy that
+    /// arrives while the first is still being applied is a duplicate too.
+    received: VersionVector,
     statistics: Statistics,
 }
 
@@ -440,6 +443,7 @@ impl Replica {
             applies: VecDeque::new(),
             acknowledged: VecDeque::new(),
             eager_sources: BTreeMap::new(),
+            received: VersionVector::new(),
             statistics: Statistics::default(),
         }
     }
@@ -560,8 +564,8 @@ impl Replica {
                 let mut first = BTreeSet::new();
                 for envelope in envelopes {
                     state.known.insert(envelope.origin, envelope.sequence);
-                    let held = self.available.contains(&envelope.origin, envelope.sequence);
-                    if held {
+                    let first_copy = self.received.insert(envelope.origin, envelope.sequence);
+                    if !first_copy || self.available.contains(&envelope.origin, envelope.sequence) {
                         if state.node != Some(envelope.node) {
                             duplicates.insert(envelope.origin);
                         }
