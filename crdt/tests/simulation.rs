@@ -217,6 +217,20 @@ struct Faults {
     trims: bool,
 }
 
+impl Faults {
+    /// No loss, duplication, partitions, restarts or trims; delays of a few milliseconds.
+    fn clean() -> Faults {
+        Faults {
+            loss_percent: 0,
+            duplicate_percent: 0,
+            delay_ms_max: 5,
+            partitions: false,
+            restarts: false,
+            trims: false,
+        }
+    }
+}
+
 struct Simulation {
     random: Random,
     start: Instant,
@@ -571,14 +585,7 @@ fn run_seeds(name: &str, nodes: usize, faults: impl Fn() -> Faults) -> usize {
 
 #[test]
 fn three_replicas_converge_on_a_clean_network() {
-    run_seeds("clean", 3, || Faults {
-        loss_percent: 0,
-        duplicate_percent: 0,
-        delay_ms_max: 5,
-        partitions: false,
-        restarts: false,
-        trims: false,
-    });
+    run_seeds("clean", 3, Faults::clean);
 }
 
 /// In a full mesh each node gets a change from its origin directly, so relaying it on would
@@ -588,18 +595,7 @@ fn three_replicas_converge_on_a_clean_network() {
 fn a_full_mesh_sends_each_change_to_each_peer_about_once() {
     let (mut envelopes, mut deliveries, mut lazy_lists) = (0, 0, 0);
     for seed in 0..40 {
-        let mut simulation = Simulation::new(
-            seed,
-            3,
-            Faults {
-                loss_percent: 0,
-                duplicate_percent: 0,
-                delay_ms_max: 5,
-                partitions: false,
-                restarts: false,
-                trims: false,
-            },
-        );
+        let mut simulation = Simulation::new(seed, 3, Faults::clean());
         simulation.run(2_000).unwrap();
         simulation.assert_same_views(seed);
         envelopes += simulation.envelopes_sent;
