@@ -55,11 +55,11 @@
 //!
 //! # Relay and catch-up
 //! New local changes, and changes from a peer, are pushed to every other peer that lacks them
-//! (unless it asked for them lazily, below) once they are in the log (they appear there, and the per-peer difference picks them up). The
-//! node may say so before its flush makes them durable ([`Replica::handle_available`]), so the
-//! next hop's apply and flush overlap this node's flush; credit and summaries wait for
-//! durability ([`Replica::handle_durable`]). A chain
-//! A–B–C converges though A and C never talk. A change is never sent to a peer known to hold it
+//! (unless it asked for them lazily, below) once they are in the log: they appear there, and the
+//! per-peer difference picks them up. The node may say so before its flush makes them durable
+//! ([`Replica::handle_available`]), so the next hop's apply and flush overlap this node's flush;
+//! credit and summaries wait for durability ([`Replica::handle_durable`]). A chain A–B–C
+//! converges though A and C never talk. A change is never sent to a peer known to hold it
 //! and never applied twice (the node's version vector deduplicates by origin and sequence), so
 //! nothing loops. A node that reconnects exchanges summaries and receives exactly the
 //! differences: catch-up costs O(missing changes), not O(dataset).
@@ -68,10 +68,12 @@
 //! In a full mesh every node hears a change from its origin directly, so relaying it on sends
 //! each peer a duplicate: twice the envelopes on the wire, and a decode and a dedup for nothing
 //! (1.88 envelopes per delivery in the simulation's clean three-node mesh). So the receiver of a
-//! duplicate asks the peer that sent it to relay that origin *lazily* (a **Lazy** message with
-//! its whole list), as Plumtree's PRUNE does, when another connected peer is that origin's
-//! *eager source*: the last peer to bring one of its changes first while relaying it eagerly.
-//! The eager source itself is never asked, so every origin keeps an eager path. A peer relays a
+//! duplicate (a copy of a change it already received, applied yet or not) asks the peer that
+//! sent it to relay that origin *lazily* (a **Lazy** message with its whole list), as Plumtree's
+//! PRUNE does, when another connected peer is that origin's *eager source*: the last peer to
+//! bring one of its changes first while relaying it eagerly. The eager source itself is never
+//! asked, so every origin keeps an eager path, and neither is a peer about its own changes
+//! ([`Replica::handle_peer_identified`]). A peer relays a
 //! lazy origin only as far as its last summaries show the receiver still lacking what the
 //! relayer held a summary earlier: a change it had a whole summary interval to get from its
 //! origin. When the eager source disconnects, every peer asked about its origins is asked to
