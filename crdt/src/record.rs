@@ -395,7 +395,7 @@ impl Record {
     }
 
     /// The time (milliseconds, as its writer's clock gave it) and the writing node's name (when
-    /// the change carries one, see [`Record::write_named`]) of the change that made operation
+    /// the change carries one, see [`WriteOptions::writer`]) of the change that made operation
     /// (`actor`, `counter`), if the document holds it. Walks the history: for conflicts only.
     pub fn operation_writer(&self, actor: &[u8], counter: u64) -> Option<(u64, Option<String>)> {
         self.document
