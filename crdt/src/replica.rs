@@ -1031,14 +1031,7 @@ mod tests {
         }
         let mut replica = Replica::new(VersionVector::new(), LogFloors::new(), Settings::default(), now);
         replica.handle_peer_connected(now, 1);
-        let summary = Message::Summary {
-            version_vector: VersionVector::new(),
-            credit: 1024,
-            snapshots: 0,
-            receiving: false,
-            epoch: 1,
-        };
-        replica.handle_peer_message(now, 1, summary, &log).expect("a summary");
+        replica.handle_peer_message(now, 1, summary_of(VersionVector::new(), 1), &log).expect("a summary");
         while replica.poll_transmit().is_some() {}
         (replica, log)
     }
