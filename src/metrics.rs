@@ -196,7 +196,7 @@ impl Metrics {
             ("concord_compactions_total", "Documents compacted.", &self.compactions),
             (
                 "concord_compactions_refused_total",
-                "Compactions skipped because the snapshot did not reload to the same state.",
+                "Compactions skipped because saving the document panicked or its snapshot did not reload to the same state.",
                 &self.compactions_refused,
             ),
             ("concord_peer_frames_sent_total", "Messages queued to peers.", &self.peer_frames_sent),
