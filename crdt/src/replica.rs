@@ -746,13 +746,28 @@ impl Replica {
             .iter()
             .map(|(&peer, state)| {
                 let lag = PeerLag {
-                    peer_lacks: self.local.count_missing_from(&state.known),
+                    peer_lacks: self.local.count_missing_from(&Self::expected_to_hold(state, &self.local)),
                     we_lack: state.known.count_missing_from(&self.local),
                     bootstrapping: state.snapshot.is_some(),
                 };
                 (peer, lag)
             })
             .collect()
+    }
+
+    /// What a peer holds as far as lag goes: what we know it holds, plus the changes of origins
+    /// it takes lazily from us that are newer than a summary ago (another peer brings those; we
+    /// learn it holds them only at its next summary, so they are not lag).
+    fn expected_to_hold(state: &Peer, local: &VersionVector) -> VersionVector {
+        let mut expected = state.known.clone();
+        for (origin, ranges) in local.missing_from(&state.lazy_through) {
+            if state.lazy.contains(&origin) {
+                for (start, end) in ranges {
+                    expected.insert_range(origin, start, end);
+                }
+            }
+        }
+        expected
     }
 
     /// A peer that sent more than the credit it was granted is forgotten, with an error.
@@ -1191,6 +1206,10 @@ mod tests {
             .map(|envelope| (envelope.origin, envelope.sequence))
             .collect();
         assert_eq!(sent, vec![(other, 1)], "only the eager origin is relayed as it arrives");
+        replica.handle_durable(now, &[local(origin, 1), local(origin, 2), local(other, 1)], &log);
+        while replica.poll_transmit().is_some() {}
+        // Changes another peer brings are not counted as the peer's lag.
+        assert_eq!(replica.peer_lags()[&1].peer_lacks, 0);
         // The first summary after: 1 and 2 were not held at the summary before it, so they wait.
         let mut holds_other = VersionVector::new();
         holds_other.insert(other, 1);
