@@ -1322,7 +1322,9 @@ async fn writes_queued_together_run_as_one_round_and_store_what_one_at_a_time_wo
             "bob".into(),
         );
         let read = engine.call(|engine| engine.read_record(RecordKey::new("orders", "same").unwrap()));
-        let (singles, batch, read) = futures::join!(singles, batch, read);
+        // Unconstrained: tokio's cooperative budget would make a send that runs out of it wait
+        // for a later poll, behind the writes polled after it.
+        let (singles, batch, read) = tokio::task::unconstrained(async { futures::join!(singles, batch, read) }).await;
 
         let mut sequences = Vec::new();
         for (index, outcome) in singles.into_iter().enumerate() {
@@ -1412,14 +1414,15 @@ async fn a_round_of_yrs_writes_on_helpers_stores_what_the_engine_thread_alone_wo
         let key = |index: usize| RecordKey::new("events", &format!("e{}", index % 100)).unwrap();
         engine.submit(|_| std::thread::sleep(std::time::Duration::from_millis(100))).await.unwrap();
         // 120 writes over 100 keys: the last 20 patch records written earlier in the round.
-        let outcomes = futures::future::join_all((0..120).map(|index| {
+        // Unconstrained, so that they are sent in the order polled (see the test above).
+        let outcomes = tokio::task::unconstrained(futures::future::join_all((0..120).map(|index| {
             let operation = if index < 100 {
                 Operation::Replace(object(json!({"n": index})))
             } else {
                 Operation::MergePatch(object(json!({"late": index})))
             };
             engine.write(key(index), operation, "alice".into())
-        }))
+        })))
         .await;
         let mut sequences = Vec::new();
         let mut versions = std::collections::HashSet::new();
