@@ -366,6 +366,7 @@ impl Engine {
                 });
             } else {
                 self.metrics.peer_frames_dropped.inc();
+                self.replication.replica.handle_transmit_dropped(peer);
             }
         }
     }

@@ -603,7 +603,7 @@ fn a_full_mesh_sends_each_change_to_each_peer_about_once() {
         lazy_lists += simulation.lazy_lists_sent;
     }
     let ratio = envelopes as f64 / deliveries as f64;
-    assert!(ratio < 1.25, "{envelopes} envelopes sent for {deliveries} deliveries ({ratio:.2} each)");
+    assert!(ratio < 1.08, "{envelopes} envelopes sent for {deliveries} deliveries ({ratio:.2} each)");
     assert!(lazy_lists > 0, "no node asked for lazy relay");
 }
 
