@@ -739,6 +739,7 @@ pub fn start(
             acknowledged: Default::default(),
             disconnected: Vec::new(),
             waiters: Vec::new(),
+            first_changes: std::collections::HashMap::new(),
             member_states: None,
         },
     };
@@ -1071,6 +1072,10 @@ impl Engine {
         }
         if self.definition(envelope.key.collection())?.is_some_and(|definition| !definition.fields.is_empty()) {
             return Ok(None);
+        }
+        // Read with its frame, off this thread, when it came from a peer (see `PeerFrame`).
+        if let Some(first) = self.replication.first_changes.remove(&(envelope.origin, envelope.sequence)) {
+            return Ok(Some(first));
         }
         Ok(Record::first_change(&envelope.change))
     }

@@ -212,8 +212,9 @@ impl Relay {
             }
             PeerEvent::Frame { peer_id, bytes } => match bytes.first() {
                 Some(&CHANNEL_REPLICATION) => {
-                    let message = bytes.slice(1..);
-                    self.engine.submit(move |engine| engine.handle_peer_frame(peer_id.get(), &message)).await
+                    // Read here, on this task, so the engine thread only takes the result.
+                    let frame = crate::replication::PeerFrame::read(&bytes[1..]);
+                    self.engine.submit(move |engine| engine.handle_peer_frame(peer_id.get(), frame)).await
                 }
                 Some(&CHANNEL_MEMBERSHIP) => {
                     let _ = self.membership.send(MembershipInput::Frame { peer_id, bytes: bytes.slice(1..) }).await;

@@ -6,11 +6,20 @@
 //! they are durable (and grants the peer credit) only after the batch is flushed. What a batch
 //! holds is relayed to other peers as soon as it is in the store, before the flush. The engine
 //! knows peers by number and bytes only; the node maps them to transport connections.
+//!
+//! A frame is read ([`PeerFrame::read`]) before it becomes a job: decoded, and each change that
+//! may create a record read the way a record new to this node is stored (see
+//! [`crdt::record::Record::first_change`]). That is pure work on the frame's bytes, so the node
+//! does it on the connection's task and the engine thread takes the result. In a catch-up of
+//! records new to a node, the engine thread is the bottleneck and reading first changes was a
+//! quarter of its time (BENCHMARKS.md, session 16).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use crdt::envelope::DocumentKind;
 use crdt::identity::OriginId;
+use crdt::record::FirstChange;
 use crdt::replica::{Acknowledgement, Apply, Durable, Message, PeerId};
 use serde::Serialize;
 
@@ -30,6 +39,34 @@ pub trait Outbound: Send {
 
 /// The most addresses one peer-exchange message may carry; the rest are ignored.
 const EXCHANGED_ADDRESSES_MAX: usize = 256;
+
+/// A frame from a peer, read off the engine thread: its message, and what each change in it
+/// that could create a record holds when read as a first change.
+#[derive(Debug)]
+pub struct PeerFrame {
+    /// The frame's size on the wire.
+    length: usize,
+    message: Result<Message, String>,
+    /// By origin and sequence, the changes [`Record::first_change`](crdt::record::Record::first_change)
+    /// accepts: at most one per envelope of the message, so bounded by the frame.
+    first_changes: HashMap<(OriginId, u64), FirstChange>,
+}
+
+impl PeerFrame {
+    /// Decodes a frame's bytes (after the channel byte) and reads its first changes.
+    pub fn read(bytes: &[u8]) -> PeerFrame {
+        let message = Message::decode(bytes).map_err(|error| error.to_string());
+        let mut first_changes = HashMap::new();
+        if let Ok(Message::Changes { envelopes }) = &message {
+            for envelope in envelopes.iter().filter(|envelope| envelope.kind == DocumentKind::Record) {
+                if let Some(first) = crdt::record::Record::first_change(&envelope.change) {
+                    first_changes.insert((envelope.origin, envelope.sequence), first);
+                }
+            }
+        }
+        PeerFrame { length: bytes.len(), message, first_changes }
+    }
+}
 
 /// What the node told the engine about a connected peer.
 #[derive(Debug, Clone, Serialize)]
@@ -134,12 +171,14 @@ impl Engine {
         self.replication.replica.handle_peer_disconnected(Instant::now(), peer);
     }
 
-    /// One frame from a peer: decode, feed the core, apply what it hands over, answer.
-    pub fn handle_peer_frame(&mut self, peer: PeerId, bytes: &[u8]) {
+    /// One frame from a peer, read ([`PeerFrame::read`]): feed the core, apply what it hands
+    /// over, answer.
+    pub fn handle_peer_frame(&mut self, peer: PeerId, frame: PeerFrame) {
+        let PeerFrame { length, message, first_changes } = frame;
         self.metrics.peer_frames_received.inc();
-        self.metrics.peer_bytes_received.add(bytes.len() as u64);
-        self.replication.count_traffic(peer, |traffic| traffic.bytes_received += bytes.len() as u64);
-        let message = match Message::decode(bytes) {
+        self.metrics.peer_bytes_received.add(length as u64);
+        self.replication.count_traffic(peer, |traffic| traffic.bytes_received += length as u64);
+        let message = match message {
             Ok(message) => message,
             Err(error) => return self.refuse_peer(peer, &format!("undecodable message: {error}")),
         };
@@ -157,10 +196,13 @@ impl Engine {
             Err(error) => return self.refuse_peer(peer, &error.to_string()),
         }
         self.record_acknowledgements();
+        self.replication.first_changes = first_changes;
         while let Some((source, apply)) = self.replication.replica.poll_apply() {
             let durable = self.as_peer(source, |engine| engine.apply_from_peer(source, apply));
             self.replication.durable.push(durable);
         }
+        // The core hands over every envelope of a message at once: none is left to use these.
+        self.replication.first_changes = HashMap::new();
         self.flush_transmits();
     }
 
@@ -409,6 +451,8 @@ pub(crate) struct Replication {
     /// Peers seen before and not connected now, with when they left, oldest first.
     pub(crate) disconnected: Vec<(PeerInfo, std::time::SystemTime)>,
     pub(crate) waiters: Vec<Waiter>,
+    /// The first changes read from the frame being handled (see [`PeerFrame`]).
+    pub(crate) first_changes: HashMap<(OriginId, u64), FirstChange>,
     /// The membership's view, shared by the mesh's membership task (none without a mesh).
     pub(crate) member_states: Option<tokio::sync::watch::Receiver<crate::membership::MemberStates>>,
 }
@@ -432,5 +476,92 @@ impl Replication {
             }
         }
         count(self.traffic.entry(info.node_id.clone()).or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crdt::clock::Timestamp;
+    use crdt::envelope::Envelope;
+    use crdt::identity::NodeId;
+    use crdt::key::RecordKey;
+    use crdt::record::{Operation, Record, WriteOptions};
+    use serde_json::json;
+
+    use super::*;
+    use crate::engine::{self, EngineSettings};
+    use crate::metrics::Metrics;
+
+    /// A creation and a patch of one record, as a peer's envelopes 1 and 2 of `kind`.
+    fn envelopes(origin: OriginId, kind: DocumentKind) -> Vec<Envelope> {
+        let key = RecordKey::new("orders", "o1").expect("a valid key");
+        let options = || WriteOptions { writer: None, whole_fields: &[] };
+        let mut record = Record::default();
+        let mut changes = Vec::new();
+        for (wall_ms, operation) in [
+            (1, Operation::Replace(json!({"n": 1}).as_object().cloned().unwrap_or_default())),
+            (2, Operation::MergePatch(json!({"m": 2}).as_object().cloned().unwrap_or_default())),
+        ] {
+            let timestamp = Timestamp { wall_ms, logical: 0 };
+            changes.push(record.write_with(&key, &origin, options(), timestamp, &operation).unwrap().unwrap());
+        }
+        changes
+            .into_iter()
+            .zip(1..)
+            .map(|(change, sequence)| Envelope {
+                origin,
+                node: NodeId([5; 16]),
+                sequence,
+                timestamp: Timestamp { wall_ms: sequence, logical: 0 },
+                key: key.clone(),
+                kind,
+                change,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_frame_is_read_with_the_first_changes_of_its_automerge_records() {
+        let origin = OriginId([4; 16]);
+        let records = envelopes(origin, DocumentKind::Record);
+        let expected = Record::first_change(&records[0].change).expect("a creation is a first change");
+        let frame = PeerFrame::read(&Message::Changes { envelopes: records }.encode());
+        assert_eq!(frame.first_changes, HashMap::from([((origin, 1), expected)]), "the creation, not the patch");
+        // Other kinds of document are not read as automerge changes.
+        let frame =
+            PeerFrame::read(&Message::Changes { envelopes: envelopes(origin, DocumentKind::MapRecord) }.encode());
+        assert!(frame.first_changes.is_empty());
+        // Bytes that do not decode are an error for the engine to refuse the peer with.
+        let frame = PeerFrame::read(&[0xc1, 0xff, 0x00]);
+        assert!(frame.message.is_err() && frame.first_changes.is_empty());
+    }
+
+    /// The engine stores a record new to it from the frame's reading, not a second one: a
+    /// reading that (unlike any real one) calls the creation a delete is what it stores.
+    #[test]
+    fn the_engine_stores_a_new_record_from_its_frame_s_reading() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = store::Store::open(directory.path()).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (engine, _thread) = engine::start(store, EngineSettings::default(), metrics.clone()).unwrap();
+        let origin = OriginId([4; 16]);
+        let creation = envelopes(origin, DocumentKind::Record).remove(0);
+        let mut frame = PeerFrame::read(&Message::Changes { envelopes: vec![creation] }.encode());
+        let reading = frame.first_changes.get_mut(&(origin, 1)).expect("read with the frame");
+        assert!(reading.live);
+        reading.live = false;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let status = runtime.block_on(engine.call(move |engine| {
+            let info = PeerInfo { node_id: hex::encode([5; 16]), name: "peer".into(), address: "127.0.0.1:1".into() };
+            engine.handle_peer_connected(1, info);
+            engine.handle_peer_frame(1, frame);
+            engine.status()
+        }));
+        let status = status.unwrap();
+        assert_eq!(metrics.records_stored_unbuilt.get(), 1);
+        assert_eq!(status.feed_sequence, 1, "the change is stored");
+        assert_eq!(status.record_count, 0, "counted as the frame's reading said");
     }
 }

@@ -146,7 +146,11 @@ impl Wire {
                 let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
                 tokio::spawn(async move {
                     while let Some(bytes) = receiver.recv().await {
-                        let _ = engine.call(move |engine| engine.handle_peer_frame(back, &bytes)).await;
+                        let _ = engine
+                            .call(move |engine| {
+                                engine.handle_peer_frame(back, concord::replication::PeerFrame::read(&bytes))
+                            })
+                            .await;
                     }
                 });
                 (peer, sender)
