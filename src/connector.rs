@@ -161,6 +161,9 @@ pub struct ConnectorStatus {
     pub rows_applied: u64,
     /// Transactions the capture skipped because this connector wrote them (no echo).
     pub echoes_skipped: u64,
+    /// Feed events the apply skipped because the node could not read them (damage on disk):
+    /// their rows stay as they were.
+    pub damaged_events_skipped: u64,
     pub apply_errors: u64,
     pub capture_errors: u64,
     pub last_error: Option<String>,
@@ -389,7 +392,7 @@ impl Connectors {
         let statuses = self.list().await;
         /// Name, kind, help and how to read the value.
         type Family = (&'static str, &'static str, &'static str, fn(&ConnectorStatus) -> u64);
-        let families: [Family; 7] = [
+        let families: [Family; 8] = [
             ("concord_connector_slot_lag_bytes", "gauge", "WAL bytes the connector's slot holds back.", |status| {
                 status.slot_lag_bytes
             }),
@@ -422,6 +425,12 @@ impl Connectors {
                 "counter",
                 "Transactions the capture skipped as the connector's own.",
                 |status| status.echoes_skipped,
+            ),
+            (
+                "concord_connector_damaged_events_skipped_total",
+                "counter",
+                "Feed events the apply skipped because the node could not read them.",
+                |status| status.damaged_events_skipped,
             ),
         ];
         for (name, kind, help, value) in families {

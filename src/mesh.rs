@@ -27,7 +27,7 @@ use crate::membership::{
     MemberIdentity, MemberState, MemberStates, Membership, MembershipError, MembershipEvent, MembershipSettings,
 };
 use crate::metrics::Metrics;
-use crate::replication::{Outbound, PeerInfo};
+use crate::replication::{Outbound, PeerFrame, PeerInfo};
 
 /// The first byte of a frame that carries a replication message.
 pub const CHANNEL_REPLICATION: u8 = 0;
@@ -35,6 +35,10 @@ pub const CHANNEL_REPLICATION: u8 = 0;
 pub const CHANNEL_MEMBERSHIP: u8 = 1;
 /// Inputs waiting for the membership task; the relay waits for room (the task never blocks).
 const MEMBERSHIP_INPUTS_MAX: usize = 1024;
+/// Frames at least this large are read on tokio's blocking pool rather than on the relay task:
+/// reading a catch-up's full frame (256 changes) takes milliseconds, which would hold up the
+/// HTTP requests and feeds sharing the runtime's workers.
+const READ_APART_FROM_BYTES: usize = 16 << 10;
 
 /// How often the engine checks whether anti-entropy summaries are due.
 const TICK_INTERVAL: Duration = Duration::from_millis(100);
@@ -183,6 +187,19 @@ struct Relay {
     metrics: Arc<Metrics>,
 }
 
+/// Reads a replication frame off the engine thread (see [`PeerFrame`]): here when it is small,
+/// on the blocking pool when it is large.
+async fn read_frame(bytes: bytes::Bytes) -> PeerFrame {
+    if bytes.len() < READ_APART_FROM_BYTES {
+        return PeerFrame::read(&bytes);
+    }
+    let length = bytes.len();
+    match tokio::task::spawn_blocking(move || PeerFrame::read(&bytes)).await {
+        Ok(frame) => frame,
+        Err(error) => PeerFrame::unreadable(length, format!("the frame could not be read: {error}")),
+    }
+}
+
 impl Relay {
     /// Feeds transport events on until the endpoint shuts down and closes the channel (reading
     /// to the end lets the endpoint's shutdown finish without waiting on a full queue).
@@ -212,8 +229,7 @@ impl Relay {
             }
             PeerEvent::Frame { peer_id, bytes } => match bytes.first() {
                 Some(&CHANNEL_REPLICATION) => {
-                    // Read here, on this task, so the engine thread only takes the result.
-                    let frame = crate::replication::PeerFrame::read(&bytes[1..]);
+                    let frame = read_frame(bytes.slice(1..)).await;
                     self.engine.submit(move |engine| engine.handle_peer_frame(peer_id.get(), frame)).await
                 }
                 Some(&CHANNEL_MEMBERSHIP) => {

@@ -66,6 +66,12 @@ impl PeerFrame {
         }
         PeerFrame { length: bytes.len(), message, first_changes }
     }
+
+    /// A frame of `length` bytes whose reading did not finish (the task reading it stopped): the
+    /// engine refuses the peer, as for bytes that do not decode.
+    pub fn unreadable(length: usize, reason: String) -> PeerFrame {
+        PeerFrame { length, message: Err(reason), first_changes: HashMap::new() }
+    }
 }
 
 /// What the node told the engine about a connected peer.

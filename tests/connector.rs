@@ -661,3 +661,59 @@ async fn a_connector_behind_feed_retention_resyncs_its_tables_from_the_records()
     wait_for("following", vec![row("1", "changed 1"), row("3", "first 3"), row("5", "new 5"), row("6", "after 6")])
         .await;
 }
+
+/// Damage on the node's disk does not stop a connector: a feed entry that does not decode and
+/// an event whose record does not load are skipped and counted (their rows stay as they were:
+/// nothing is known of the records' values), and the events after them reach the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_skips_damaged_feed_events_and_applies_the_rest() {
+    let root = temporary_directory();
+    let database = Postgres::start().await;
+    database.execute(SCHEMA).await;
+    let directory = root.path().join("node");
+    let mut node = Node::start(&directory).await;
+    add_connector(&node, &database.dsn()).await;
+    // Paused (durably), so that the events wait for the damage.
+    let (ok, stdout, stderr) = node.cli(&["connector", "pause", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    for id in 1..=3 {
+        node.put("customers", &id.to_string(), json!({"id": id, "name": format!("first {id}")})).await;
+    }
+    let mut response =
+        node.request(Method::GET, "/v1/changes?since=0").header("accept", "application/x-ndjson").send().await.unwrap();
+    let mut sequences = std::collections::BTreeMap::new();
+    while sequences.len() < 3 {
+        for event in tokio::time::timeout(GUARD, support::read_ndjson(&mut response, 1)).await.expect("the events") {
+            if event["collection"] == json!("customers") {
+                sequences.insert(event["id"].as_str().unwrap().to_owned(), event["sequence"].as_u64().unwrap());
+            }
+        }
+    }
+    drop(response);
+    node.terminate();
+
+    // Customer 2's feed entry becomes bytes that do not decode, and customer 3's record garbage.
+    let store = store::Store::open(&directory).unwrap();
+    let mut batch = store::WriteBatch::default();
+    batch.put_feed(sequences["2"], b"\xc1 not a feed entry");
+    batch.put_document(b"customers\x003", b"\xc1 not a document");
+    store.commit(batch).unwrap();
+    drop(store);
+
+    node.restart().await;
+    let (ok, stdout, stderr) = node.cli(&["connector", "resume", "db"]);
+    assert!(ok, "{stdout}{stderr}");
+    node.put("customers", "4", json!({"id": 4, "name": "after 4"})).await;
+    let rows = || async { database.query_strings("SELECT id, name FROM customers ORDER BY id").await };
+    let row = |id: &str, name: &str| vec![Some(id.to_owned()), Some(name.to_owned())];
+    let expected = vec![row("1", "first 1"), row("4", "after 4")];
+    let started = Instant::now();
+    while rows().await != expected {
+        assert!(started.elapsed() < GUARD, "rows {:?}, expected {expected:?}", rows().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, connector) = node.call(Method::GET, "/v1/connectors/db", None).await;
+    assert_eq!(connector["damaged_events_skipped"], 2, "{connector}");
+    assert!(connector["applied_feed"].as_u64().unwrap() > sequences["3"], "{connector}");
+    assert!(node.metrics().await.contains("concord_connector_damaged_events_skipped_total{connector=\"db\"} 2"));
+}

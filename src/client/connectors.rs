@@ -148,6 +148,7 @@ fn print_status(status: &Value, output: Output) {
                 "rows_captured",
                 "rows_applied",
                 "echoes_skipped",
+                "damaged_events_skipped",
                 "apply_errors",
                 "capture_errors",
                 "applied_feed",

@@ -948,6 +948,7 @@ async fn apply(
                     reason = %damage.reason,
                     "skipping a damaged feed event"
                 );
+                update_status(&shared.status, |status| status.damaged_events_skipped += 1);
                 continue;
             }
             let value = match event.value {
