@@ -432,3 +432,53 @@ async fn tick(engine: EngineHandle, mut stop: watch::Receiver<bool>) {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|&stopping| stopping).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use crdt::clock::Timestamp;
+    use crdt::envelope::{DocumentKind, Envelope};
+    use crdt::identity::{NodeId, OriginId};
+    use crdt::key::RecordKey;
+    use crdt::record::{Operation, Record, WriteOptions};
+    use crdt::replica::Message;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A frame of `count` record creations, encoded as a peer sends it.
+    fn creations(origin: OriginId, count: u64) -> bytes::Bytes {
+        let envelopes = (1..=count)
+            .map(|sequence| {
+                let key = RecordKey::new("orders", &format!("o{sequence}")).expect("a valid key");
+                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+                let fields = json!({"n": sequence, "note": "x".repeat(200)}).as_object().cloned().unwrap_or_default();
+                let change = Record::default()
+                    .write_with(
+                        &key,
+                        &origin,
+                        WriteOptions { writer: None, whole_fields: &[] },
+                        timestamp,
+                        &Operation::Replace(fields),
+                    )
+                    .expect("a write")
+                    .expect("a change");
+                Envelope { origin, node: NodeId([5; 16]), sequence, timestamp, key, kind: DocumentKind::Record, change }
+            })
+            .collect();
+        bytes::Bytes::from(Message::Changes { envelopes }.encode())
+    }
+
+    /// Small frames are read on the calling task and large ones on the blocking pool: both ways
+    /// read the same.
+    #[tokio::test]
+    async fn frames_read_on_the_blocking_pool_read_as_on_the_task() {
+        let origin = OriginId([4; 16]);
+        for count in [2, 256] {
+            let bytes = creations(origin, count);
+            assert_eq!(bytes.len() >= READ_APART_FROM_BYTES, count == 256, "{} bytes", bytes.len());
+            let read = read_frame(bytes.clone()).await;
+            assert!(read.first_changes() == PeerFrame::read(&bytes).first_changes(), "the same first changes");
+            assert_eq!(read.first_changes().len(), count as usize, "every creation read");
+        }
+    }
+}

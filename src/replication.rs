@@ -67,6 +67,12 @@ impl PeerFrame {
         PeerFrame { length: bytes.len(), message, first_changes }
     }
 
+    /// How many of the frame's changes were read as first changes.
+    #[cfg(test)]
+    pub(crate) fn first_changes(&self) -> &HashMap<(OriginId, u64), FirstChange> {
+        &self.first_changes
+    }
+
     /// A frame of `length` bytes whose reading did not finish (the task reading it stopped): the
     /// engine refuses the peer, as for bytes that do not decode.
     pub fn unreadable(length: usize, reason: String) -> PeerFrame {
