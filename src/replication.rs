@@ -7,12 +7,14 @@
 //! holds is relayed to other peers as soon as it is in the store, before the flush. The engine
 //! knows peers by number and bytes only; the node maps them to transport connections.
 //!
-//! A frame is read ([`PeerFrame::read`]) before it becomes a job: decoded, and each change that
-//! may create a record read the way a record new to this node is stored (see
-//! [`crdt::record::Record::first_change`]). That is pure work on the frame's bytes, so the node
-//! does it on the connection's task and the engine thread takes the result. In a catch-up of
-//! records new to a node, the engine thread is the bottleneck and reading first changes was a
-//! quarter of its time (BENCHMARKS.md, session 16).
+//! A large frame (a catch-up's) is read ahead ([`PeerFrame::read_ahead`]) before it becomes a
+//! job: decoded, and each change that may create a record read the way a record new to this node
+//! is stored (see [`crdt::record::Record::first_change`]). That is pure work on the frame's
+//! bytes, so the node does it on tokio's blocking pool and the engine thread takes the result. In
+//! a catch-up of records new to a node, the engine thread is the bottleneck and reading first
+//! changes was a quarter of its time (BENCHMARKS.md, session 16). A live stream's small frames
+//! are decoded on the engine thread ([`PeerFrame::read`]), which reads a first change only for a
+//! record it lacks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -53,10 +55,17 @@ pub struct PeerFrame {
 }
 
 impl PeerFrame {
-    /// Decodes a frame's bytes (after the channel byte) and reads its first changes.
+    /// Decodes a frame's bytes (after the channel byte); the engine reads each change as a first
+    /// change only when it lacks the record.
     pub fn read(bytes: &[u8]) -> PeerFrame {
         let message = Message::decode(bytes).map_err(|error| error.to_string());
-        let mut first_changes = HashMap::new();
+        PeerFrame { length: bytes.len(), message, first_changes: HashMap::new() }
+    }
+
+    /// Decodes a frame's bytes and reads every automerge change in it that names no dependency
+    /// as a first change: work the engine thread then skips, for a frame read off it.
+    pub fn read_ahead(bytes: &[u8]) -> PeerFrame {
+        let PeerFrame { length, message, mut first_changes } = PeerFrame::read(bytes);
         if let Ok(Message::Changes { envelopes }) = &message {
             for envelope in envelopes.iter().filter(|envelope| envelope.kind == DocumentKind::Record) {
                 if let Some(first) = crdt::record::Record::first_change(&envelope.change) {
@@ -64,7 +73,7 @@ impl PeerFrame {
                 }
             }
         }
-        PeerFrame { length: bytes.len(), message, first_changes }
+        PeerFrame { length, message, first_changes }
     }
 
     /// How many of the frame's changes were read as first changes.
@@ -539,14 +548,14 @@ mod tests {
         let origin = OriginId([4; 16]);
         let records = envelopes(origin, DocumentKind::Record);
         let expected = Record::first_change(&records[0].change).expect("a creation is a first change");
-        let frame = PeerFrame::read(&Message::Changes { envelopes: records }.encode());
+        let frame = PeerFrame::read_ahead(&Message::Changes { envelopes: records }.encode());
         assert_eq!(frame.first_changes, HashMap::from([((origin, 1), expected)]), "the creation, not the patch");
         // Other kinds of document are not read as automerge changes.
         let frame =
-            PeerFrame::read(&Message::Changes { envelopes: envelopes(origin, DocumentKind::MapRecord) }.encode());
+            PeerFrame::read_ahead(&Message::Changes { envelopes: envelopes(origin, DocumentKind::MapRecord) }.encode());
         assert!(frame.first_changes.is_empty());
         // Bytes that do not decode are an error for the engine to refuse the peer with.
-        let frame = PeerFrame::read(&[0xc1, 0xff, 0x00]);
+        let frame = PeerFrame::read_ahead(&[0xc1, 0xff, 0x00]);
         assert!(frame.message.is_err() && frame.first_changes.is_empty());
     }
 
@@ -560,7 +569,7 @@ mod tests {
         let (engine, _thread) = engine::start(store, EngineSettings::default(), metrics.clone()).unwrap();
         let origin = OriginId([4; 16]);
         let creation = envelopes(origin, DocumentKind::Record).remove(0);
-        let mut frame = PeerFrame::read(&Message::Changes { envelopes: vec![creation] }.encode());
+        let mut frame = PeerFrame::read_ahead(&Message::Changes { envelopes: vec![creation] }.encode());
         let reading = frame.first_changes.get_mut(&(origin, 1)).expect("read with the frame");
         assert!(reading.live);
         reading.live = false;

@@ -60,6 +60,31 @@ impl Record {
     }
 }
 
+/// Whether `bytes` start as an uncompressed automerge change chunk that names at least one
+/// dependency: its header is the magic bytes, a checksum, the chunk type, the chunk's length and
+/// then the number of dependencies. Anything else (a compressed chunk, bytes that are no change)
+/// is `false`, and the full parse decides.
+fn names_dependencies(bytes: &[u8]) -> bool {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE_CHUNK: u8 = 1;
+    let Some(rest) = bytes.strip_prefix(&MAGIC).and_then(|rest| rest.get(4..)) else { return false };
+    let Some((&CHANGE_CHUNK, rest)) = rest.split_first() else { return false };
+    let Some((_, rest)) = unsigned_leb128(rest) else { return false };
+    unsigned_leb128(rest).is_some_and(|(dependencies, _)| dependencies > 0)
+}
+
+/// A ULEB128 number of at most 64 bits at the start of `bytes`, and the bytes after it.
+fn unsigned_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value: u64 = 0;
+    for (index, &byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f).checked_shl(7 * index as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((value, &bytes[index + 1..]));
+        }
+    }
+    None
+}
+
 /// A first change, checked and decoded.
 struct Parsed {
     head: ChangeHash,
@@ -69,6 +94,11 @@ struct Parsed {
 
 impl Parsed {
     fn read(bytes: &[u8]) -> Option<Parsed> {
+        // Most changes a node receives are not first changes, and parsing one verifies its hash:
+        // a look at the header turns those away first.
+        if names_dependencies(bytes) {
+            return None;
+        }
         // Parsing walks every operation the bytes declare, and `decode` allocates them all.
         Budget::after(0).charge(bytes).ok()?;
         let change = automerge::Change::try_from(bytes).ok()?;
@@ -241,4 +271,40 @@ fn list_order<'list, 'change>(
         }
     }
     (ordered.len() == elements.len()).then_some(ordered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::identity::OriginId;
+    use crate::key::RecordKey;
+    use crate::record::{Operation, WriteOptions};
+
+    /// The header look agrees with the full parse on what names dependencies, and turns away
+    /// nothing else.
+    #[test]
+    fn the_header_look_turns_away_changes_with_dependencies_only() {
+        let key = RecordKey::new("orders", "o1").expect("a valid key");
+        let origin = OriginId([4; 16]);
+        let mut record = Record::default();
+        let mut changes = Vec::new();
+        for (wall_ms, fields) in [(1, serde_json::json!({"n": 1})), (2, serde_json::json!({"m": 2}))] {
+            let operation = Operation::MergePatch(fields.as_object().cloned().unwrap_or_default());
+            let options = WriteOptions { writer: None, whole_fields: &[] };
+            let timestamp = Timestamp { wall_ms, logical: 0 };
+            changes.push(record.write_with(&key, &origin, options, timestamp, &operation).unwrap().unwrap());
+        }
+        let dependencies = |bytes: &[u8]| automerge::Change::try_from(bytes).unwrap().deps().len();
+        assert_eq!((dependencies(&changes[0]), dependencies(&changes[1])), (0, 1));
+        assert!(!names_dependencies(&changes[0]) && Record::first_change(&changes[0]).is_some());
+        assert!(names_dependencies(&changes[1]) && Record::first_change(&changes[1]).is_none());
+        // Bytes cut inside the header, or that are no change, are left to the full parse.
+        for cut in 0..11 {
+            assert!(!names_dependencies(&changes[1][..cut]), "cut at {cut}");
+        }
+        assert!(!names_dependencies(b"not a change at all"));
+        assert_eq!(unsigned_leb128(&[0xff; 11]), None, "longer than 64 bits");
+        assert_eq!(unsigned_leb128(&[0x89, 0x02, 7]), Some((265, &[7][..])));
+    }
 }
