@@ -227,17 +227,13 @@ impl Relay {
             PeerEvent::Frame { peer_id, bytes } => match bytes.first() {
                 Some(&CHANNEL_REPLICATION) => {
                     let bytes = bytes.slice(1..);
-                    if bytes.len() < READ_AHEAD_FROM_BYTES {
-                        // A live stream's frame: the engine decodes it, and reads a change as a
-                        // first change only when it lacks the record.
-                        let peer = peer_id.get();
-                        return self
-                            .engine
-                            .submit(move |engine| engine.handle_peer_frame(peer, PeerFrame::read(&bytes)))
-                            .await;
-                    }
-                    let frame = read_ahead(bytes).await;
-                    self.engine.submit(move |engine| engine.handle_peer_frame(peer_id.get(), frame)).await
+                    // A live stream's small frame is decoded by the engine, which reads a change
+                    // as a first change only when it lacks the record.
+                    let ahead =
+                        if bytes.len() >= READ_AHEAD_FROM_BYTES { Some(read_ahead(bytes.clone()).await) } else { None };
+                    let peer = peer_id.get();
+                    let frame = move || ahead.unwrap_or_else(|| PeerFrame::read(&bytes));
+                    self.engine.submit(move |engine| engine.handle_peer_frame(peer, frame())).await
                 }
                 Some(&CHANNEL_MEMBERSHIP) => {
                     let _ = self.membership.send(MembershipInput::Frame { peer_id, bytes: bytes.slice(1..) }).await;
