@@ -12,8 +12,11 @@ fn main() -> std::process::ExitCode {
     // TLS uses ring only; installing it before anything else touches rustls.
     transport::install_crypto_provider();
     let cli = Cli::parse();
+    // automerge 0.12 instruments its column parser at info level (`add_column`, once per column
+    // of every change and document it parses): with those spans on, formatting their fields was
+    // 45% of parsing a change in a running node (BENCHMARKS.md, session 16).
     let default_level = match cli.command {
-        Command::Start(_) => "info",
+        Command::Start(_) => "info,automerge=warn",
         Command::Demo { .. } | Command::Bench { .. } => "error",
         _ => "warn",
     };
