@@ -438,34 +438,22 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 #[cfg(test)]
 mod tests {
-    use crdt::clock::Timestamp;
-    use crdt::envelope::{DocumentKind, Envelope};
-    use crdt::identity::{NodeId, OriginId};
-    use crdt::key::RecordKey;
-    use crdt::record::{Operation, Record, WriteOptions};
+    use crdt::envelope::DocumentKind;
+    use crdt::identity::OriginId;
+    use crdt::record::{Operation, Record};
     use crdt::replica::Message;
     use serde_json::json;
 
     use super::*;
+    use crate::replication::tests::envelope;
 
     /// A frame of `count` record creations, encoded as a peer sends it.
     fn creations(origin: OriginId, count: u64) -> bytes::Bytes {
         let envelopes = (1..=count)
             .map(|sequence| {
-                let key = RecordKey::new("orders", &format!("o{sequence}")).expect("a valid key");
-                let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
-                let fields = json!({"n": sequence, "note": "x".repeat(200)}).as_object().cloned().unwrap_or_default();
-                let change = Record::default()
-                    .write_with(
-                        &key,
-                        &origin,
-                        WriteOptions { writer: None, whole_fields: &[] },
-                        timestamp,
-                        &Operation::Replace(fields),
-                    )
-                    .expect("a write")
-                    .expect("a change");
-                Envelope { origin, node: NodeId([5; 16]), sequence, timestamp, key, kind: DocumentKind::Record, change }
+                let fields = json!({"n": sequence, "note": "x".repeat(200)});
+                let address = (origin, sequence, DocumentKind::Record);
+                envelope(&mut Record::default(), address, &format!("o{sequence}"), Operation::Replace, fields)
             })
             .collect();
         bytes::Bytes::from(Message::Changes { envelopes }.encode())

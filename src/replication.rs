@@ -42,8 +42,8 @@ pub trait Outbound: Send {
 /// The most addresses one peer-exchange message may carry; the rest are ignored.
 const EXCHANGED_ADDRESSES_MAX: usize = 256;
 
-/// A frame from a peer, read off the engine thread: its message, and what each change in it
-/// that could create a record holds when read as a first change.
+/// A frame from a peer, decoded: its message, and, for a frame read ahead off the engine thread,
+/// what each change in it that could create a record holds when read as a first change.
 #[derive(Debug)]
 pub struct PeerFrame {
     /// The frame's size on the wire.
@@ -76,7 +76,7 @@ impl PeerFrame {
         PeerFrame { length, message, first_changes }
     }
 
-    /// How many of the frame's changes were read as first changes.
+    /// The frame's changes read as first changes.
     #[cfg(test)]
     pub(crate) fn first_changes(&self) -> &HashMap<(OriginId, u64), FirstChange> {
         &self.first_changes
@@ -192,8 +192,8 @@ impl Engine {
         self.replication.replica.handle_peer_disconnected(Instant::now(), peer);
     }
 
-    /// One frame from a peer, read ([`PeerFrame::read`]): feed the core, apply what it hands
-    /// over, answer.
+    /// One frame from a peer, read ([`PeerFrame`]): feed the core, apply what it hands over,
+    /// answer.
     pub fn handle_peer_frame(&mut self, peer: PeerId, frame: PeerFrame) {
         let PeerFrame { length, message, first_changes } = frame;
         self.metrics.peer_frames_received.inc();
@@ -501,7 +501,7 @@ impl Replication {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use crdt::clock::Timestamp;
@@ -515,32 +515,30 @@ mod tests {
     use crate::engine::{self, EngineSettings};
     use crate::metrics::Metrics;
 
+    /// Envelope `sequence` of `origin`, as a peer sends it: `operation` (with `fields`) on
+    /// `orders/<id>`, written on `record`, stamped as a document of `kind`.
+    pub(crate) fn envelope(
+        record: &mut Record,
+        (origin, sequence, kind): (OriginId, u64, DocumentKind),
+        id: &str,
+        operation: fn(serde_json::Map<String, serde_json::Value>) -> Operation,
+        fields: serde_json::Value,
+    ) -> Envelope {
+        let key = RecordKey::new("orders", id).expect("a valid key");
+        let timestamp = Timestamp { wall_ms: sequence, logical: 0 };
+        let options = WriteOptions { writer: None, whole_fields: &[] };
+        let operation = operation(fields.as_object().cloned().unwrap_or_default());
+        let change = record.write_with(&key, &origin, options, timestamp, &operation).unwrap().unwrap();
+        Envelope { origin, node: NodeId([5; 16]), sequence, timestamp, key, kind, change }
+    }
+
     /// A creation and a patch of one record, as a peer's envelopes 1 and 2 of `kind`.
     fn envelopes(origin: OriginId, kind: DocumentKind) -> Vec<Envelope> {
-        let key = RecordKey::new("orders", "o1").expect("a valid key");
-        let options = || WriteOptions { writer: None, whole_fields: &[] };
         let mut record = Record::default();
-        let mut changes = Vec::new();
-        for (wall_ms, operation) in [
-            (1, Operation::Replace(json!({"n": 1}).as_object().cloned().unwrap_or_default())),
-            (2, Operation::MergePatch(json!({"m": 2}).as_object().cloned().unwrap_or_default())),
-        ] {
-            let timestamp = Timestamp { wall_ms, logical: 0 };
-            changes.push(record.write_with(&key, &origin, options(), timestamp, &operation).unwrap().unwrap());
-        }
-        changes
-            .into_iter()
-            .zip(1..)
-            .map(|(change, sequence)| Envelope {
-                origin,
-                node: NodeId([5; 16]),
-                sequence,
-                timestamp: Timestamp { wall_ms: sequence, logical: 0 },
-                key: key.clone(),
-                kind,
-                change,
-            })
-            .collect()
+        vec![
+            envelope(&mut record, (origin, 1, kind), "o1", Operation::Replace, json!({"n": 1})),
+            envelope(&mut record, (origin, 2, kind), "o1", Operation::MergePatch, json!({"m": 2})),
+        ]
     }
 
     #[test]
