@@ -98,6 +98,95 @@ pub(crate) fn unpack<'a>(keyspace: Keyspace, key: &[u8], stored: &'a [u8]) -> Re
     }
 }
 
+/// How many decompressed pages a [`PageCache`] keeps.
+pub(crate) const CACHED_PAGES: usize = 16;
+
+/// The pages decompressed last, so that reads of neighbouring entries decompress their page once.
+///
+/// Reads come in runs on one page: a catch-up of records changed on both sides builds each
+/// record from its first change, which is a pointer into the change log (one page read per
+/// record, and a page holds up to 128 of an origin's changes); a feed reader at the tail reads
+/// the last feed page after every commit; every commit reads each journal's last page. A hit
+/// needs no invalidation: a page is found by its key and its stored bytes, and the same
+/// compressed bytes always decompress to the same entries. Plain pages are not cached (reading
+/// them costs nothing). At most [`CACHED_PAGES`] pages of at most [`COMPRESSED_PAGE_MAX`] bytes
+/// each, with their compressed bytes.
+#[derive(Debug, Default)]
+pub(crate) struct PageCache {
+    /// Most recently used last.
+    pages: std::sync::Mutex<std::collections::VecDeque<CachedPage>>,
+}
+
+#[derive(Debug)]
+struct CachedPage {
+    key: Box<[u8]>,
+    stored: Box<[u8]>,
+    entries: std::sync::Arc<[u8]>,
+}
+
+/// A page's entries: borrowed from a plain page, or shared with the cache.
+pub(crate) enum PageEntries<'a> {
+    Plain(&'a [u8]),
+    Decompressed(std::sync::Arc<[u8]>),
+}
+
+impl std::ops::Deref for PageEntries<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            PageEntries::Plain(entries) => entries,
+            PageEntries::Decompressed(entries) => entries,
+        }
+    }
+}
+
+impl PageCache {
+    /// [`unpack`], through the cache.
+    pub(crate) fn unpack<'a>(
+        &self,
+        keyspace: Keyspace,
+        key: &[u8],
+        stored: &'a [u8],
+    ) -> Result<PageEntries<'a>, ReadError> {
+        if stored.first() != Some(&PAGE_COMPRESSED) {
+            return match unpack(keyspace, key, stored)? {
+                Cow::Borrowed(entries) => Ok(PageEntries::Plain(entries)),
+                Cow::Owned(entries) => Ok(PageEntries::Decompressed(entries.into())),
+            };
+        }
+        if let Some(entries) = self.find(key, stored) {
+            return Ok(PageEntries::Decompressed(entries));
+        }
+        let entries: std::sync::Arc<[u8]> = unpack(keyspace, key, stored)?.into_owned().into();
+        let mut pages = self.pages.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pages.len() >= CACHED_PAGES {
+            pages.pop_front();
+        }
+        pages.push_back(CachedPage { key: key.into(), stored: stored.into(), entries: entries.clone() });
+        Ok(PageEntries::Decompressed(entries))
+    }
+
+    fn find(&self, key: &[u8], stored: &[u8]) -> Option<std::sync::Arc<[u8]>> {
+        let mut pages = self.pages.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let position = pages.iter().rposition(|page| *page.key == *key)?;
+        if *pages[position].stored != *stored {
+            // The page was stored again since: what is cached is stale.
+            pages.remove(position);
+            return None;
+        }
+        let page = pages.remove(position)?;
+        let entries = page.entries.clone();
+        pages.push_back(page);
+        Some(entries)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pages.lock().map(|pages| pages.len()).unwrap_or_default()
+    }
+}
+
 /// Where one journal's pages live: under a key prefix (its keyspace's byte, and for the log
 /// the origin), each page under the prefix and its first entry's number (u64 BE).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,17 +359,18 @@ pub(crate) fn paged(entries: &[(Journal, u64, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)
 /// pages are stored again as they come out (split at any gap, under their first entry).
 pub(crate) fn stage(
     tree: &sled::Tree,
+    cache: &PageCache,
     journal: &Journal,
     pending: Pending,
     batch: &mut sled::Batch,
 ) -> Result<(), WriteError> {
     let trim_through = pending.trim_through;
     let operations = pending.sorted();
-    let last = last_number(tree, journal)?;
+    let last = last_number(tree, cache, journal)?;
     let held = operations.partition_point(|(number, _)| last.is_some_and(|last| *number <= last));
     let (within, beyond) = operations.split_at(held);
     if !within.is_empty() || trim_through.is_some() {
-        rewrite(tree, journal, within, trim_through, batch)?;
+        rewrite(tree, cache, journal, within, trim_through, batch)?;
     }
     let appended = beyond.iter().filter_map(|(number, value)| Some((*number, value.as_deref()?)));
     for page in pages(appended) {
@@ -294,6 +384,7 @@ pub(crate) fn stage(
 /// pages they reach.
 fn rewrite(
     tree: &sled::Tree,
+    cache: &PageCache,
     journal: &Journal,
     operations: &[(u64, Option<Vec<u8>>)],
     trim_through: Option<u64>,
@@ -302,7 +393,7 @@ fn rewrite(
     let mut entries: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut read = |key: &[u8], value: &[u8], entries: &mut BTreeMap<u64, Vec<u8>>| -> Result<(), ReadError> {
         let first = journal.number(key)?;
-        let value = unpack(journal.keyspace, key, value)?;
+        let value = cache.unpack(journal.keyspace, key, value)?;
         for entry in Page::new(journal.keyspace, key, first, &value) {
             let (number, value) = entry?;
             entries.insert(number, value.to_vec());
@@ -414,9 +505,9 @@ fn last_page(tree: &sled::Tree, journal: &Journal) -> Result<Option<(sled::IVec,
 /// The number of a journal's last entry, which tells appends from operations on held entries.
 /// A damaged last page counts as ending at its first entry: appends go on, and reads of that
 /// page report the damage.
-fn last_number(tree: &sled::Tree, journal: &Journal) -> Result<Option<u64>, ReadError> {
+fn last_number(tree: &sled::Tree, cache: &PageCache, journal: &Journal) -> Result<Option<u64>, ReadError> {
     let Some((key, value, first)) = last_page(tree, journal)? else { return Ok(None) };
-    let Ok(value) = unpack(journal.keyspace, &key, &value) else { return Ok(Some(first)) };
+    let Ok(value) = cache.unpack(journal.keyspace, &key, &value) else { return Ok(Some(first)) };
     let mut last = first;
     for entry in Page::new(journal.keyspace, &key, first, &value) {
         match entry {
@@ -428,9 +519,13 @@ fn last_number(tree: &sled::Tree, journal: &Journal) -> Result<Option<u64>, Read
 }
 
 /// The last entry of a journal: its number and bytes.
-pub(crate) fn last(tree: &sled::Tree, journal: &Journal) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
+pub(crate) fn last(
+    tree: &sled::Tree,
+    cache: &PageCache,
+    journal: &Journal,
+) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
     let Some((key, value, first)) = last_page(tree, journal)? else { return Ok(None) };
-    let value = unpack(journal.keyspace, &key, &value)?;
+    let value = cache.unpack(journal.keyspace, &key, &value)?;
     let mut last = None;
     for entry in Page::new(journal.keyspace, &key, first, &value) {
         last = Some(entry?);
@@ -457,11 +552,12 @@ pub enum JournalItem {
 /// the read.
 pub(crate) fn range(
     tree: &sled::Tree,
+    cache: &PageCache,
     journal: &Journal,
     from: u64,
     limit: usize,
 ) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-    readable_range(tree, journal, from, limit)?
+    readable_range(tree, cache, journal, from, limit)?
         .into_iter()
         .map(|found| match found {
             JournalItem::Entry(number, value) => Ok((number, value)),
@@ -476,6 +572,7 @@ pub(crate) fn range(
 /// and a damaged page key fail it.
 pub(crate) fn readable_range(
     tree: &sled::Tree,
+    cache: &PageCache,
     journal: &Journal,
     from: u64,
     limit: usize,
@@ -503,7 +600,7 @@ pub(crate) fn readable_range(
             let first = unreadable.max(from);
             (through.is_none_or(|through| first <= through)).then_some(JournalItem::Damaged { first, through, error })
         };
-        let entries = match unpack(journal.keyspace, &key, &value) {
+        let entries = match cache.unpack(journal.keyspace, &key, &value) {
             Ok(entries) => entries,
             Err(error) => {
                 found.extend(damaged(first, error));
@@ -533,8 +630,13 @@ pub(crate) fn readable_range(
 }
 
 /// The entry numbered `number`.
-pub(crate) fn entry(tree: &sled::Tree, journal: &Journal, number: u64) -> Result<Option<Vec<u8>>, ReadError> {
-    Ok(range(tree, journal, number, 1)?.into_iter().find(|(found, _)| *found == number).map(|(_, value)| value))
+pub(crate) fn entry(
+    tree: &sled::Tree,
+    cache: &PageCache,
+    journal: &Journal,
+    number: u64,
+) -> Result<Option<Vec<u8>>, ReadError> {
+    Ok(range(tree, cache, journal, number, 1)?.into_iter().find(|(found, _)| *found == number).map(|(_, value)| value))
 }
 
 #[cfg(test)]
@@ -747,18 +849,68 @@ mod tests {
                 })
                 .collect()
         };
-        let all = summary(readable_range(tree, &journal, 1, 100).expect("reads"));
+        // One cache across the reads, as a store has: damage reads the same through it.
+        let cache = PageCache::default();
+        let all = summary(readable_range(tree, &cache, &journal, 1, 100).expect("reads"));
         assert_eq!(all, ["1", "2", "3", "damaged 4..Some(6)", "7", "8", "9", "10", "damaged 11..None"]);
         // From inside a damaged page, the run starts where the read does.
-        assert_eq!(summary(readable_range(tree, &journal, 5, 2).expect("reads")), ["damaged 5..Some(6)", "7"]);
+        assert_eq!(summary(readable_range(tree, &cache, &journal, 5, 2).expect("reads")), ["damaged 5..Some(6)", "7"]);
         // A limit counts a damaged run as one item.
-        assert_eq!(summary(readable_range(tree, &journal, 2, 3).expect("reads")), ["2", "3", "damaged 4..Some(6)"]);
-        assert_eq!(summary(readable_range(tree, &journal, 12, 5).expect("reads")), ["damaged 12..None"]);
+        assert_eq!(
+            summary(readable_range(tree, &cache, &journal, 2, 3).expect("reads")),
+            ["2", "3", "damaged 4..Some(6)"]
+        );
+        assert_eq!(summary(readable_range(tree, &cache, &journal, 12, 5).expect("reads")), ["damaged 12..None"]);
         // The strict read fails at the first damage it reaches, and not before.
-        assert_eq!(range(tree, &journal, 1, 3).expect("before the damage").len(), 3);
-        assert!(range(tree, &journal, 1, 4).is_err());
-        assert_eq!(range(tree, &journal, 7, 4).expect("between the damage").len(), 4);
-        assert!(range(tree, &journal, 7, 5).is_err());
+        assert_eq!(range(tree, &cache, &journal, 1, 3).expect("before the damage").len(), 3);
+        assert!(range(tree, &cache, &journal, 1, 4).is_err());
+        assert_eq!(range(tree, &cache, &journal, 7, 4).expect("between the damage").len(), 4);
+        assert!(range(tree, &cache, &journal, 7, 5).is_err());
+    }
+
+    #[test]
+    fn the_page_cache_decompresses_a_page_once_notices_a_page_stored_again_and_is_bounded() {
+        let cache = PageCache::default();
+        let page = |first: u64, text: &str| {
+            let values: Vec<Vec<u8>> = (0..100).map(|number| format!("{text} entry {number}").into_bytes()).collect();
+            let built = pages(values.iter().enumerate().map(|(index, value)| (first + index as u64, value.as_slice())));
+            assert_eq!(built.len(), 1);
+            built.into_iter().next().map(|page| page.into_entry(&Journal::numbered(Keyspace::Feed))).expect("a page")
+        };
+        let (key, stored) = page(1, "first");
+        assert_eq!(stored[0], PAGE_COMPRESSED);
+        let entries = |stored: &[u8]| match cache.unpack(Keyspace::Feed, &key, stored).expect("unpacks") {
+            PageEntries::Decompressed(entries) => entries,
+            PageEntries::Plain(_) => panic!("a compressed page reads as plain"),
+        };
+        let read = entries(&stored);
+        assert_eq!(*read, *unpack(Keyspace::Feed, &key, &stored).expect("unpacks"));
+        // The second read is the first one's bytes, not a second decompression.
+        assert!(std::sync::Arc::ptr_eq(&read, &entries(&stored)));
+        assert_eq!(cache.len(), 1);
+
+        // The same key stored again with other entries reads those, never the cached ones.
+        let (again, restored) = page(1, "second");
+        assert_eq!(again, key);
+        let reread = entries(&restored);
+        assert_eq!(*reread, *unpack(Keyspace::Feed, &key, &restored).expect("unpacks"));
+        assert_ne!(*reread, *read);
+        assert_eq!(cache.len(), 1);
+
+        // Plain pages are read in place and not kept.
+        let plain = pack(b"short");
+        assert!(matches!(cache.unpack(Keyspace::Feed, b"plain", &plain), Ok(PageEntries::Plain(b"short"))));
+        assert_eq!(cache.len(), 1);
+
+        // Damage is an error, and not kept either.
+        assert!(cache.unpack(Keyspace::Feed, b"damaged", &[PAGE_COMPRESSED, 1, 2, 3]).is_err());
+        assert_eq!(cache.len(), 1);
+
+        for first in 0..(CACHED_PAGES as u64 + 5) {
+            let (key, stored) = page(1_000 * (first + 1), "many");
+            cache.unpack(Keyspace::Feed, &key, &stored).expect("unpacks");
+        }
+        assert_eq!(cache.len(), CACHED_PAGES);
     }
 
     #[test]

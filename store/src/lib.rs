@@ -114,6 +114,8 @@ pub struct Store {
     db: sled::Db,
     directory: Arc<PathBuf>,
     locks: Arc<Locks>,
+    /// Journal pages decompressed last (see [`journal::PageCache`]).
+    pages: Arc<journal::PageCache>,
 }
 
 #[derive(Debug, Default)]
@@ -207,7 +209,7 @@ impl Store {
             None if fresh => mark_current_format(&db, directory, sled::Batch::default())?,
             None => return Err(OpenError::NotAStore { path: path(), reason: "no format marker" }),
         }
-        Ok(Store { db, directory: Arc::new(path()), locks: Arc::default() })
+        Ok(Store { db, directory: Arc::new(path()), locks: Arc::default(), pages: Arc::default() })
     }
 
     /// The folder the store lives in.
@@ -261,46 +263,46 @@ impl Store {
 
     /// The log entry of `origin` at `sequence`.
     pub fn log_entry(&self, origin: &[u8; 16], sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
-        self.read(|| journal::entry(&self.db, &Journal::log(origin), sequence))
+        self.read(|| journal::entry(&self.db, &self.pages, &Journal::log(origin), sequence))
     }
 
     /// Entries of one origin with sequence >= from, ascending, at most `limit`.
     pub fn log_range(&self, origin: &[u8; 16], from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::range(&self.db, &Journal::log(origin), from, limit))
+        self.read(|| journal::range(&self.db, &self.pages, &Journal::log(origin), from, limit))
     }
 
     /// Feed entries with feed sequence > after, ascending, at most `limit`.
     pub fn feed_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
         let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
-        self.read(|| journal::range(&self.db, &Journal::numbered(Keyspace::Feed), from, limit))
+        self.read(|| journal::range(&self.db, &self.pages, &Journal::numbered(Keyspace::Feed), from, limit))
     }
 
     /// Feed items with feed sequence > after, ascending, at most `limit`, reading past damaged
     /// pages and entries (each run of them is one [`JournalItem::Damaged`]).
     pub fn feed_items(&self, after: u64, limit: usize) -> Result<Vec<JournalItem>, ReadError> {
         let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
-        self.read(|| journal::readable_range(&self.db, &Journal::numbered(Keyspace::Feed), from, limit))
+        self.read(|| journal::readable_range(&self.db, &self.pages, &Journal::numbered(Keyspace::Feed), from, limit))
     }
 
     /// The feed entry with the highest sequence, if any.
     pub fn feed_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::last(&self.db, &Journal::numbered(Keyspace::Feed)))
+        self.read(|| journal::last(&self.db, &self.pages, &Journal::numbered(Keyspace::Feed)))
     }
 
     /// The audit entry at `sequence`.
     pub fn audit_entry(&self, sequence: u64) -> Result<Option<Vec<u8>>, ReadError> {
-        self.read(|| journal::entry(&self.db, &Journal::numbered(Keyspace::Audit), sequence))
+        self.read(|| journal::entry(&self.db, &self.pages, &Journal::numbered(Keyspace::Audit), sequence))
     }
 
     /// Audit entries with sequence > after, ascending, at most `limit`.
     pub fn audit_range(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, ReadError> {
         let Some(from) = after.checked_add(1) else { return Ok(Vec::new()) };
-        self.read(|| journal::range(&self.db, &Journal::numbered(Keyspace::Audit), from, limit))
+        self.read(|| journal::range(&self.db, &self.pages, &Journal::numbered(Keyspace::Audit), from, limit))
     }
 
     /// The audit entry with the highest sequence, if any.
     pub fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, ReadError> {
-        self.read(|| journal::last(&self.db, &Journal::numbered(Keyspace::Audit)))
+        self.read(|| journal::last(&self.db, &self.pages, &Journal::numbered(Keyspace::Audit)))
     }
 
     /// The conflict entry at `sequence`.
@@ -366,7 +368,7 @@ impl Store {
             let logs = log.into_iter().map(|(origin, pending)| (Journal::log(&origin), pending));
             for (journal, pending) in numbered.chain(logs) {
                 if !pending.is_empty() {
-                    journal::stage(&self.db, &journal, pending, &mut staged)?;
+                    journal::stage(&self.db, &self.pages, &journal, pending, &mut staged)?;
                 }
             }
             Ok(())
