@@ -150,9 +150,21 @@ impl Record {
     /// Rebuilds a record from a saved document followed by incremental change bytes.
     /// `saved` may also be change bytes (a document stored as its first change), and an empty
     /// `saved` means a document that starts from nothing (its changes are all in `increments`).
+    ///
+    /// The parts are loaded as one: automerge then applies all their changes in one batch, where
+    /// a load per part applies each part's changes on its own. For a record stored as its first
+    /// change and one more (the usual record after an edit) that costs about a third less, and
+    /// every build of a record from the store pays it. Parts that do not load that way (a change
+    /// whose dependencies are missing, which automerge only keeps back part by part; or damage)
+    /// load one after the other as before, so the result is the same.
     pub fn load(saved: &[u8], increments: &[&[u8]]) -> Result<Record, RecordError> {
         let mut budget = Budget::after(0);
         std::iter::once(&saved).chain(increments).try_for_each(|part| budget.charge(part))?;
+        if !increments.is_empty()
+            && let Ok(document) = decode(|| Automerge::load_with_options(&joined(saved, increments), strict_load()))
+        {
+            return Ok(Record { document, first_value: None, proven: false });
+        }
         decode(|| {
             let mut document = Automerge::new();
             for increment in std::iter::once(&saved).chain(increments).filter(|part| !part.is_empty()) {
@@ -513,6 +525,22 @@ fn decode<T>(decoder: impl FnOnce() -> Result<T, AutomergeError>) -> Result<T, R
         Ok(result) => result.map_err(RecordError::Decode),
         Err(_) => Err(RecordError::Decode(AutomergeError::Fail)),
     }
+}
+
+/// A saved document (or first change) and the increments after it, as one run of chunks.
+fn joined(saved: &[u8], increments: &[&[u8]]) -> Vec<u8> {
+    let length = saved.len() + increments.iter().map(|part| part.len()).sum::<usize>();
+    let mut joined = Vec::with_capacity(length);
+    joined.extend_from_slice(saved);
+    increments.iter().for_each(|part| joined.extend_from_slice(part));
+    joined
+}
+
+/// A load that fails rather than leave anything out: on a damaged chunk or a change whose
+/// dependencies are missing (`load_incremental`, part by part, skips the one and keeps back the
+/// other).
+fn strict_load() -> automerge::LoadOptions<'static> {
+    automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error)
 }
 
 /// The sorted heads as text: change hashes in hex, joined by `.`.

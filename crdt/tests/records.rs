@@ -661,6 +661,53 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(500))]
+
+    /// A record loads the same from a saved part and increments, in any order and with any of
+    /// them left out (so with changes whose dependencies are missing), as a record fed the same
+    /// parts one at a time: `Record::load` loads them in one go when it can, part by part when
+    /// not.
+    #[test]
+    fn a_record_loads_from_its_parts_as_it_would_from_each_in_turn(
+        first_operations in prop::collection::vec(operation(), 1..5),
+        second_operations in prop::collection::vec(operation(), 0..5),
+        saved_at in 0usize..4,
+        seed in any::<u64>(),
+        left_out in prop::option::of(0usize..10),
+    ) {
+        let mut first = Replica::new(1);
+        let mut changes: Vec<Vec<u8>> =
+            first_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
+        let mut second = first.fork(2);
+        changes.extend(second_operations.iter().filter_map(|operation| second.write_lenient(operation)));
+        changes.extend(first_operations.iter().filter_map(|operation| first.write_lenient(operation)));
+        prop_assume!(!changes.is_empty());
+        // A saved document of the first few changes (or none), then the rest in any order.
+        let saved_count = saved_at.min(changes.len());
+        let mut saved = Replica::new(5);
+        saved.receive_all(&changes[..saved_count]);
+        let saved = if saved_count == 0 { Vec::new() } else { saved.record.save() };
+        let mut increments: Vec<Vec<u8>> = changes[saved_count..].to_vec();
+        shuffle(&mut increments, seed);
+        if let Some(index) = left_out.filter(|index| *index < increments.len()) {
+            increments.remove(index);
+        }
+        let parts: Vec<&[u8]> = increments.iter().map(Vec::as_slice).collect();
+
+        let loaded = Record::load(&saved, &parts).expect("the parts load");
+        let mut fed = if saved.is_empty() { Record::new() } else { Record::load(&saved, &[]).expect("it loads") };
+        for part in &parts {
+            fed.apply_changes(part).expect("a part applies");
+        }
+        prop_assert_eq!(loaded.heads(), fed.heads());
+        prop_assert_eq!(loaded.view().ok(), fed.view().ok());
+        // The same operations and changes, though not saved byte for byte alike: a save lists
+        // the changes in the order they were applied.
+        prop_assert_eq!(loaded.items(), fed.items());
+    }
+}
+
 #[test]
 fn edits_to_different_fields_both_survive() {
     let mut first = Replica::new(1);
