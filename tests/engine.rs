@@ -130,6 +130,57 @@ async fn envelopes_with_bad_bytes_are_refused_and_store_nothing() {
     );
 }
 
+/// A peer change that does not apply leaves its record as it was, both when the record is built
+/// from the store for the apply and when it is only in the batch so far (the store does not
+/// have it yet, so its document must not be thrown away: an engine that applied in place and
+/// dropped the document on error would lose it; tried in session 17, see BENCHMARKS.md).
+#[tokio::test]
+async fn a_refused_change_leaves_its_record_as_it_was_whether_built_from_the_store_or_the_batch() {
+    let source_directory = tempfile::tempdir().unwrap();
+    let source = start(source_directory.path(), "source").await;
+    let first = write(&source, "o1", Operation::Replace(object(json!({"a": 1})))).await;
+    let second = write(&source, "o1", Operation::MergePatch(object(json!({"b": 2})))).await;
+    let mut bad = second.clone();
+    bad.change = vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3];
+    let key = first.key.clone();
+    let value = |read: Result<Option<engine::RecordRead>, engine::EngineError>| {
+        read.unwrap().and_then(|read| read.view.value).map(serde_json::Value::Object)
+    };
+
+    // In the batch: the record is staged (unbuilt) and refused a change in the same job.
+    let directory = tempfile::tempdir().unwrap();
+    let target = start(directory.path(), "in-batch").await;
+    let (first_copy, bad_copy, key_copy) = (first.clone(), bad.clone(), key.clone());
+    let (refused, read) = target
+        .call(move |engine| {
+            engine.apply_envelope(first_copy).unwrap();
+            let refused = engine.apply_envelope(bad_copy).is_err();
+            (refused, engine.read_record(key_copy))
+        })
+        .await
+        .unwrap();
+    assert!(refused);
+    assert_eq!(value(read), Some(json!({"a": 1})), "a record only in the batch survives a refused change");
+
+    // From the store: committed, then refused a change, read, and changed by a good one.
+    let directory = tempfile::tempdir().unwrap();
+    let target = start(directory.path(), "from-store").await;
+    assert!(apply(&target, first).await);
+    let key_copy = key.clone();
+    let (refused, read) = target
+        .call(move |engine| {
+            let refused = engine.apply_envelope(bad).is_err();
+            (refused, engine.read_record(key_copy))
+        })
+        .await
+        .unwrap();
+    assert!(refused);
+    assert_eq!(value(read), Some(json!({"a": 1})), "a record built from the store survives a refused change");
+    assert!(apply(&target, second).await);
+    let read = target.call(move |engine| engine.read_record(key)).await.unwrap();
+    assert_eq!(value(read), Some(json!({"a": 1, "b": 2})));
+}
+
 /// Delivers one engine's messages to other engines' job queues in order, as the transport's
 /// one stream per peer does.
 struct Wire {
