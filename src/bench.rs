@@ -569,6 +569,11 @@ impl Bench {
         DemoNode::start(&self.root, &self.certs, name, seeds, online, self.settings.write_workers).await
     }
 
+    async fn commit_totals(&self, node: &DemoNode) -> anyhow::Result<CommitTotals> {
+        let response = self.http.get(format!("{}/metrics", node.api)).send().await?.error_for_status()?;
+        Ok(CommitTotals::parse(&response.text().await?))
+    }
+
     async fn status(&self, node: &DemoNode) -> anyhow::Result<Value> {
         let response = self.http.get(format!("{}/v1/status", node.api)).send().await?.error_for_status()?;
         Ok(response.json().await?)
@@ -978,6 +983,7 @@ impl Bench {
                 .error_for_status()?;
             feeds.push(tokio::spawn(follow_feed(response, collection.clone(), reader_index, probes.clone())));
         }
+        let commits_before = [self.commit_totals(writer).await?, self.commit_totals(readers[0]).await?];
         let in_flight = Arc::new(tokio::sync::Semaphore::new(LATENCY_IN_FLIGHT_MAX));
         let acknowledged = Arc::new(AtomicU64::new(0));
         let total = rate * self.settings.latency_duration.as_secs();
@@ -1035,6 +1041,7 @@ impl Bench {
         for feed in feeds {
             feed.abort();
         }
+        let commits_after = [self.commit_totals(writer).await?, self.commit_totals(readers[0]).await?];
         let (mut latencies, mut acknowledgements, mut after_acknowledgement) = (Vec::new(), Vec::new(), Vec::new());
         for probe in probes.lock().unwrap_or_else(PoisonError::into_inner).values() {
             let Some(acknowledged) = probe.acknowledged else { continue };
@@ -1062,6 +1069,8 @@ impl Bench {
             milliseconds(percentile(&after_acknowledgement, 0.5)),
             milliseconds(percentile(&after_acknowledgement, 0.99)),
         );
+        let [writer_commits, reader_commits] = [0, 1].map(|node| commits_after[node].since(&commits_before[node]));
+        let note = format!("{note}; group commits on the writer {writer_commits}, on a reader {reader_commits}");
         let note =
             if achieved < rate as f64 * 0.9 { format!("{note}; the offered load was not sustained") } else { note };
         println!(
@@ -1091,6 +1100,43 @@ impl Bench {
                 "ms",
             ),
         ])
+    }
+}
+
+/// A node's group commits so far, from its metrics: how many, and the time they took in all,
+/// flushes included and flushes alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct CommitTotals {
+    commits: f64,
+    commit_seconds: f64,
+    flush_seconds: f64,
+}
+
+impl CommitTotals {
+    /// Reads the totals from a node's `/metrics` text.
+    fn parse(metrics: &str) -> CommitTotals {
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        CommitTotals {
+            commits: value("concord_commit_latency_seconds_count"),
+            commit_seconds: value("concord_commit_latency_seconds_sum"),
+            flush_seconds: value("concord_store_flush_seconds_sum"),
+        }
+    }
+
+    /// The commits made since `before`, with their mean time and mean flush.
+    fn since(&self, before: &CommitTotals) -> String {
+        let commits = self.commits - before.commits;
+        let mean = |seconds: f64| if commits > 0.0 { seconds * 1e3 / commits } else { 0.0 };
+        format!(
+            "{commits:.0}, {:.2} ms each of which the flush {:.2} ms",
+            mean(self.commit_seconds - before.commit_seconds),
+            mean(self.flush_seconds - before.flush_seconds)
+        )
     }
 }
 
@@ -1180,5 +1226,28 @@ fn object(value: Value) -> serde_json::Map<String, Value> {
     match value {
         Value::Object(map) => map,
         _ => serde_json::Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_totals_read_a_node_s_metrics_and_say_what_a_phase_added() {
+        let metrics = crate::metrics::Metrics::default();
+        let gauges = crate::metrics::Gauges { quarantine_size: 0, store_bytes: 0, records: 0, feed_sequence: 0 };
+        let before = CommitTotals::parse(&metrics.render(&gauges));
+        assert_eq!(before, CommitTotals::default());
+        for _ in 0..4 {
+            metrics.observe_commit(Duration::from_millis(2), 10);
+            metrics.flush_latency.observe(Duration::from_millis(1));
+        }
+        let after = CommitTotals::parse(&metrics.render(&gauges));
+        assert_eq!(after.commits, 4.0);
+        assert!((after.commit_seconds - 0.008).abs() < 1e-9, "{after:?}");
+        assert!((after.flush_seconds - 0.004).abs() < 1e-9, "{after:?}");
+        assert_eq!(after.since(&before), "4, 2.00 ms each of which the flush 1.00 ms");
+        assert_eq!(after.since(&after), "0, 0.00 ms each of which the flush 0.00 ms");
     }
 }

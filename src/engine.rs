@@ -875,7 +875,9 @@ impl Engine {
         }
         self.unbuilt.committed();
         self.relay_available();
+        let flushing = Instant::now();
         self.store.flush(applied).map_err(storage)?;
+        self.metrics.flush_latency.observe(flushing.elapsed());
         self.disposal.hand_over();
         let elapsed = started.elapsed();
         self.metrics.observe_commit(elapsed, operations);

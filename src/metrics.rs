@@ -109,6 +109,8 @@ pub struct Metrics {
     pub compactions_refused: Counter,
     pub write_latency: Histogram,
     pub commit_latency: Histogram,
+    /// The flush alone: the disk's share of a commit.
+    pub flush_latency: Histogram,
     pub peer_frames_sent: Counter,
     pub peer_frames_received: Counter,
     pub peer_frames_dropped: Counter,
@@ -287,6 +289,11 @@ impl Metrics {
             &mut output,
         );
         self.commit_latency.render("concord_commit_latency_seconds", "One group commit, flush included.", &mut output);
+        self.flush_latency.render(
+            "concord_store_flush_seconds",
+            "The flush of one group commit (the disk's share of the commit).",
+            &mut output,
+        );
         self.replication_latency.render(
             "concord_replication_latency_seconds",
             "From a change's origin clock to its apply here.",

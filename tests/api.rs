@@ -163,6 +163,13 @@ async fn errors_are_clear_and_typed() {
     let client_errors =
         metrics.lines().find_map(|line| line.strip_prefix("concord_http_client_errors_total ")).unwrap();
     assert!(client_errors.parse::<u64>().unwrap() >= 8, "{metrics}");
+    // Every group commit that wrote something flushed once, and the flush is timed on its own.
+    let value = |name: &str| -> f64 {
+        metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap()
+    };
+    assert!(value("concord_store_flush_seconds_count") >= 1.0, "{metrics}");
+    assert!(value("concord_store_flush_seconds_count") <= value("concord_commit_latency_seconds_count"));
+    assert!(value("concord_store_flush_seconds_sum") <= value("concord_commit_latency_seconds_sum"));
 }
 
 #[tokio::test]
