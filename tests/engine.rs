@@ -143,42 +143,41 @@ async fn a_refused_change_leaves_its_record_as_it_was_whether_built_from_the_sto
     let mut bad = second.clone();
     bad.change = vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3];
     let key = first.key.clone();
-    let value = |read: Result<Option<engine::RecordRead>, engine::EngineError>| {
-        read.unwrap().and_then(|read| read.view.value).map(serde_json::Value::Object)
+    // In one engine job: apply `staged` (if any), offer `bad`, then read the record.
+    let refused_then_read = |target: EngineHandle, staged: Option<Envelope>| {
+        let (bad, key) = (bad.clone(), key.clone());
+        async move {
+            target
+                .call(move |engine| {
+                    if let Some(staged) = staged {
+                        engine.apply_envelope(staged).unwrap();
+                    }
+                    let refused = engine.apply_envelope(bad).is_err();
+                    let read = engine.read_record(key).map(|read| read.and_then(|read| read.view.value));
+                    (refused, read.map(|value| value.map(Value::Object)))
+                })
+                .await
+                .unwrap()
+        }
     };
 
     // In the batch: the record is staged (unbuilt) and refused a change in the same job.
     let directory = tempfile::tempdir().unwrap();
     let target = start(directory.path(), "in-batch").await;
-    let (first_copy, bad_copy, key_copy) = (first.clone(), bad.clone(), key.clone());
-    let (refused, read) = target
-        .call(move |engine| {
-            engine.apply_envelope(first_copy).unwrap();
-            let refused = engine.apply_envelope(bad_copy).is_err();
-            (refused, engine.read_record(key_copy))
-        })
-        .await
-        .unwrap();
+    let (refused, value) = refused_then_read(target, Some(first.clone())).await;
     assert!(refused);
-    assert_eq!(value(read), Some(json!({"a": 1})), "a record only in the batch survives a refused change");
+    assert_eq!(value.unwrap(), Some(json!({"a": 1})), "a record only in the batch survives a refused change");
 
     // From the store: committed, then refused a change, read, and changed by a good one.
     let directory = tempfile::tempdir().unwrap();
     let target = start(directory.path(), "from-store").await;
     assert!(apply(&target, first).await);
-    let key_copy = key.clone();
-    let (refused, read) = target
-        .call(move |engine| {
-            let refused = engine.apply_envelope(bad).is_err();
-            (refused, engine.read_record(key_copy))
-        })
-        .await
-        .unwrap();
+    let (refused, value) = refused_then_read(target.clone(), None).await;
     assert!(refused);
-    assert_eq!(value(read), Some(json!({"a": 1})), "a record built from the store survives a refused change");
+    assert_eq!(value.unwrap(), Some(json!({"a": 1})), "a record built from the store survives a refused change");
     assert!(apply(&target, second).await);
-    let read = target.call(move |engine| engine.read_record(key)).await.unwrap();
-    assert_eq!(value(read), Some(json!({"a": 1, "b": 2})));
+    let read = target.call(move |engine| engine.read_record(key)).await.unwrap().unwrap();
+    assert_eq!(read.and_then(|read| read.view.value).map(Value::Object), Some(json!({"a": 1, "b": 2})));
 }
 
 /// Delivers one engine's messages to other engines' job queues in order, as the transport's
