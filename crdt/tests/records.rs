@@ -1028,6 +1028,46 @@ proptest! {
     }
 }
 
+/// A replica holding back a write over a counter, waiting for the counter's creation, releases
+/// it when its own increment creates the counter: the increment then answers as on a replica
+/// that had the write all along (not a counter), and changes nothing. It used to try every
+/// creation epoch against a value none of them can win over (a fuzz finding, session 17).
+#[test]
+fn an_increment_that_releases_a_write_over_its_counter_answers_as_a_replica_that_had_it() {
+    let mut creator = Replica::new(1);
+    let created = creator.write_changing(&Operation::Increment { field: "n".into(), by: 1 });
+    // The first increment's bytes are the record's new life and the increment, by the creator,
+    // and between them the counter's creation: the deterministic genesis, by an actor of its own.
+    let chunks = automerge::Automerge::load(&created).expect("loads").get_changes(&[]);
+    let without_genesis: Vec<u8> = chunks
+        .iter()
+        .filter(|change| change.actor_id().to_bytes() == creator.origin.0.as_slice())
+        .flat_map(|change| change.raw_bytes().to_vec())
+        .collect();
+    assert_eq!(chunks.len(), 3);
+
+    let mut writer = creator.fork(2);
+    let overwritten = writer.write_changing(&Operation::MergePatch(object(json!({"n": "text"}))));
+    assert!(matches!(
+        writer.try_write(&Operation::Increment { field: "n".into(), by: 1 }),
+        Err(OperationError::NotACounter(field)) if field == "n"
+    ));
+
+    // A replica with the new life, the increment and the write over it, but not the creation:
+    // the increment and the write are held back.
+    let mut holder = Replica::new(3);
+    holder.receive(&without_genesis);
+    assert!(!holder.receive(&overwritten));
+    let version = holder.record.version();
+    assert!(matches!(
+        holder.try_write(&Operation::Increment { field: "n".into(), by: 1 }),
+        Err(OperationError::NotACounter(field)) if field == "n"
+    ));
+    assert_eq!(holder.record.version(), version, "a refused increment changed the record");
+    holder.receive(&created);
+    assert_same(&[&writer, &holder]);
+}
+
 #[test]
 fn a_counter_recreated_after_a_delete_starts_from_zero_and_recreators_agree() {
     let mut first = Replica::new(1);
