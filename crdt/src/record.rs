@@ -538,7 +538,9 @@ fn joined(saved: &[u8], increments: &[&[u8]]) -> Vec<u8> {
 
 /// A load that fails rather than leave anything out: on a damaged chunk or a change whose
 /// dependencies are missing (`load_incremental`, part by part, skips the one and keeps back the
-/// other).
+/// other). With `OnPartialLoad::Ignore`, automerge 0.12 drops every change of a load that is
+/// partial, so joined parts lost an accepted change when snapshots joined them (the regression
+/// `record_changes/snapshot-joined-parts-lose-a-change`, which `Record::load` replays).
 fn strict_load() -> automerge::LoadOptions<'static> {
     automerge::LoadOptions::new().on_partial_load(automerge::OnPartialLoad::Error)
 }
