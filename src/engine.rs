@@ -299,18 +299,33 @@ impl Body {
         bytes: &[u8],
         limits: &TextLimits,
     ) -> Result<bool, EngineError> {
+        self.apply_keeping(key, kind, bytes, limits).map(|(changed, _)| changed)
+    }
+
+    /// [`Body::apply`], which also hands back an automerge record as it was before the bytes.
+    fn apply_keeping(
+        &mut self,
+        key: &RecordKey,
+        kind: DocumentKind,
+        bytes: &[u8],
+        limits: &TextLimits,
+    ) -> Result<(bool, Option<Record>), EngineError> {
         let refused = |reason: String| EngineError::BadChange { key: key.clone(), reason };
         match (self, kind) {
             (Body::Record(record), DocumentKind::Record) => {
                 // On a copy: see `Record::apply_changes_intact` for why not in place.
-                record.apply_changes_intact(bytes).map_err(|error| refused(error.to_string()))
+                let (changed, previous) =
+                    record.apply_changes_keeping(bytes).map_err(|error| refused(error.to_string()))?;
+                Ok((changed, Some(previous)))
             }
-            (Body::Map(record), DocumentKind::MapRecord) => {
-                record.apply_update(bytes, limits).map_err(|error| refused(error.to_string()))
-            }
-            (Body::Text(text), DocumentKind::Text) => {
-                text.apply_update(bytes, limits).map_err(|error| refused(error.to_string()))
-            }
+            (Body::Map(record), DocumentKind::MapRecord) => record
+                .apply_update(bytes, limits)
+                .map(|changed| (changed, None))
+                .map_err(|error| refused(error.to_string())),
+            (Body::Text(text), DocumentKind::Text) => text
+                .apply_update(bytes, limits)
+                .map(|changed| (changed, None))
+                .map_err(|error| refused(error.to_string())),
             (body, _) => Err(EngineError::WrongKind {
                 key: key.clone(),
                 actual: kind_name(body.kind()),
@@ -1055,10 +1070,13 @@ impl Engine {
     fn apply_envelope_in(&mut self, document: &mut Document, envelope: &Envelope) -> Result<bool, EngineError> {
         self.check_peer_schema(document, envelope)?;
         let before = Before::of(document, &envelope.key);
-        let signatures = conflicts::signatures(document);
-        let changed = document.body.apply(&envelope.key, envelope.kind, &envelope.change, &self.text_limits)?;
+        let (changed, previous) =
+            document.body.apply_keeping(&envelope.key, envelope.kind, &envelope.change, &self.text_limits)?;
         if changed {
-            self.record_conflicts(&envelope.key, document, &signatures)?;
+            // The signatures before the change are read from the record as it was, and only
+            // when there are conflicts after it (a record without conflicts has none new).
+            let before = || previous.as_ref().map(conflicts::signatures_of).unwrap_or_default();
+            self.record_conflicts(&envelope.key, document, before)?;
         }
         self.stage_change(document, envelope, before, changed);
         Ok(changed)

@@ -180,6 +180,43 @@ async fn a_refused_change_leaves_its_record_as_it_was_whether_built_from_the_sto
     assert_eq!(read.and_then(|read| read.view.value).map(Value::Object), Some(json!({"a": 1, "b": 2})));
 }
 
+/// A field's conflict is recorded in the ledger once: a later change to another field of the
+/// same record leaves the conflict as it was and records nothing (the signatures before and
+/// after the change are equal; the engine reads the ones before only when there are conflicts
+/// after).
+#[tokio::test]
+async fn a_conflict_is_recorded_once_although_later_changes_to_other_fields_arrive() {
+    let directories: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = start(directories[0].path(), "first").await;
+    let second = start(directories[1].path(), "second").await;
+    let target = start(directories[2].path(), "target").await;
+    let created = write(&first, "o1", Operation::Replace(object(json!({"status": "new"})))).await;
+    assert!(apply(&second, created.clone()).await);
+    assert!(apply(&target, created).await);
+    let paid = write(&first, "o1", Operation::MergePatch(object(json!({"status": "paid"})))).await;
+    let cancelled = write(&second, "o1", Operation::MergePatch(object(json!({"status": "cancelled"})))).await;
+    assert!(apply(&target, paid).await);
+    assert!(apply(&target, cancelled).await);
+    let ledger = |target: &EngineHandle| {
+        let target = target.clone();
+        async move {
+            let (entries, _) = target.call(|engine| engine.conflicts_page(None, 0, 100)).await.unwrap().unwrap();
+            entries.into_iter().map(|(_, entry)| entry.field).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ledger(&target).await, ["/status"]);
+
+    // Another field, written after `paid` but concurrent with `cancelled`: status stays in
+    // conflict, with the same values, and the ledger gains nothing.
+    let quantity = write(&first, "o1", Operation::MergePatch(object(json!({"qty": 3})))).await;
+    assert!(apply(&target, quantity).await);
+    let key = RecordKey::new("orders", "o1").unwrap();
+    let read = target.call(move |engine| engine.read_record(key)).await.unwrap().unwrap().unwrap();
+    assert_eq!(read.view.value.as_ref().unwrap()["qty"], json!(3));
+    assert_eq!(read.view.conflicts.len(), 1, "{:?}", read.view.conflicts);
+    assert_eq!(ledger(&target).await, ["/status"]);
+}
+
 /// Delivers one engine's messages to other engines' job queues in order, as the transport's
 /// one stream per peer does.
 struct Wire {

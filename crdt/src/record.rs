@@ -214,10 +214,17 @@ impl Record {
     /// catching up on 100,000 changes peaked at 417 MB instead of about 250 MB
     /// (`tests/edge.rs`), so the copy is cheaper than the memory it saves.
     pub fn apply_changes_intact(&mut self, bytes: &[u8]) -> Result<bool, RecordError> {
+        self.apply_changes_keeping(bytes).map(|(changed, _)| changed)
+    }
+
+    /// [`Record::apply_changes_intact`], which also hands back the record as it was before the
+    /// bytes (the other half of the copy, otherwise dropped): for a caller that compares before
+    /// and after only sometimes (the engine's conflict signatures, only when the record has
+    /// conflicts after).
+    pub fn apply_changes_keeping(&mut self, bytes: &[u8]) -> Result<(bool, Record), RecordError> {
         let mut candidate = self.clone();
         let changed = candidate.apply_changes(bytes)?;
-        *self = candidate;
-        Ok(changed)
+        Ok((changed, std::mem::replace(self, candidate)))
     }
 
     /// How big the record is, in the unit of the decoding bounds ([`ITEMS_MAX`]): its

@@ -40,21 +40,26 @@ pub(crate) fn signatures(document: &Document) -> Signatures {
     signatures_of(record)
 }
 
-fn signatures_of(record: &Record) -> Signatures {
+pub(crate) fn signatures_of(record: &Record) -> Signatures {
     record.conflict_signatures().into_iter().collect()
 }
 
 impl Engine {
     /// After bytes from elsewhere changed `document`: a ledger entry for every field whose set of
-    /// concurrent values is new since `before`, resolved under the collection's policy.
+    /// concurrent values is new since `before` (the signatures before the change, asked for only
+    /// when the record has conflicts after it), resolved under the collection's policy.
     pub(super) fn record_conflicts(
         &mut self,
         key: &RecordKey,
         document: &Document,
-        before: &Signatures,
+        before: impl FnOnce() -> Signatures,
     ) -> Result<(), EngineError> {
         let Body::Record(record) = &document.body else { return Ok(()) };
         let after = signatures_of(record);
+        if after.is_empty() {
+            return Ok(());
+        }
+        let before = before();
         let fresh: Vec<&String> = after
             .iter()
             .filter(|(field, operations)| before.get(*field) != Some(operations))

@@ -168,7 +168,7 @@ impl Engine {
             changed |= part_changed;
         }
         if changed {
-            self.record_conflicts(&record.key, document, &signatures)?;
+            self.record_conflicts(&record.key, document, || signatures)?;
         }
         // The document took a whole other history in: compact it soon.
         if self.compaction_queued.insert(record.key.clone()) {
