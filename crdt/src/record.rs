@@ -751,6 +751,7 @@ where
     // `apply_counter_genesis`), and the field then reads as on a replica that had them all along.
     let current = document.get(ROOT, stored.as_str())?.map(|(value, _)| value.into_owned());
     let current = match current {
+        // `apply_counter_genesis` returns only once the field holds a value, or with this error.
         None => return Err(OperationError::CounterEpochs),
         Some(automerge::Value::Scalar(scalar)) => match scalar.as_ref() {
             ScalarValue::Counter(counter) => i64::from(counter),
