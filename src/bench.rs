@@ -3,8 +3,8 @@
 //!
 //! The ceilings come first: a sled batch-and-flush rate through the `store` crate, a QUIC round
 //! trip through the `transport` crate, and the automerge change rate through `crdt::record`.
-//! Then nodes run in this process (as in `concord demo`: each with its own sled store, HTTP API
-//! and QUIC endpoint under a fresh cluster CA) and are driven over HTTP: acknowledged writes/s on
+//! Then nodes run as `concord start` processes of this binary (`process`: each with its own sled
+//! store, HTTP API and QUIC endpoint under a fresh cluster CA) and are driven over HTTP: acknowledged writes/s on
 //! one node and on three, replication latency at fixed offered loads (a write at A matched on
 //! B's and C's change feeds), catch-up of a node that was offline, bootstrap of a new node, and
 //! the memory and disk each record takes. A figure that could not be taken is reported as not
@@ -22,7 +22,9 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::demo::DemoNode;
+use process::{NodeProcess, NodeSettings};
+
+mod process;
 
 /// Every node name the bench gives a certificate.
 const NAMES: [&str; 5] = ["solo", "joiner", "node-a", "node-b", "node-c"];
@@ -159,7 +161,14 @@ pub async fn run(
     let certs = root.path().join("certs");
     let names: Vec<&str> = NAMES.iter().chain(["ping", "pong"].iter()).copied().collect();
     crate::demo::loopback_certificates(&certs, "bench", &names)?;
-    let bench = Bench { http: reqwest::Client::new(), root: root.path().to_path_buf(), certs, settings };
+    let nodes = NodeSettings {
+        binary: std::env::current_exe().context("finding this binary, to start the bench's nodes")?,
+        root: root.path().to_path_buf(),
+        certs,
+        write_workers: settings.write_workers,
+        yrs_collection: crate::demo::YRS_COLLECTION.to_owned(),
+    };
+    let bench = Bench { http: reqwest::Client::new(), root: root.path().to_path_buf(), nodes, settings };
 
     let mut figures = Vec::new();
     figures.extend(phase("sled", whole(bench.sled_ceiling().await), SLED_FIGURES));
@@ -350,10 +359,6 @@ fn proc_field(path: &str, name: &str) -> Option<u64> {
     text.lines().find(|line| line.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn rss_bytes() -> anyhow::Result<u64> {
-    proc_field("/proc/self/status", "VmRSS:").map(|kilobytes| kilobytes * 1024).context("no VmRSS in /proc/self/status")
-}
-
 /// The bytes of every file under `directory` (apparent sizes).
 fn directory_bytes(directory: &Path) -> std::io::Result<u64> {
     let mut total = 0;
@@ -390,7 +395,7 @@ impl Hammered {
 struct Bench {
     http: reqwest::Client,
     root: PathBuf,
-    certs: PathBuf,
+    nodes: NodeSettings,
     settings: Settings,
 }
 
@@ -430,7 +435,7 @@ impl Bench {
     async fn quic_ceiling(&self) -> anyhow::Result<Vec<Figure>> {
         let rounds = if self.settings.quick { 500 } else { 3000 };
         let bind = |name: &str, node_id: u8, seeds: Vec<std::net::SocketAddr>| -> anyhow::Result<_> {
-            let certificates = transport::NodeCertificates::load(&self.certs, name)?;
+            let certificates = transport::NodeCertificates::load(&self.nodes.certs, name)?;
             let cluster = certificates.cluster_id().to_owned();
             let mut config = transport::EndpointConfig::new(
                 std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -565,22 +570,22 @@ impl Bench {
         name: &'static str,
         seeds: Vec<std::net::SocketAddr>,
         online: bool,
-    ) -> anyhow::Result<DemoNode> {
-        DemoNode::start(&self.root, &self.certs, name, seeds, online, self.settings.write_workers).await
+    ) -> anyhow::Result<NodeProcess> {
+        NodeProcess::start(&self.nodes, name, &seeds, online).await
     }
 
-    async fn commit_totals(&self, node: &DemoNode) -> anyhow::Result<CommitTotals> {
+    async fn commit_totals(&self, node: &NodeProcess) -> anyhow::Result<CommitTotals> {
         let response = self.http.get(format!("{}/metrics", node.api)).send().await?.error_for_status()?;
         Ok(CommitTotals::parse(&response.text().await?))
     }
 
-    async fn status(&self, node: &DemoNode) -> anyhow::Result<Value> {
+    async fn status(&self, node: &NodeProcess) -> anyhow::Result<Value> {
         let response = self.http.get(format!("{}/v1/status", node.api)).send().await?.error_for_status()?;
         Ok(response.json().await?)
     }
 
     /// Waits until every node reports the same digest and version vector.
-    async fn converge(&self, nodes: &[&DemoNode]) -> anyhow::Result<Duration> {
+    async fn converge(&self, nodes: &[&NodeProcess]) -> anyhow::Result<Duration> {
         let started = Instant::now();
         while started.elapsed() < CONVERGENCE_DEADLINE {
             let mut statuses = Vec::new();
@@ -700,8 +705,8 @@ impl Bench {
     }
 
     async fn single_node_phases(&self, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-        let rss_before = rss_bytes()?;
         let mut solo = self.start("solo", Vec::new(), true).await?;
+        let rss_before = solo.rss_bytes()?;
         let disk_before = directory_bytes(&self.root.join("solo"))?;
         let result = async {
             let apis = [solo.api.clone()];
@@ -740,7 +745,7 @@ impl Bench {
             if records == 0 {
                 bail!("the node holds no records");
             }
-            let rss_after = rss_bytes()?;
+            let rss_after = solo.rss_bytes()?;
             let disk_after = directory_bytes(&self.root.join("solo"))?;
             figures.push(
                 Figure::new(
@@ -750,7 +755,7 @@ impl Bench {
                     "B",
                 )
                 .note(format!(
-                    "process VmRSS {} → {} MB over {records} records (node and load generator in one process){}",
+                    "the node process's VmRSS {} → {} MB over {records} records{}",
                     rss_before >> 20,
                     rss_after >> 20,
                     if records < 100_000 { "; the bounded caches are still filling at this N" } else { "" }
@@ -853,9 +858,9 @@ impl Bench {
 
     async fn cluster_phases(
         &self,
-        node_a: &DemoNode,
-        node_b: &DemoNode,
-        node_c: &mut DemoNode,
+        node_a: &NodeProcess,
+        node_b: &NodeProcess,
+        node_c: &mut NodeProcess,
         seeds: [std::net::SocketAddr; 2],
         figures: &mut Vec<Figure>,
     ) -> anyhow::Result<()> {
@@ -967,7 +972,7 @@ impl Bench {
     /// Writes at the phase's rate to `writer` on a fixed schedule and matches each key on the
     /// change feeds of `readers`. Latency is from the scheduled time of a write (so a slow
     /// acknowledgement counts against it) to the moment the last reader's feed carries it.
-    async fn latency(&self, writer: &DemoNode, readers: [&DemoNode; 2], phase: Latency) -> anyhow::Result<Vec<Figure>> {
+    async fn latency(&self, writer: &NodeProcess, readers: [&NodeProcess; 2], phase: Latency) -> anyhow::Result<Vec<Figure>> {
         let Latency { rate, name, collection, key, label: engine } = phase;
         let collection = collection.to_owned();
         let probes: Arc<Mutex<HashMap<String, Probe>>> = Arc::default();
@@ -988,39 +993,48 @@ impl Bench {
         let acknowledged = Arc::new(AtomicU64::new(0));
         let total = rate * self.settings.latency_duration.as_secs();
         let started = Instant::now();
-        let mut ticker = tokio::time::interval(Duration::from_millis(1));
-        let mut issued = 0_u64;
-        let mut writes = Vec::new();
-        while issued < total {
-            ticker.tick().await;
-            // Write i is scheduled at i / rate, so at elapsed t the writes 0..=floor(t × rate)
-            // are due (not one interval later).
-            let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
-            while issued < due {
-                let scheduled = started + Duration::from_secs_f64(issued as f64 / rate as f64);
-                let id = format!("p{issued}");
-                probes
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(id.clone(), Probe { scheduled, acknowledged: None, seen: [None, None] });
-                let url = format!("{}/v1/collections/{collection}/records/{id}", writer.api);
-                let (http, in_flight, acknowledged) = (self.http.clone(), in_flight.clone(), acknowledged.clone());
-                let probes = probes.clone();
-                writes.push(tokio::spawn(async move {
-                    let Ok(_permit) = in_flight.acquire_owned().await else { return };
-                    if let Ok(response) = http.put(url).json(&json!({"n": 1, "site": "bench"})).send().await
-                        && response.status() == reqwest::StatusCode::OK
-                    {
-                        let now = Instant::now();
-                        acknowledged.fetch_add(1, Ordering::Relaxed);
-                        if let Some(probe) = probes.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&id) {
-                            probe.acknowledged = Some(now);
-                        }
+        // The schedule runs on a thread of its own: tokio's timer rounds every sleep up to the
+        // next millisecond, which at 5k/s would issue each write up to a millisecond late and
+        // charge that to the nodes. A thread's sleep overshoots by tens of microseconds (the
+        // note reports how late writes went out).
+        let writes = {
+            let (runtime, http, probes) = (tokio::runtime::Handle::current(), self.http.clone(), probes.clone());
+            let (acknowledged, api) = (acknowledged.clone(), writer.api.clone());
+            let collection = collection.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut writes = Vec::with_capacity(total as usize);
+                for issued in 0..total {
+                    let scheduled = started + Duration::from_secs_f64(issued as f64 / rate as f64);
+                    if let Some(ahead) = scheduled.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(ahead);
                     }
-                }));
-                issued += 1;
-            }
-        }
+                    let id = format!("p{issued}");
+                    probes
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id.clone(), Probe { scheduled, sent: None, acknowledged: None, seen: [None, None] });
+                    let url = format!("{api}/v1/collections/{collection}/records/{id}");
+                    let (http, in_flight, acknowledged) = (http.clone(), in_flight.clone(), acknowledged.clone());
+                    let probes = probes.clone();
+                    writes.push(runtime.spawn(async move {
+                        let Ok(_permit) = in_flight.acquire_owned().await else { return };
+                        let sent = Instant::now();
+                        if let Ok(response) = http.put(url).json(&json!({"n": 1, "site": "bench"})).send().await
+                            && response.status() == reqwest::StatusCode::OK
+                        {
+                            let now = Instant::now();
+                            acknowledged.fetch_add(1, Ordering::Relaxed);
+                            if let Some(probe) = probes.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&id) {
+                                probe.sent = Some(sent);
+                                probe.acknowledged = Some(now);
+                            }
+                        }
+                    }));
+                }
+                writes
+            })
+            .await?
+        };
         let offered_for = started.elapsed();
         futures::future::join_all(writes).await;
         let acknowledged_for = started.elapsed();
@@ -1043,15 +1057,17 @@ impl Bench {
         }
         let commits_after = [self.commit_totals(writer).await?, self.commit_totals(readers[0]).await?];
         let (mut latencies, mut acknowledgements, mut after_acknowledgement) = (Vec::new(), Vec::new(), Vec::new());
+        let mut late = Vec::new();
         for probe in probes.lock().unwrap_or_else(PoisonError::into_inner).values() {
-            let Some(acknowledged) = probe.acknowledged else { continue };
+            let (Some(sent), Some(acknowledged)) = (probe.sent, probe.acknowledged) else { continue };
+            late.push(sent.saturating_duration_since(probe.scheduled));
             acknowledgements.push(acknowledged.saturating_duration_since(probe.scheduled));
             let (Some(first), Some(second)) = (probe.seen[0], probe.seen[1]) else { continue };
             let readable = first.max(second);
             latencies.push(readable.saturating_duration_since(probe.scheduled));
             after_acknowledgement.push(readable.saturating_duration_since(acknowledged));
         }
-        for list in [&mut latencies, &mut acknowledgements, &mut after_acknowledgement] {
+        for list in [&mut latencies, &mut acknowledgements, &mut after_acknowledgement, &mut late] {
             list.sort();
         }
         if latencies.is_empty() {
@@ -1060,10 +1076,12 @@ impl Bench {
         let achieved = acknowledged as f64 / acknowledged_for.as_secs_f64();
         let note = format!(
             "offered {total} writes over {:.1} s, {acknowledged} acknowledged ({achieved:.0}/s), {} seen on both; \
-             from the scheduled time: acknowledged p50 {:.1} ms p99 {:.1} ms; from the acknowledgement to readable on \
-             both: p50 {:.1} ms p99 {:.1} ms",
+             sent p50 {:.0} µs p99 {:.0} µs after the scheduled time; from the scheduled time: acknowledged p50 {:.1} \
+             ms p99 {:.1} ms; from the acknowledgement to readable on both: p50 {:.1} ms p99 {:.1} ms",
             offered_for.as_secs_f64(),
             latencies.len(),
+            percentile(&late, 0.5).as_secs_f64() * 1e6,
+            percentile(&late, 0.99).as_secs_f64() * 1e6,
             milliseconds(percentile(&acknowledgements, 0.5)),
             milliseconds(percentile(&acknowledgements, 0.99)),
             milliseconds(percentile(&after_acknowledgement, 0.5)),
@@ -1154,6 +1172,9 @@ struct Latency {
 /// A write under observation: when it was due, and when each reader's feed carried it.
 struct Probe {
     scheduled: Instant,
+    /// When the request went out: after its schedule, by the scheduler's lateness, or by waiting
+    /// for one of the writes in flight.
+    sent: Option<Instant>,
     /// When node A acknowledged the write.
     acknowledged: Option<Instant>,
     seen: [Option<Instant>; 2],
