@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use process::{NodeProcess, NodeSettings};
+use process::{CpuShares, NodeProcess, NodeSettings};
 
 mod process;
 
@@ -972,7 +972,12 @@ impl Bench {
     /// Writes at the phase's rate to `writer` on a fixed schedule and matches each key on the
     /// change feeds of `readers`. Latency is from the scheduled time of a write (so a slow
     /// acknowledgement counts against it) to the moment the last reader's feed carries it.
-    async fn latency(&self, writer: &NodeProcess, readers: [&NodeProcess; 2], phase: Latency) -> anyhow::Result<Vec<Figure>> {
+    async fn latency(
+        &self,
+        writer: &NodeProcess,
+        readers: [&NodeProcess; 2],
+        phase: Latency,
+    ) -> anyhow::Result<Vec<Figure>> {
         let Latency { rate, name, collection, key, label: engine } = phase;
         let collection = collection.to_owned();
         let probes: Arc<Mutex<HashMap<String, Probe>>> = Arc::default();
@@ -989,6 +994,7 @@ impl Bench {
             feeds.push(tokio::spawn(follow_feed(response, collection.clone(), reader_index, probes.clone())));
         }
         let commits_before = [self.commit_totals(writer).await?, self.commit_totals(readers[0]).await?];
+        let cpu = CpuShares::start(&[writer, readers[0], readers[1]]);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(LATENCY_IN_FLIGHT_MAX));
         let acknowledged = Arc::new(AtomicU64::new(0));
         let total = rate * self.settings.latency_duration.as_secs();
@@ -1038,6 +1044,7 @@ impl Bench {
         let offered_for = started.elapsed();
         futures::future::join_all(writes).await;
         let acknowledged_for = started.elapsed();
+        let cpu = cpu.since(&[writer, readers[0], readers[1]]);
         let acknowledged = acknowledged.load(Ordering::Relaxed);
         let waited = Instant::now();
         loop {
@@ -1088,7 +1095,9 @@ impl Bench {
             milliseconds(percentile(&after_acknowledgement, 0.99)),
         );
         let [writer_commits, reader_commits] = [0, 1].map(|node| commits_after[node].since(&commits_before[node]));
-        let note = format!("{note}; group commits on the writer {writer_commits}, on a reader {reader_commits}");
+        let note = format!(
+            "{note}; group commits on the writer {writer_commits}, on a reader {reader_commits}; CPU while writing: {cpu}"
+        );
         let note =
             if achieved < rate as f64 * 0.9 { format!("{note}; the offered load was not sustained") } else { note };
         println!(

@@ -103,6 +103,11 @@ impl NodeProcess {
             .with_context(|| format!("no VmRSS for {}", self.name))
     }
 
+    /// The CPU time (user and system, all threads) the process has used so far.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(&self.child.id()?.to_string())
+    }
+
     /// Asks the node to stop (SIGTERM, as an operator's service manager would) and waits for a
     /// clean exit.
     pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
@@ -121,6 +126,72 @@ impl NodeProcess {
             bail!("{} stopped with {status}; see {}", self.name, self.log.display());
         }
         Ok(())
+    }
+}
+
+/// The CPU time (user and system, all threads) process `pid` (or `self`) has used so far, from
+/// /proc/PID/stat.
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: the fields are counted after it.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// The jiffies the whole machine has spent busy, and in all, from /proc/stat.
+pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|field| field.parse().unwrap_or(0)).collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Where the machine's CPU went over a phase: each node's cores, the load generator's (this
+/// process), and the share of the machine that was busy.
+#[derive(Debug)]
+pub(crate) struct CpuShares {
+    started: Instant,
+    nodes: Vec<(&'static str, Option<f64>)>,
+    generator: Option<f64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuShares {
+    pub(crate) fn start(nodes: &[&NodeProcess]) -> CpuShares {
+        CpuShares {
+            started: Instant::now(),
+            nodes: nodes.iter().map(|node| (node.name, node.cpu_seconds())).collect(),
+            generator: cpu_seconds("self"),
+            machine: machine_jiffies(),
+        }
+    }
+
+    /// "node-a 0.52 cores, …, the load generator 0.20 cores; the machine 81% busy", for what
+    /// `nodes` (the same as at the start) used since.
+    pub(crate) fn since(&self, nodes: &[&NodeProcess]) -> String {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let cores = |before: Option<f64>, after: Option<f64>| match (before, after) {
+            (Some(before), Some(after)) => format!("{:.2} cores", (after - before) / elapsed),
+            _ => "? cores".to_owned(),
+        };
+        let mut parts: Vec<String> = self
+            .nodes
+            .iter()
+            .zip(nodes)
+            .map(|((name, before), node)| format!("{name} {}", cores(*before, node.cpu_seconds())))
+            .collect();
+        parts.push(format!("the load generator {}", cores(self.generator, cpu_seconds("self"))));
+        let busy = match (self.machine, machine_jiffies()) {
+            (Some((busy_before, total_before)), Some((busy, total))) if total > total_before => {
+                format!("{:.0}%", 100.0 * (busy - busy_before) as f64 / (total - total_before) as f64)
+            }
+            _ => "?".to_owned(),
+        };
+        format!("{}; the machine {busy} busy", parts.join(", "))
     }
 }
 
@@ -154,6 +225,21 @@ fn config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_times_are_read_for_this_process_and_the_machine() {
+        let before = cpu_seconds("self").expect("this process's CPU time");
+        let started = Instant::now();
+        let mut spin = 0_u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let after = cpu_seconds("self").expect("this process's CPU time");
+        assert!(after - before >= 0.1, "300 ms of spinning counted as {} s", after - before);
+        let (busy, total) = machine_jiffies().expect("the machine's jiffies");
+        assert!(busy > 0 && busy <= total);
+        assert_eq!(cpu_seconds("no-such-process"), None);
+    }
 
     #[test]
     fn a_node_s_config_is_one_the_node_reads_back() {
