@@ -10,7 +10,9 @@
 //! A page is stored under the number of its first entry. Its entries are each stored as its
 //! length (LEB128) and its bytes; an entry's number is the page's plus its position. Pages never
 //! overlap, so the page holding entry `n` is the last one stored at or below `n`. Appending
-//! costs one read of the last page per commit; removing or replacing an entry rewrites its page.
+//! needs the number of the journal's last entry, which the store remembers from its own commits
+//! ([`Tails`]; one read of the last page when it does not); removing or replacing an entry
+//! rewrites its page.
 //!
 //! Since store format 3 a page's value starts with a byte saying how the entries follow:
 //! [`PAGE_PLAIN`] as they are, or [`PAGE_COMPRESSED`] as one zstd frame. A page is compressed
@@ -354,30 +356,98 @@ pub(crate) fn paged(entries: &[(Journal, u64, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)
 /// Stages a journal's pending operations into `batch`, reading what `tree` holds of it.
 ///
 /// The usual case appends: every number is past the journal's last entry, and the new entries
-/// become new pages after one read of the last page. Operations on numbers the journal may
-/// already hold (a removal, a trim, a put that replaces) read the pages they reach, and those
-/// pages are stored again as they come out (split at any gap, under their first entry).
+/// become new pages. Which numbers are past it comes from `last` when the caller knows it (see
+/// [`Tails`]), else from a read of the last page. Operations on numbers the journal may already
+/// hold (a removal, a trim, a put that replaces) read the pages they reach, and those pages are
+/// stored again as they come out (split at any gap, under their first entry).
+///
+/// Returns the number of the journal's last entry once the batch is applied (`Some(None)` for an
+/// empty journal), or `None` when this stage cannot tell without a read (it rewrote pages).
 pub(crate) fn stage(
     tree: &sled::Tree,
     cache: &PageCache,
     journal: &Journal,
     pending: Pending,
+    last: Option<Option<u64>>,
     batch: &mut sled::Batch,
-) -> Result<(), WriteError> {
+) -> Result<Option<Option<u64>>, WriteError> {
     let trim_through = pending.trim_through;
     let operations = pending.sorted();
-    let last = last_number(tree, cache, journal)?;
+    let last = match last {
+        Some(last) => last,
+        None => last_number(tree, cache, journal)?,
+    };
     let held = operations.partition_point(|(number, _)| last.is_some_and(|last| *number <= last));
     let (within, beyond) = operations.split_at(held);
-    if !within.is_empty() || trim_through.is_some() {
+    let rewrites = !within.is_empty() || trim_through.is_some();
+    if rewrites {
         rewrite(tree, cache, journal, within, trim_through, batch)?;
     }
-    let appended = beyond.iter().filter_map(|(number, value)| Some((*number, value.as_deref()?)));
+    let appended: Vec<(u64, &[u8])> =
+        beyond.iter().filter_map(|(number, value)| Some((*number, value.as_deref()?))).collect();
+    let after = appended.last().map(|(number, _)| *number).or(last);
     for page in pages(appended) {
         let (key, value) = page.into_entry(journal);
         batch.insert(key, value);
     }
-    Ok(())
+    Ok((!rewrites).then_some(after))
+}
+
+/// How many journals [`Tails`] remembers (the feed, the audit trail, and the change log of each
+/// origin a node has stored changes of); past that it starts again from none.
+pub(crate) const TAILS_MAX: usize = 4096;
+
+/// The number of each journal's last entry, as the commits that appended to it left it, so that a
+/// commit does not read each journal's last page to tell its appends apart (a reverse scan in
+/// sled and a decompression: a tenth of a replicating node's engine thread at 1k writes/s).
+///
+/// Only [`crate::Store::apply`] changes journals once the store is open, under its commit lock,
+/// and it records a journal's new last number only after sled applied the batch; a stage that
+/// rewrote pages (a removal, a replacement, a trim) forgets the journal, and a failed apply
+/// forgets them all, so a remembered number is never stale. A number below the truth is the
+/// one that would corrupt: a put between it and the real end would be taken for an append and
+/// start a page inside another (one above it only sends a put the slower way, through
+/// `rewrite`).
+#[derive(Debug, Default)]
+pub(crate) struct Tails {
+    last: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<u64>>>,
+}
+
+impl Tails {
+    /// The journal's last number if remembered (`Some(None)`: known to be empty).
+    pub(crate) fn get(&self, journal: &Journal) -> Option<Option<u64>> {
+        self.lock().get(&journal.prefix).copied()
+    }
+
+    /// Records what [`stage`] returned for `journal`, once its batch is applied.
+    pub(crate) fn set(&self, journal: &Journal, after: Option<Option<u64>>) {
+        let mut last = self.lock();
+        match after {
+            None => {
+                last.remove(&journal.prefix);
+            }
+            Some(after) => {
+                if last.len() >= TAILS_MAX && !last.contains_key(&journal.prefix) {
+                    last.clear();
+                }
+                last.insert(journal.prefix.clone(), after);
+            }
+        }
+    }
+
+    /// Forgets every journal (after a batch that may or may not have been applied).
+    pub(crate) fn forget_all(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, Option<u64>>> {
+        self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
 }
 
 /// Applies operations on numbers at or below the journal's last entry, and a trim, to the
@@ -866,6 +936,28 @@ mod tests {
         assert!(range(tree, &cache, &journal, 1, 4).is_err());
         assert_eq!(range(tree, &cache, &journal, 7, 4).expect("between the damage").len(), 4);
         assert!(range(tree, &cache, &journal, 7, 5).is_err());
+    }
+
+    #[test]
+    fn tails_remember_each_journal_forget_on_request_and_are_bounded() {
+        let tails = Tails::default();
+        let feed = Journal::numbered(Keyspace::Feed);
+        assert_eq!(tails.get(&feed), None, "nothing is known at first");
+        tails.set(&feed, Some(None));
+        assert_eq!(tails.get(&feed), Some(None), "known to be empty");
+        tails.set(&feed, Some(Some(7)));
+        assert_eq!(tails.get(&feed), Some(Some(7)));
+        tails.set(&feed, None);
+        assert_eq!(tails.get(&feed), None, "a rewritten journal is read again");
+        for origin in 0..TAILS_MAX as u32 + 10 {
+            let mut bytes = [0_u8; 16];
+            bytes[..4].copy_from_slice(&origin.to_be_bytes());
+            tails.set(&Journal::log(&bytes), Some(Some(u64::from(origin))));
+            assert!(tails.len() <= TAILS_MAX);
+        }
+        tails.set(&feed, Some(Some(9)));
+        tails.forget_all();
+        assert_eq!((tails.get(&feed), tails.len()), (None, 0));
     }
 
     #[test]

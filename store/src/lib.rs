@@ -116,6 +116,8 @@ pub struct Store {
     locks: Arc<Locks>,
     /// Journal pages decompressed last (see [`journal::PageCache`]).
     pages: Arc<journal::PageCache>,
+    /// Each journal's last entry number, as the last commits left it (see [`journal::Tails`]).
+    tails: Arc<journal::Tails>,
 }
 
 #[derive(Debug, Default)]
@@ -209,7 +211,13 @@ impl Store {
             None if fresh => mark_current_format(&db, directory, sled::Batch::default())?,
             None => return Err(OpenError::NotAStore { path: path(), reason: "no format marker" }),
         }
-        Ok(Store { db, directory: Arc::new(path()), locks: Arc::default(), pages: Arc::default() })
+        Ok(Store {
+            db,
+            directory: Arc::new(path()),
+            locks: Arc::default(),
+            pages: Arc::default(),
+            tails: Arc::default(),
+        })
     }
 
     /// The folder the store lives in.
@@ -362,22 +370,30 @@ impl Store {
         }
         let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
         // Only commits change the tree, so the journals are read without blocking readers.
-        guarded(|| -> Result<(), WriteError> {
+        let tails = guarded(|| -> Result<Vec<(Journal, Option<Option<u64>>)>, WriteError> {
             let numbered =
                 [(Journal::numbered(Keyspace::Feed), feed), (Journal::numbered(Keyspace::Audit), audit)].into_iter();
             let logs = log.into_iter().map(|(origin, pending)| (Journal::log(&origin), pending));
+            let mut tails = Vec::new();
             for (journal, pending) in numbered.chain(logs) {
                 if !pending.is_empty() {
-                    journal::stage(&self.db, &self.pages, &journal, pending, &mut staged)?;
+                    let known = self.tails.get(&journal);
+                    let after = journal::stage(&self.db, &self.pages, &journal, pending, known, &mut staged)?;
+                    tails.push((journal, after));
                 }
             }
-            Ok(())
+            Ok(tails)
         })
         .map_err(|message| WriteError::Panicked { message })??;
         let _applying = self.locks.visibility.write().unwrap_or_else(PoisonError::into_inner);
-        guarded(|| self.db.apply_batch(staged))
-            .map_err(|message| WriteError::Panicked { message })?
-            .map_err(WriteError::Apply)?;
+        let applied = guarded(|| self.db.apply_batch(staged)).map_err(|message| WriteError::Panicked { message });
+        if !matches!(applied, Ok(Ok(()))) {
+            self.tails.forget_all();
+        }
+        applied?.map_err(WriteError::Apply)?;
+        for (journal, after) in tails {
+            self.tails.set(&journal, after);
+        }
         Ok(Applied { flush: true })
     }
 
@@ -531,7 +547,8 @@ impl WriteBatch {
         self.operations += 1;
     }
 
-    /// Removes every feed entry numbered `sequence` or less (retention).
+    /// Removes every feed entry numbered `sequence` or less (retention). The trim applies before
+    /// the batch's other feed operations, whatever their order: entries the batch puts stay.
     pub fn trim_feed_through(&mut self, sequence: u64) {
         self.feed.trim_through(sequence);
         self.operations += 1;
@@ -549,7 +566,8 @@ impl WriteBatch {
         self.operations += 1;
     }
 
-    /// Removes every audit entry numbered `sequence` or less (retention).
+    /// Removes every audit entry numbered `sequence` or less (retention). The trim applies before
+    /// the batch's other audit operations, whatever their order: entries the batch puts stay.
     pub fn trim_audit_through(&mut self, sequence: u64) {
         self.audit.trim_through(sequence);
         self.operations += 1;

@@ -801,3 +801,117 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
     current.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
     assert_eq!(db.get(b"mformat").expect("read").as_deref(), Some(current.as_slice()));
 }
+
+/// A small deterministic generator (xorshift), so that a failing sequence is the same every run.
+struct Sequence(u64);
+
+impl Sequence {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[test]
+fn journals_read_as_a_model_of_their_operations_through_appends_removals_replacements_and_trims() {
+    // Commits append to the audit trail and to two origins' logs, and now and then remove or
+    // replace an entry (the last one too), trim, or fill a hole below the end: every case where
+    // the store's memory of each journal's last entry (`journal::Tails`) must be forgotten or
+    // moved. After each commit every journal reads as the model says, through this handle and
+    // through one opened afresh at the end.
+    let (_temporary, directory) = folder();
+    let mut model: std::collections::BTreeMap<(u8, u64), Vec<u8>> = std::collections::BTreeMap::new();
+    let mut random = Sequence(0x9e37_79b9_7f4a_7c15);
+    let mut next = [1_u64; 3];
+    let value = |journal: u8, number: u64, round: u64| {
+        format!("{journal}/{number}/{round} {}", "v".repeat((number % 90) as usize)).into_bytes()
+    };
+    let read = |store: &Store, journal: u8| -> Vec<(u64, Vec<u8>)> {
+        match journal {
+            0 => store.audit_range(0, usize::MAX).expect("audit"),
+            1 => store.log_range(&ORIGIN_A, 0, usize::MAX).expect("log A"),
+            _ => store.log_range(&ORIGIN_B, 0, usize::MAX).expect("log B"),
+        }
+    };
+    let expected = |model: &std::collections::BTreeMap<(u8, u64), Vec<u8>>, journal: u8| -> Vec<(u64, Vec<u8>)> {
+        model.range((journal, 0)..=(journal, u64::MAX)).map(|((_, number), value)| (*number, value.clone())).collect()
+    };
+    {
+        let store = Store::open(&directory).expect("create");
+        for round in 0..300_u64 {
+            let mut batch = WriteBatch::default();
+            // A trim applies before the batch's other operations on its journal, whatever their
+            // order: the model applies them after it.
+            let mut operations: Vec<((u8, u64), Option<Vec<u8>>)> = Vec::new();
+            let mut trim = None;
+            for _ in 0..=random.next(4) {
+                let journal = random.next(3) as u8;
+                let put = |batch: &mut WriteBatch, number: u64, bytes: &[u8]| match journal {
+                    0 => batch.put_audit(number, bytes),
+                    1 => batch.put_log(&ORIGIN_A, number, bytes),
+                    _ => batch.put_log(&ORIGIN_B, number, bytes),
+                };
+                let remove = |batch: &mut WriteBatch, number: u64| match journal {
+                    0 => batch.remove_audit(number),
+                    1 => batch.remove_log(&ORIGIN_A, number),
+                    _ => batch.remove_log(&ORIGIN_B, number),
+                };
+                let last = next[journal as usize] - 1;
+                match random.next(10) {
+                    // Append one or a run.
+                    0..=5 => {
+                        for _ in 0..=random.next(3) {
+                            let number = next[journal as usize];
+                            next[journal as usize] += 1 + random.next(2);
+                            let bytes = value(journal, number, round);
+                            put(&mut batch, number, &bytes);
+                            operations.push(((journal, number), Some(bytes)));
+                        }
+                    }
+                    // Remove the last entry, or one below it.
+                    6 if last > 0 => {
+                        let number = if random.next(2) == 0 { last } else { 1 + random.next(last) };
+                        remove(&mut batch, number);
+                        operations.push(((journal, number), None));
+                    }
+                    // Replace or fill in an entry at or below the end.
+                    7 if last > 0 => {
+                        let number = 1 + random.next(last);
+                        let bytes = value(journal, number, round + 1000);
+                        put(&mut batch, number, &bytes);
+                        operations.push(((journal, number), Some(bytes)));
+                    }
+                    // Trim the audit trail, now and then all of it.
+                    8 if journal == 0 && last > 0 => {
+                        let through = if random.next(4) == 0 { u64::MAX } else { random.next(last + 1) };
+                        batch.trim_audit_through(through);
+                        trim = Some(trim.map_or(through, |earlier: u64| earlier.max(through)));
+                    }
+                    _ => {}
+                }
+            }
+            store.commit(batch).expect("commit");
+            if let Some(through) = trim {
+                model.retain(|(other, number), _| *other != 0 || *number > through);
+            }
+            for (key, value) in operations {
+                match value {
+                    Some(value) => model.insert(key, value),
+                    None => model.remove(&key),
+                };
+            }
+            for journal in 0..3 {
+                assert_eq!(read(&store, journal), expected(&model, journal), "journal {journal} after round {round}");
+            }
+            let last_audit =
+                model.range((0, 0)..=(0, u64::MAX)).next_back().map(|((_, number), value)| (*number, value.clone()));
+            assert_eq!(store.audit_last().expect("audit last"), last_audit, "the last audit entry after round {round}");
+        }
+    }
+    let reopened = Store::open(&directory).expect("reopen");
+    for journal in 0..3 {
+        assert_eq!(read(&reopened, journal), expected(&model, journal), "journal {journal} reopened");
+    }
+}
