@@ -368,9 +368,9 @@ pub(crate) fn stage(
     cache: &PageCache,
     journal: &Journal,
     pending: Pending,
-    last: Option<Option<u64>>,
+    last: Tail,
     batch: &mut sled::Batch,
-) -> Result<Option<Option<u64>>, WriteError> {
+) -> Result<Tail, WriteError> {
     let trim_through = pending.trim_through;
     let operations = pending.sorted();
     let last = match last {
@@ -392,6 +392,10 @@ pub(crate) fn stage(
     }
     Ok((!rewrites).then_some(after))
 }
+
+/// A journal's last entry number as far as it is known: `None` unknown (to be read), `Some(None)`
+/// an empty journal, `Some(Some(n))` entry `n`.
+pub(crate) type Tail = Option<Option<u64>>;
 
 /// How many journals [`Tails`] remembers (the feed, the audit trail, and the change log of each
 /// origin a node has stored changes of); past that it starts again from none.
@@ -415,12 +419,12 @@ pub(crate) struct Tails {
 
 impl Tails {
     /// The journal's last number if remembered (`Some(None)`: known to be empty).
-    pub(crate) fn get(&self, journal: &Journal) -> Option<Option<u64>> {
+    pub(crate) fn get(&self, journal: &Journal) -> Tail {
         self.lock().get(&journal.prefix).copied()
     }
 
     /// Records what [`stage`] returned for `journal`, once its batch is applied.
-    pub(crate) fn set(&self, journal: &Journal, after: Option<Option<u64>>) {
+    pub(crate) fn set(&self, journal: &Journal, after: Tail) {
         let mut last = self.lock();
         match after {
             None => {

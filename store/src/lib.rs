@@ -370,7 +370,7 @@ impl Store {
         }
         let _committing = self.locks.commit.lock().unwrap_or_else(PoisonError::into_inner);
         // Only commits change the tree, so the journals are read without blocking readers.
-        let tails = guarded(|| -> Result<Vec<(Journal, Option<Option<u64>>)>, WriteError> {
+        let tails = guarded(|| -> Result<Vec<(Journal, journal::Tail)>, WriteError> {
             let numbered =
                 [(Journal::numbered(Keyspace::Feed), feed), (Journal::numbered(Keyspace::Audit), audit)].into_iter();
             let logs = log.into_iter().map(|(origin, pending)| (Journal::log(&origin), pending));

@@ -802,6 +802,9 @@ fn a_format_1_store_has_its_journals_moved_into_pages() {
     assert_eq!(db.get(b"mformat").expect("read").as_deref(), Some(current.as_slice()));
 }
 
+/// A put (`Some`) or a removal of entry `.0.1` of journal `.0.0`.
+type JournalOperation = ((u8, u64), Option<Vec<u8>>);
+
 /// A small deterministic generator (xorshift), so that a failing sequence is the same every run.
 struct Sequence(u64);
 
@@ -844,7 +847,7 @@ fn journals_read_as_a_model_of_their_operations_through_appends_removals_replace
             let mut batch = WriteBatch::default();
             // A trim applies before the batch's other operations on its journal, whatever their
             // order: the model applies them after it.
-            let mut operations: Vec<((u8, u64), Option<Vec<u8>>)> = Vec::new();
+            let mut operations: Vec<JournalOperation> = Vec::new();
             let mut trim = None;
             for _ in 0..=random.next(4) {
                 let journal = random.next(3) as u8;
