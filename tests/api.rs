@@ -351,6 +351,18 @@ async fn a_yrs_collection_serves_the_record_api_without_counters() {
     let (status, refused) = node.call(Method::POST, &path, Some(json!({"field": "n"}))).await;
     assert_eq!(status, 422);
     assert!(refused["error"].as_str().unwrap().contains("no counters"), "{refused}");
+    // A batch answers versions on this engine too: the versions reads give.
+    let writes = json!([
+        {"op": "put", "collection": "events", "id": "e2", "value": {"kind": "view"}},
+        {"op": "patch", "collection": "events", "id": "e1", "value": {"seen": true}},
+        {"op": "patch", "collection": "events", "id": "e2", "value": {"n": 2}},
+    ]);
+    let (status, batch) = node.call(Method::POST, "/v1/batch", Some(writes)).await;
+    assert_eq!(status, 200, "{batch}");
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results[1]["version"], node.get("events", "e1").await.1["version"], "the version of e1");
+    assert_eq!(results[2]["version"], node.get("events", "e2").await.1["version"], "the version of e2");
+    assert_ne!(results[0]["version"], results[2]["version"], "each write answers the version it made");
     assert_eq!(node.call(Method::DELETE, &record_path("events", "e1"), None).await.0, 200);
     assert_eq!(node.get("events", "e1").await.0, 404);
     // Other collections stay on automerge, counters included.

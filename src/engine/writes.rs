@@ -397,6 +397,7 @@ fn work_lane(lane: &mut Lane, context: &Context<'_>) {
             }
             let answer = match (step.answer, &document.body) {
                 (AnswerKind::Version, Body::Record(record)) => Answer::Version(record.version()),
+                (AnswerKind::Version, Body::Map(record)) => Answer::Version(record.version()),
                 (AnswerKind::Version, body) => Answer::Version(body.view(key)?.version),
                 (AnswerKind::View, body) => Answer::View(resolve_view(key, document, definition, body.view(key)?)?),
             };
