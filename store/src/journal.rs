@@ -18,7 +18,8 @@
 //! [`PAGE_PLAIN`] as they are, or [`PAGE_COMPRESSED`] as one zstd frame. A page is compressed
 //! when that makes it smaller and its entries take at most [`COMPRESSED_PAGE_MAX`] bytes, which is
 //! every page of more than one entry; that bound is also the most a stored frame may decompress
-//! to, so a damaged or hostile frame cannot make a read allocate more. The entries of one journal
+//! to, so a damaged or hostile frame cannot make a read allocate more. A page of one small entry
+//! stays plain ([`COMPRESS_SINGLE_FROM`]). The entries of one journal
 //! repeat themselves (an origin's changes share headers and field names, feed and audit entries
 //! share keys and principals): on the bench's records the log's and the feed's pages shrink
 //! about fivefold, the audit trail's about twofold (its hash chain does not compress).
@@ -42,6 +43,11 @@ pub(crate) const PAGE_PLAIN: u8 = 0;
 pub(crate) const PAGE_COMPRESSED: u8 = 1;
 /// Entries of fewer bytes are stored plain: a zstd frame's own header would eat most of the gain.
 const COMPRESS_FROM: usize = 64;
+/// A page of one entry is compressed only from this many bytes. Alone, a small entry shrinks
+/// little (an automerge change is already packed, an audit entry's hashes do not compress), and
+/// at low write rates, where every commit writes one-entry pages, the zstd frames were 7% of a
+/// replicating node's engine thread (BENCHMARKS.md, session 18).
+const COMPRESS_SINGLE_FROM: usize = 1024;
 /// Pages whose entries take more bytes are stored plain, and a compressed page may decompress to
 /// at most this many. A page of more than one entry always fits (see [`PageBuilder::takes`]);
 /// only an entry bigger than a page gets a plain page of its own.
@@ -321,9 +327,18 @@ impl PageBuilder {
         self.count += 1;
     }
 
-    /// The page's key and stored value.
+    /// The page's key and stored value: compressed as [`pack`] decides, except that a page of
+    /// one entry under [`COMPRESS_SINGLE_FROM`] bytes stays plain.
     pub(crate) fn into_entry(self, journal: &Journal) -> (Vec<u8>, Vec<u8>) {
-        (journal.key(self.first), pack(&self.bytes))
+        let value = if self.count == 1 && self.bytes.len() < COMPRESS_SINGLE_FROM {
+            let mut stored = Vec::with_capacity(self.bytes.len() + 1);
+            stored.push(PAGE_PLAIN);
+            stored.extend_from_slice(&self.bytes);
+            stored
+        } else {
+            pack(&self.bytes)
+        };
+        (journal.key(self.first), value)
     }
 }
 
@@ -780,6 +795,12 @@ mod tests {
             .collect();
         assert_eq!(stored(&noise).0, PAGE_PLAIN);
         assert_eq!(stored(&[b"short".to_vec()]).0, PAGE_PLAIN);
+        // A lone entry is compressed only from COMPRESS_SINGLE_FROM bytes (its length prefix
+        // included), however well it shrinks.
+        let repetitive = |length: usize| "a change ".repeat(length / 9 + 1).into_bytes()[..length].to_vec();
+        assert_eq!(stored(&[repetitive(COMPRESS_SINGLE_FROM - 3)]).0, PAGE_PLAIN);
+        assert_eq!(stored(&[repetitive(COMPRESS_SINGLE_FROM - 2)]).0, PAGE_COMPRESSED);
+        assert_eq!(stored(&[repetitive(200), repetitive(200)]).0, PAGE_COMPRESSED, "two entries are");
         // One entry over the bound of a compressed page stays plain however well it would shrink.
         let (encoding, length, plain) = stored(&[vec![0; COMPRESSED_PAGE_MAX]]);
         assert_eq!((encoding, length), (PAGE_PLAIN, plain + 1));
