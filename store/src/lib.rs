@@ -354,9 +354,11 @@ impl Store {
     /// returned [`Applied`] is passed to [`Store::flush`]. A crash before that may lose it (and
     /// any batch applied after it), never part of it.
     ///
-    /// The store never flushes by itself: sled 0.34.7 deadlocks when several tasks call
-    /// flush_async concurrently (sled issue #1308), so the node applies and flushes from one
-    /// thread only. Applies are also serialised by a lock shared by all clones of the store.
+    /// Only [`Store::flush`] makes a batch durable as far as the store's callers know (sled's own
+    /// background thread also flushes about every 500 ms, which nothing here counts on). sled
+    /// 0.34.7 deadlocks when several tasks call flush_async concurrently (sled issue #1308), so
+    /// the node applies and flushes from one thread only. Applies are also serialised by a lock
+    /// shared by all clones of the store.
     ///
     /// Applying reads the last page of each journal (feed, audit, an origin's log) the batch
     /// writes to, and the pages its removals and trims reach (see `journal`).
