@@ -3,12 +3,12 @@
 //!
 //! The ceilings come first: a sled batch-and-flush rate through the `store` crate, a QUIC round
 //! trip through the `transport` crate, and the automerge change rate through `crdt::record`.
-//! Then nodes run as `concord start` processes of this binary (`process`: each with its own sled
-//! store, HTTP API and QUIC endpoint under a fresh cluster CA) and are driven over HTTP: acknowledged writes/s on
-//! one node and on three, replication latency at fixed offered loads (a write at A matched on
-//! B's and C's change feeds), catch-up of a node that was offline, bootstrap of a new node, and
-//! the memory and disk each record takes. A figure that could not be taken is reported as not
-//! measured, with the reason.
+//! Then nodes run as `concord start` processes of this binary (`process`: each with its own
+//! runtime, sled store, HTTP API and QUIC endpoint under a fresh cluster CA) and are driven over
+//! HTTP: acknowledged writes/s on one node and on three, replication latency at fixed offered
+//! loads (a write at A matched on B's and C's change feeds), catch-up of a node that was offline,
+//! bootstrap of a new node, and the memory and disk each record takes. A figure that could not be
+//! taken is reported as not measured, with the reason.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -168,7 +168,7 @@ pub async fn run(
         write_workers: settings.write_workers,
         yrs_collection: crate::demo::YRS_COLLECTION.to_owned(),
     };
-    let bench = Bench { http: reqwest::Client::new(), root: root.path().to_path_buf(), nodes, settings };
+    let bench = Bench { http: reqwest::Client::new(), nodes, settings };
 
     let mut figures = Vec::new();
     figures.extend(phase("sled", whole(bench.sled_ceiling().await), SLED_FIGURES));
@@ -394,7 +394,7 @@ impl Hammered {
 
 struct Bench {
     http: reqwest::Client,
-    root: PathBuf,
+    /// The nodes' binary and settings, and the run's temporary folder (`nodes.root`).
     nodes: NodeSettings,
     settings: Settings,
 }
@@ -402,7 +402,7 @@ struct Bench {
 impl Bench {
     /// Batches of 1,000 small puts, one commit (apply + flush) each.
     async fn sled_ceiling(&self) -> anyhow::Result<Vec<Figure>> {
-        let directory = self.root.join("sled-ceiling");
+        let directory = self.nodes.root.join("sled-ceiling");
         let duration = if self.settings.quick { Duration::from_secs(1) } else { Duration::from_secs(3) };
         let (puts, elapsed) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, Duration)> {
             let store = store::Store::open(&directory)?;
@@ -699,7 +699,7 @@ impl Bench {
         let mut figures = Vec::new();
         let result = self.single_node_phases(&mut figures).await;
         for name in ["solo", "joiner"] {
-            let _ = std::fs::remove_dir_all(self.root.join(name));
+            let _ = std::fs::remove_dir_all(self.nodes.root.join(name));
         }
         (figures, result)
     }
@@ -707,7 +707,7 @@ impl Bench {
     async fn single_node_phases(&self, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
         let mut solo = self.start("solo", Vec::new(), true).await?;
         let rss_before = solo.rss_bytes()?;
-        let disk_before = directory_bytes(&self.root.join("solo"))?;
+        let disk_before = directory_bytes(&self.nodes.root.join("solo"))?;
         let result = async {
             let apis = [solo.api.clone()];
             let run = self.hammer(&apis, "throughput", "w", Some(self.settings.throughput_duration), None, true).await;
@@ -746,7 +746,7 @@ impl Bench {
                 bail!("the node holds no records");
             }
             let rss_after = solo.rss_bytes()?;
-            let disk_after = directory_bytes(&self.root.join("solo"))?;
+            let disk_after = directory_bytes(&self.nodes.root.join("solo"))?;
             figures.push(
                 Figure::new(
                     "memory.rss_bytes_per_record",
@@ -803,7 +803,7 @@ impl Bench {
     /// Where the single node's disk went: the entries and bytes of each keyspace (a scan of the
     /// stopped node's store), against the records it holds.
     async fn disk_breakdown(&self) -> Figure {
-        let directory = self.root.join("solo");
+        let directory = self.nodes.root.join("solo");
         let usage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let store = store::Store::open(&directory)?;
             let counters = store.meta("counters")?.unwrap_or_default();

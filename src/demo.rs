@@ -24,8 +24,8 @@ const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(60);
 /// The collection the demo's and the bench's nodes keep on the yrs record engine.
 pub const YRS_COLLECTION: &str = "events";
 
-/// One node of the demo, running as tasks of this process. `concord bench` starts its nodes the
-/// same way.
+/// One node of the demo, running as tasks of this process (`concord bench` runs its nodes as
+/// processes of their own instead: see `bench::process`).
 pub(crate) struct DemoNode {
     pub(crate) name: &'static str,
     pub(crate) api: String,
