@@ -361,7 +361,8 @@ impl Store {
     /// shared by all clones of the store.
     ///
     /// Applying reads the last page of each journal (feed, audit, an origin's log) the batch
-    /// writes to, and the pages its removals and trims reach (see `journal`).
+    /// writes to, unless an earlier commit left that journal's last entry number in memory
+    /// (`journal::Tails`), and the pages its removals and trims reach (see `journal`).
     pub fn apply(&self, batch: WriteBatch) -> Result<Applied, WriteError> {
         let WriteBatch { batch: mut staged, feed, audit, log, operations, refused } = batch;
         if let Some(refused) = refused {
