@@ -60,4 +60,28 @@ fn quick_bench_reports_every_figure() {
     }
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     assert_eq!(report["settings"]["quick"], Value::Bool(true));
+    // The nodes ran as processes of their own: the memory figure is a node's, and each latency
+    // phase says how late its writes went out and where the machine's CPU went.
+    let note = |key: &str| {
+        let figure = figures.iter().find(|figure| figure["key"] == key).unwrap();
+        figure["note"].as_str().unwrap_or_else(|| panic!("{key} has no note")).to_owned()
+    };
+    assert!(
+        note("memory.rss_bytes_per_record").starts_with("the node process's VmRSS"),
+        "{}",
+        note("memory.rss_bytes_per_record")
+    );
+    for key in ["latency.1k.p50_ms", "latency.5k.p50_ms", "latency_yrs.5k.p50_ms"] {
+        let note = note(key);
+        for part in [
+            "after the scheduled time",
+            "group commits on the writer",
+            "CPU while writing: node-a",
+            "the load generator",
+            "busy",
+        ] {
+            assert!(note.contains(part), "{key}'s note lacks {part:?}: {note}");
+        }
+        assert!(!note.contains("? cores"), "{key}: a CPU time was not read: {note}");
+    }
 }
