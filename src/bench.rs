@@ -1044,7 +1044,7 @@ impl Bench {
         let offered_for = started.elapsed();
         futures::future::join_all(writes).await;
         let acknowledged_for = started.elapsed();
-        let cpu = cpu.since(&[writer, readers[0], readers[1]]);
+        let cpu = cpu.since();
         let acknowledged = acknowledged.load(Ordering::Relaxed);
         let waited = Instant::now();
         loop {

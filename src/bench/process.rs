@@ -103,11 +103,6 @@ impl NodeProcess {
             .with_context(|| format!("no VmRSS for {}", self.name))
     }
 
-    /// The CPU time (user and system, all threads) the process has used so far.
-    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
-        cpu_seconds(&self.child.id()?.to_string())
-    }
-
     /// Asks the node to stop (SIGTERM, as an operator's service manager would) and waits for a
     /// clean exit.
     pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
@@ -155,36 +150,38 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
 #[derive(Debug)]
 pub(crate) struct CpuShares {
     started: Instant,
-    nodes: Vec<(&'static str, Option<f64>)>,
-    generator: Option<f64>,
+    /// Each process's name, its /proc name (a pid, or `self`), and its CPU time at the start.
+    processes: Vec<(&'static str, String, Option<f64>)>,
     machine: Option<(u64, u64)>,
 }
 
 impl CpuShares {
     pub(crate) fn start(nodes: &[&NodeProcess]) -> CpuShares {
-        CpuShares {
-            started: Instant::now(),
-            nodes: nodes.iter().map(|node| (node.name, node.cpu_seconds())).collect(),
-            generator: cpu_seconds("self"),
-            machine: machine_jiffies(),
-        }
+        // A node that has exited has no pid: its name reads no /proc entry, and its share is "?".
+        let pid = |node: &NodeProcess| node.child.id().map_or_else(|| "exited".to_owned(), |pid| pid.to_string());
+        let nodes = nodes.iter().map(|node| (node.name, pid(node)));
+        let processes = nodes
+            .chain([("the load generator", "self".to_owned())])
+            .map(|(name, pid)| {
+                let before = cpu_seconds(&pid);
+                (name, pid, before)
+            })
+            .collect();
+        CpuShares { started: Instant::now(), processes, machine: machine_jiffies() }
     }
 
-    /// "node-a 0.52 cores, …, the load generator 0.20 cores; the machine 81% busy", for what
-    /// `nodes` (the same as at the start) used since.
-    pub(crate) fn since(&self, nodes: &[&NodeProcess]) -> String {
+    /// "node-a 0.52 cores, …, the load generator 0.20 cores; the machine 81% busy", for what each
+    /// process used since the start.
+    pub(crate) fn since(&self) -> String {
         let elapsed = self.started.elapsed().as_secs_f64();
-        let cores = |before: Option<f64>, after: Option<f64>| match (before, after) {
-            (Some(before), Some(after)) => format!("{:.2} cores", (after - before) / elapsed),
-            _ => "? cores".to_owned(),
-        };
-        let mut parts: Vec<String> = self
-            .nodes
+        let parts: Vec<String> = self
+            .processes
             .iter()
-            .zip(nodes)
-            .map(|((name, before), node)| format!("{name} {}", cores(*before, node.cpu_seconds())))
+            .map(|(name, pid, before)| match (before, cpu_seconds(pid)) {
+                (Some(before), Some(after)) => format!("{name} {:.2} cores", (after - before) / elapsed),
+                _ => format!("{name} ? cores"),
+            })
             .collect();
-        parts.push(format!("the load generator {}", cores(self.generator, cpu_seconds("self"))));
         let busy = match (self.machine, machine_jiffies()) {
             (Some((busy_before, total_before)), Some((busy, total))) if total > total_before => {
                 format!("{:.0}%", 100.0 * (busy - busy_before) as f64 / (total - total_before) as f64)
