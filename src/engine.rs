@@ -1050,8 +1050,14 @@ impl Engine {
             tracing::warn!(origin = %envelope.origin, %error, "not advancing the clock to a remote timestamp");
         }
         let key = envelope.key.clone();
-        let mut document = match self.take_document(&key)? {
-            Some(document) => document,
+        let mut document = match self.find_document(&key)? {
+            Some(Found::Built(document)) => document,
+            Some(Found::Bytes { kind, saved, increments }) => {
+                if let Some(changed) = self.apply_rebuilding(&envelope, kind, &saved, &increments)? {
+                    return Ok(changed);
+                }
+                self.build_document(&key, kind, &saved, &increments)?
+            }
             None => {
                 if let Some(first) = self.unbuilt_first_change(&envelope)? {
                     self.stage_first_change(&envelope, first);
@@ -1082,15 +1088,60 @@ impl Engine {
         Ok(changed)
     }
 
+    /// Applies a change to a record stored only as bytes by loading the record with the change
+    /// in it ([`Record::load_applying`]), instead of building it, copying it and applying the
+    /// change to the copy: about half the CPU for a small record measured alone, and 10% faster
+    /// catching up on records changed on both sides of a partition (BENCHMARKS.md, session 19).
+    /// The loaded record is compact, as the copy was. The record before the
+    /// change is read at its old heads, for the digest, the count and the conflict signatures.
+    /// Returns whether the record changed, or `None` when this way does not apply (a schema to
+    /// check against the record before, parts that are not one whole history of changes): the
+    /// caller builds the record and applies the change.
+    fn apply_rebuilding(
+        &mut self,
+        envelope: &Envelope,
+        kind: DocumentKind,
+        saved: &[u8],
+        increments: &[(u32, Vec<u8>)],
+    ) -> Result<Option<bool>, EngineError> {
+        if kind != DocumentKind::Record || !self.needs_no_built_record(envelope)? {
+            return Ok(None);
+        }
+        let parts: Vec<&[u8]> = increments.iter().map(|(_, bytes)| bytes.as_slice()).collect();
+        let Some(rebuilt) = Record::load_applying(saved, &parts, &envelope.change) else { return Ok(None) };
+        let key = &envelope.key;
+        let before = Before {
+            live: rebuilt.record.is_live_at(&rebuilt.before),
+            digest: Some(record_digest(key, &rebuilt.before)),
+        };
+        let next_increment = increments.last().map_or(0, |(index, _)| index + 1);
+        let heads_before = rebuilt.before;
+        let mut document = Document { body: Body::Record(Box::new(rebuilt.record)), next_increment, stored: true };
+        if rebuilt.changed {
+            self.record_conflicts(key, &document, || conflicts::signatures_at(&document, &heads_before))?;
+        }
+        self.unbuilt.remove(key);
+        self.stage_change(&mut document, envelope, before, rebuilt.changed);
+        self.put_back(key.clone(), document);
+        self.metrics.records_rebuilt_with_change.inc();
+        Ok(Some(rebuilt.changed))
+    }
+
+    /// Whether nothing about a peer's change to a record needs the record built before the
+    /// change: a record of a user collection without a schema to check.
+    fn needs_no_built_record(&mut self, envelope: &Envelope) -> Result<bool, EngineError> {
+        if envelope.kind != DocumentKind::Record || is_system_collection(envelope.key.collection()) {
+            return Ok(false);
+        }
+        Ok(self.definition(envelope.key.collection())?.is_none_or(|definition| definition.fields.is_empty()))
+    }
+
     /// What a change that creates a record this node lacks holds, read without building the
     /// record ([`Record::first_change`]), when nothing about it needs the built record: a user
     /// collection without a schema to check (a first change cannot conflict). `None` sends it
     /// the building way.
     fn unbuilt_first_change(&mut self, envelope: &Envelope) -> Result<Option<FirstChange>, EngineError> {
-        if envelope.kind != DocumentKind::Record || is_system_collection(envelope.key.collection()) {
-            return Ok(None);
-        }
-        if self.definition(envelope.key.collection())?.is_some_and(|definition| !definition.fields.is_empty()) {
+        if !self.needs_no_built_record(envelope)? {
             return Ok(None);
         }
         // Read with its frame, off this thread, when it came from a peer (see `PeerFrame`).

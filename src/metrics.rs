@@ -124,6 +124,9 @@ pub struct Metrics {
     pub records_stored_unbuilt: Counter,
     /// Reads served straight from a record's one first change, without building it.
     pub records_read_unbuilt: Counter,
+    /// Peers' changes to records stored only as bytes, applied by loading the record with the
+    /// change in it (not by building it and applying the change to a copy).
+    pub records_rebuilt_with_change: Counter,
     /// Rounds of local writes the engine ran, and the writes in them (see `engine/writes`).
     pub write_rounds: Counter,
     pub write_round_writes: Counter,
@@ -182,7 +185,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut output = String::new();
-        let counters: [(&str, &str, &Counter); 29] = [
+        let counters: [(&str, &str, &Counter); 30] = [
             ("concord_quarantined_total", "Changes from peers put in quarantine.", &self.quarantined),
             ("concord_writes_total", "Local writes that changed a document.", &self.writes),
             ("concord_reads_total", "Document reads.", &self.reads),
@@ -229,6 +232,11 @@ impl Metrics {
                 "concord_records_read_unbuilt_total",
                 "Reads (GET, listing, change feed) served straight from a record's one first change, without building it.",
                 &self.records_read_unbuilt,
+            ),
+            (
+                "concord_records_rebuilt_with_change_total",
+                "Peers' changes to records stored only as bytes, applied by loading the record with the change in it.",
+                &self.records_rebuilt_with_change,
             ),
             ("concord_write_rounds_total", "Rounds of local writes run by the engine.", &self.write_rounds),
             ("concord_write_round_writes_total", "Local writes run in rounds.", &self.write_round_writes),

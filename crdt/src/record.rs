@@ -46,10 +46,12 @@ use crate::json::{self, Conflict, JsonError};
 use crate::key::RecordKey;
 
 mod bounds;
+mod rebuild;
 mod unbuilt;
 
 use bounds::Budget;
 pub use bounds::{BoundError, INFLATED_BYTES_MAX, ITEMS_MAX, RECORD_ITEMS_MAX};
+pub use rebuild::Rebuilt;
 
 const CAUSAL_LENGTH: &str = "$cl";
 
@@ -238,6 +240,11 @@ impl Record {
         causal_length(&self.document) % 2 == 1
     }
 
+    /// [`Record::is_live`] as the record was at `heads` (changes it holds).
+    pub fn is_live_at(&self, heads: &[ChangeHash]) -> bool {
+        causal_length_at(&self.document, Some(heads)) % 2 == 1
+    }
+
     /// Applies a local write made by `origin` at `timestamp`. Returns the change bytes to put in
     /// an envelope, or `None` when the write changes nothing.
     pub fn write(
@@ -369,14 +376,26 @@ impl Record {
     /// ledger reads the values of the fields whose signature changed). A seek per field, as
     /// before, cost more than the apply itself (BENCHMARKS.md, session 12).
     pub fn conflict_signatures(&self) -> Vec<(String, WritingOperations)> {
-        let life = causal_length(&self.document);
+        self.signatures_at(None)
+    }
+
+    /// [`Record::conflict_signatures`] as the record was at `heads` (changes it holds): the
+    /// signatures before a change, read from the record after it.
+    pub fn conflict_signatures_at(&self, heads: &[ChangeHash]) -> Vec<(String, WritingOperations)> {
+        self.signatures_at(Some(heads))
+    }
+
+    fn signatures_at(&self, heads: Option<&[ChangeHash]>) -> Vec<(String, WritingOperations)> {
+        let life = causal_length_at(&self.document, heads);
         if life.is_multiple_of(2) {
             return Vec::new();
         }
         let prefix = life_prefix(life);
-        let conflicted: Vec<String> = self
-            .document
-            .map_range(ROOT, prefix.clone()..)
+        let range = match heads {
+            None => self.document.map_range(ROOT, prefix.clone()..),
+            Some(heads) => self.document.map_range_at(ROOT, prefix.clone().., heads),
+        };
+        let conflicted: Vec<String> = range
             .take_while(|item| item.key.starts_with(prefix.as_str()))
             .filter(|item| item.conflict)
             .map(|item| item.key.into_owned())
@@ -384,7 +403,11 @@ impl Record {
         let mut signatures = Vec::new();
         for key in conflicted {
             let Some(field) = key.strip_prefix(prefix.as_str()) else { continue };
-            let Ok(all) = self.document.get_all(ROOT, key.as_str()) else { continue };
+            let all = match heads {
+                None => self.document.get_all(ROOT, key.as_str()),
+                Some(heads) => self.document.get_all_at(ROOT, key.as_str(), heads),
+            };
+            let Ok(all) = all else { continue };
             if all.len() < 2 {
                 continue;
             }
@@ -669,7 +692,16 @@ fn is_field_key(key: &str) -> bool {
 }
 
 fn causal_length<D: ReadDoc>(document: &D) -> u64 {
-    let Ok(values) = document.get_all(ROOT, CAUSAL_LENGTH) else { return 0 };
+    causal_length_at(document, None)
+}
+
+/// [`causal_length`] as the document was at `heads`, or now for `None`.
+fn causal_length_at<D: ReadDoc>(document: &D, heads: Option<&[ChangeHash]>) -> u64 {
+    let values = match heads {
+        None => document.get_all(ROOT, CAUSAL_LENGTH),
+        Some(heads) => document.get_all_at(ROOT, CAUSAL_LENGTH, heads),
+    };
+    let Ok(values) = values else { return 0 };
     values
         .iter()
         .filter_map(|(value, _)| match value {

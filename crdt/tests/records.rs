@@ -708,6 +708,114 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(500))]
+
+    /// `Record::load_applying` gives what building a record from its parts and then applying a
+    /// change gives: the same record, heads before, answer and conflict signatures before and
+    /// after, for a change that is new, already held, or whose dependencies are missing. It
+    /// declines (`None`) only when the parts and the change are not one whole history.
+    #[test]
+    fn a_record_rebuilt_with_a_change_is_the_record_built_then_changed(
+        first_operations in prop::collection::vec(operation(), 1..5),
+        second_operations in prop::collection::vec(operation(), 0..5),
+        seed in any::<u64>(),
+        applied in 0usize..12,
+        left_out in prop::option::of(0usize..12),
+    ) {
+        let mut first = Replica::new(1);
+        let mut changes: Vec<Vec<u8>> =
+            first_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
+        let mut second = first.fork(2);
+        changes.extend(second_operations.iter().filter_map(|operation| second.write_lenient(operation)));
+        changes.extend(first_operations.iter().filter_map(|operation| first.write_lenient(operation)));
+        prop_assume!(changes.len() >= 2);
+        // Stored as the engine stores a record: its first change, then increments in any order.
+        let saved = changes[0].clone();
+        let change = changes[applied % changes.len()].clone();
+        let mut increments: Vec<Vec<u8>> = changes[1..].iter().filter(|part| **part != change).cloned().collect();
+        shuffle(&mut increments, seed);
+        if let Some(index) = left_out.filter(|index| *index < increments.len()) {
+            increments.remove(index);
+        }
+        let parts: Vec<&[u8]> = increments.iter().map(Vec::as_slice).collect();
+
+        let before = Record::load(&saved, &parts).expect("the parts load");
+        let mut built = before.clone();
+        let changed = built.apply_changes(&change).expect("the change applies");
+        let rebuilt = Record::load_applying(&saved, &parts, &change);
+
+        // Whole: every dependency of the stored changes is among them, and so is every
+        // dependency of the change's changes, once they are added.
+        let stored: Vec<automerge::Change> = std::iter::once(saved.as_slice())
+            .chain(parts.iter().copied())
+            .flat_map(changes_of)
+            .collect();
+        let all: Vec<automerge::Change> = stored.iter().cloned().chain(changes_of(&change)).collect();
+        let closed = |changes: &[automerge::Change]| {
+            changes.iter().all(|header| header.deps().iter().all(|dependency| changes.iter().any(|other| other.hash() == *dependency)))
+        };
+        let whole = closed(&stored) && closed(&all);
+        prop_assert_eq!(rebuilt.is_some(), whole, "declined a whole history, or took a broken one");
+        let Some(rebuilt) = rebuilt else { return Ok(()) };
+        prop_assert_eq!(rebuilt.changed, changed);
+        prop_assert_eq!(&rebuilt.before, &before.heads());
+        prop_assert_eq!(rebuilt.record.heads(), built.heads());
+        prop_assert_eq!(rebuilt.record.view().ok(), built.view().ok());
+        prop_assert_eq!(rebuilt.record.items(), built.items());
+        prop_assert_eq!(rebuilt.record.conflict_signatures(), built.conflict_signatures());
+        prop_assert_eq!(rebuilt.record.conflict_signatures_at(&rebuilt.before), before.conflict_signatures());
+        prop_assert_eq!(rebuilt.record.is_live_at(&rebuilt.before), before.is_live());
+        prop_assert_eq!(rebuilt.record.is_live(), built.is_live());
+    }
+}
+
+/// The changes of change bytes: one change chunk or several back to back (a counter's genesis
+/// and its increment), split by the length in each chunk's header.
+fn changes_of(mut bytes: &[u8]) -> Vec<automerge::Change> {
+    let mut changes = Vec::new();
+    while !bytes.is_empty() {
+        // The magic bytes, the checksum, the chunk type, then the length as ULEB128.
+        let mut length = 0usize;
+        let mut at = 9;
+        for shift in (0..).step_by(7) {
+            let byte = bytes[at];
+            at += 1;
+            length |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let (chunk, rest) = bytes.split_at(at + length);
+        changes.push(automerge::Change::try_from(chunk).expect("a change chunk"));
+        bytes = rest;
+    }
+    changes
+}
+
+/// A record stored as a saved document, or a change that is no single change chunk, goes the
+/// building way: `load_applying` reads each part as change chunks or declines.
+#[test]
+fn a_record_rebuilt_with_a_change_declines_saved_documents_and_damaged_bytes() {
+    let mut writer = Replica::new(1);
+    let first = writer.write_changing(&Operation::Replace(object(json!({"a": 1}))));
+    let second = writer.write_changing(&Operation::MergePatch(object(json!({"b": 2}))));
+    let third = writer.write_changing(&Operation::MergePatch(object(json!({"c": 3}))));
+    let saved = Record::load(&first, &[&second]).expect("it loads").save();
+    assert!(Record::load_applying(&saved, &[], &third).is_none());
+    let truncated = &third[..third.len() - 1];
+    assert!(Record::load_applying(&first, &[&second], truncated).is_none());
+    // Two changes back to back are read as two.
+    let joined: Vec<u8> = [second.as_slice(), third.as_slice()].concat();
+    let rebuilt = Record::load_applying(&first, &[], &joined).expect("two changes");
+    assert_eq!(rebuilt.record.heads(), writer.record.heads());
+    assert!(Record::load_applying(&first, &[], b"not a change").is_none());
+    assert!(Record::load_applying(&[], &[], &first).is_none());
+    let rebuilt = Record::load_applying(&first, &[&second], &third).expect("one whole history");
+    assert!(rebuilt.changed);
+    assert_eq!(rebuilt.record.heads(), writer.record.heads());
+}
+
 #[test]
 fn edits_to_different_fields_both_survive() {
     let mut first = Replica::new(1);

@@ -44,6 +44,12 @@ pub(crate) fn signatures_of(record: &Record) -> Signatures {
     record.conflict_signatures().into_iter().collect()
 }
 
+/// [`signatures`] of `document` as it was at `heads` (changes it holds).
+pub(crate) fn signatures_at(document: &Document, heads: &[crdt::record::ChangeHash]) -> Signatures {
+    let Body::Record(record) = &document.body else { return Signatures::new() };
+    record.conflict_signatures_at(heads).into_iter().collect()
+}
+
 impl Engine {
     /// After bytes from elsewhere changed `document`: a ledger entry for every field whose set of
     /// concurrent values is new since `before` (the signatures before the change, asked for only

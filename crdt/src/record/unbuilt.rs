@@ -74,7 +74,7 @@ fn names_dependencies(bytes: &[u8]) -> bool {
 }
 
 /// A ULEB128 number of at most 64 bits at the start of `bytes`, and the bytes after it.
-fn unsigned_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
+pub(super) fn unsigned_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut value: u64 = 0;
     for (index, &byte) in bytes.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f).checked_shl(7 * index as u32)?;
