@@ -170,6 +170,41 @@ fn main() {
         .expect("it changes something");
     seeds.add("change-on-base", &[&[APPLY][..], &follow_up].concat());
     seeds.add("change-on-base-increment", &[&[INCREMENT][..], &follow_up].concat());
+    // Bytes that `Record::load_applying` answers for in the places the harness puts them (see
+    // `harness::check_load_applying`) that the seeds above do not reach: a change to the base's
+    // first change alone, a change concurrent with the base's follow-up, and a delete.
+    let stored = harness::stored_base();
+    let mut on_first = Record::load(&stored.first, &[]).expect("the base's first change loads");
+    let after_first = on_first
+        .write(
+            &harness::fuzz_key(),
+            &OriginId([3; 16]),
+            timestamp(51),
+            &Operation::MergePatch(object(json!({"name": "ACME 1", "address": {"zip": "8000"}}))),
+        )
+        .expect("seed write on the first change succeeds")
+        .expect("it changes something");
+    seeds.add("load-applying-change-to-first", &[&[APPLY][..], &after_first].concat());
+    // Concurrent with the stored base's follow-up, over the same fields: conflicts after it.
+    let mut on_base = base.clone();
+    let concurrent = on_base
+        .write(
+            &harness::fuzz_key(),
+            &OriginId([3; 16]),
+            timestamp(52),
+            &Operation::MergePatch(object(json!({"name": "ACME 4", "fuzz": {"x": 1}}))),
+        )
+        .expect("seed write on the base succeeds")
+        .expect("it changes something");
+    seeds.add("load-applying-concurrent", &[&[INCREMENT][..], &concurrent].concat());
+    // A delete: the record is live before it and deleted after, so liveness at the heads before
+    // differs from liveness after (three minutes of fuzzing without this seed never got there).
+    let mut on_base = base.clone();
+    let delete = on_base
+        .write(&harness::fuzz_key(), &OriginId([3; 16]), timestamp(53), &Operation::Delete)
+        .expect("seed delete on the base succeeds")
+        .expect("it changes something");
+    seeds.add("load-applying-delete", &[&[APPLY][..], &delete].concat());
     seeds.report();
 
     // record_convergence: scripts (see `harness::record_convergence` for the byte layout).
@@ -487,7 +522,10 @@ fn pgoutput_seeds() {
         ("type", Pg::Type { id: 16_400, namespace: "public".into(), name: "mood".into() }),
         ("insert", Pg::Insert { relation: 16_385, new: row("1", "Ada Lovelace") }),
         ("update-full", Pg::Update { relation: 16_385, key: None, old: Some(row("1", "Ada")), new: toasted }),
-        ("update-key", Pg::Update { relation: 16_385, key: Some(row("1", "Ada")), old: None, new: row("2", "Zürich ☕") }),
+        (
+            "update-key",
+            Pg::Update { relation: 16_385, key: Some(row("1", "Ada")), old: None, new: row("2", "Zürich ☕") },
+        ),
         ("update-plain", Pg::Update { relation: 16_385, key: None, old: None, new: row("3", "-0.000") }),
         ("delete", Pg::Delete { relation: 16_385, old: row("1", "Ada") }),
         ("truncate", Pg::Truncate { relations: vec![16_385, 16_390], cascade: true, restart_identity: true }),

@@ -240,26 +240,77 @@ const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 pub fn base_record() -> &'static (Record, Vec<u8>) {
     static BASE: OnceLock<(Record, Vec<u8>)> = OnceLock::new();
     BASE.get_or_init(|| {
-        let key = fuzz_key();
-        let mut record = Record::new();
-        let operations = [
-            Operation::Replace(object(
-                serde_json::json!({"name": "ACME", "tags": ["a", "b"], "address": {"city": "Bern"}}),
-            )),
-            Operation::Increment { field: "visits".into(), by: 3 },
-            Operation::MergePatch(object(serde_json::json!({"address": {"zip": "3000"}, "tags": null}))),
-            Operation::Delete,
-            Operation::Replace(object(serde_json::json!({"name": "ACME 2", "price": 1.5, "n": -7}))),
-            Operation::Increment { field: "visits".into(), by: -1 },
-        ];
-        for (number, operation) in operations.iter().enumerate() {
-            let origin = replica_origin(number % 2);
-            if let Err(error) = record.write(&key, &origin, tick(number as u64), operation) {
-                panic!("base record write {operation:?} failed: {error}");
-            }
-        }
+        let (record, _) = write_base();
         let saved = record.save();
         (record, saved)
+    })
+}
+
+/// The base record's writes, made on a new record: the record, and the change bytes of each
+/// write in order (the first increment of a field returns two changes: the counter's genesis and
+/// the increment). Writes are deterministic (fixed origins and times), so every call makes the
+/// same changes.
+fn write_base() -> (Record, Vec<Vec<u8>>) {
+    let key = fuzz_key();
+    let mut record = Record::new();
+    let operations = [
+        Operation::Replace(object(
+            serde_json::json!({"name": "ACME", "tags": ["a", "b"], "address": {"city": "Bern"}}),
+        )),
+        Operation::Increment { field: "visits".into(), by: 3 },
+        Operation::MergePatch(object(serde_json::json!({"address": {"zip": "3000"}, "tags": null}))),
+        Operation::Delete,
+        Operation::Replace(object(serde_json::json!({"name": "ACME 2", "price": 1.5, "n": -7}))),
+        Operation::Increment { field: "visits".into(), by: -1 },
+    ];
+    let mut changes = Vec::with_capacity(operations.len());
+    for (number, operation) in operations.iter().enumerate() {
+        let origin = replica_origin(number % 2);
+        match record.write(&key, &origin, tick(number as u64), operation) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => panic!("base record write {operation:?} changed nothing"),
+            Err(error) => panic!("base record write {operation:?} failed: {error}"),
+        }
+    }
+    (record, changes)
+}
+
+/// The base record as a node that never compacted it stores it, the form
+/// `Record::load_applying` rebuilds from: its first change as the saved part, then one
+/// increment per later write (the change bytes the write returned).
+#[derive(Debug)]
+pub struct StoredBase {
+    pub first: Vec<u8>,
+    pub increments: Vec<Vec<u8>>,
+    /// A later write to the base by its last writer (a merge patch over fields the base holds),
+    /// as the change a peer sends: a valid change to apply after fuzzed stored parts.
+    pub follow_up: Vec<u8>,
+}
+
+impl StoredBase {
+    pub fn increments(&self) -> Vec<&[u8]> {
+        self.increments.iter().map(Vec::as_slice).collect()
+    }
+}
+
+/// The [`StoredBase`] of [`base_record`]: the same history, so change bytes made on the base
+/// (the seeds' `change-on-base`) are whole with these parts and reach `load_applying`'s load.
+pub fn stored_base() -> &'static StoredBase {
+    static STORED: OnceLock<StoredBase> = OnceLock::new();
+    STORED.get_or_init(|| {
+        let (mut record, mut changes) = write_base();
+        let first = changes.remove(0);
+        let patch = Operation::MergePatch(object(serde_json::json!({"name": "ACME 3", "n": null, "fuzz": [1]})));
+        let follow_up = match record.write(&fuzz_key(), &replica_origin(1), tick(6), &patch) {
+            Ok(Some(change)) => change,
+            other => panic!("the follow-up write to the base gave {other:?}"),
+        };
+        let stored = StoredBase { first, increments: changes, follow_up };
+        match Record::load(&stored.first, &stored.increments()) {
+            Ok(loaded) => assert_eq!(loaded.heads(), base_record().0.heads(), "the stored base is another history"),
+            Err(error) => panic!("the stored base does not load: {error}"),
+        }
+        stored
     })
 }
 
@@ -276,13 +327,16 @@ fn object(value: Value) -> Map<String, Value> {
 /// the rest is used: 0 as a saved document (`Record::load`), 1 as an increment after a real
 /// saved document (`Record::load(saved, [rest])`), 2 and 3 as change bytes for `apply_changes`
 /// on a record with state. (One use per input keeps executions fast; the fuzzer flips the bits.)
+/// Whatever the mode, the rest also goes through `Record::load_applying` with the base stored as
+/// its changes (see [`check_load_applying`]).
 ///
 /// The properties are what the node relies on (see [`check_stored_record`]): never a panic;
 /// whatever loads reads without panicking; a save is trusted only when it reloads to the same
 /// heads, and then it reads the same. A failed apply leaves the version unchanged; a successful
 /// one reports whether the version moved, is idempotent, reloads from the bytes the node stores
 /// (the base's save plus the change bytes as an increment) to the same heads and view, travels
-/// in a snapshot, and leaves the record writable.
+/// in a snapshot, and leaves the record writable. `load_applying`, which a node runs on a peer's
+/// change before it builds the record, answers only what building and applying would give.
 pub fn record_changes(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let mut bytes = rest.to_vec();
@@ -290,6 +344,7 @@ pub fn record_changes(data: &[u8]) {
         fix_chunk_checksums(&mut bytes);
     }
     check_first_change(&bytes);
+    check_load_applying(&bytes);
     let (base, saved) = base_record();
     match mode >> 1 & 3 {
         0 => {
@@ -331,6 +386,75 @@ fn check_first_change(bytes: &[u8]) {
             Err(error) => panic!("a first change viewed without building does not read when built: {error}"),
         }
     }
+}
+
+/// A node applies a peer's change to a record it stores only as parts (a first change and
+/// increments) by `Record::load_applying` when that answers, and by building the record and
+/// applying the change (the way checked below) when it declines. The bytes take, in turn, each
+/// place in that call that a peer or the disk fills: the change to the base as stored; the
+/// change to a record stored as the base's first change alone; the first part (with the base's
+/// first change as the change); a stored increment after the base's, with a valid change after
+/// them; that increment and again as the change (which the parts then hold). Never a panic, and
+/// every answer must be the other way's (see [`assert_load_applying_agrees`]). All five run on
+/// every input: `load_applying` declines bytes that are not whole change chunks in its header
+/// walk, so only the inputs that reach its load cost more, and a mode bit per place left each
+/// place a fifth of them (a one-byte step from a seed went unfound for three minutes).
+fn check_load_applying(bytes: &[u8]) {
+    let stored = stored_base();
+    let mut increments = stored.increments();
+    assert_load_applying_agrees(&stored.first, &increments, bytes);
+    assert_load_applying_agrees(&stored.first, &[], bytes);
+    assert_load_applying_agrees(bytes, &[], &stored.first);
+    increments.push(bytes);
+    assert_load_applying_agrees(&stored.first, &increments, &stored.follow_up);
+    assert_load_applying_agrees(&stored.first, &increments, bytes);
+}
+
+/// When `Record::load_applying` answers, the node takes its answer for what the building way
+/// (`Record::load` of the parts, a copy kept as the record before, `apply_changes_intact` of the
+/// change) would have given: that way must then succeed, with the same record (heads, items,
+/// view, liveness, conflict signatures), the same heads before and the same `changed`; the
+/// record read at the heads before must be the record before (the engine reads its liveness and
+/// conflict signatures there); and the node goes on writing to it, so a write must make the same
+/// change on both.
+#[track_caller]
+fn assert_load_applying_agrees(saved: &[u8], increments: &[&[u8]], change: &[u8]) {
+    let Some(rebuilt) = Record::load_applying(saved, increments, change) else { return };
+    let mut record = match Record::load(saved, increments) {
+        Ok(record) => record,
+        Err(error) => panic!("load_applying rebuilt from parts that do not load: {error}"),
+    };
+    let before = record.clone();
+    let changed = match record.apply_changes_intact(change) {
+        Ok(changed) => changed,
+        Err(error) => panic!("load_applying applied a change that does not apply: {error}"),
+    };
+    let mut rebuilt_record = rebuilt.record;
+    assert_eq!(rebuilt.changed, changed, "load_applying misreported whether the change was new");
+    assert_eq!(rebuilt.before, before.heads(), "load_applying reported other heads before the change");
+    assert_eq!(rebuilt_record.heads(), record.heads(), "load_applying rebuilt other heads");
+    assert_eq!(rebuilt_record.items(), record.items(), "load_applying rebuilt another number of items");
+    assert_eq!(rebuilt_record.view().ok(), record.view().ok(), "load_applying rebuilt a record that reads otherwise");
+    assert_eq!(rebuilt_record.is_live(), record.is_live(), "load_applying rebuilt another liveness");
+    assert_eq!(
+        rebuilt_record.conflict_signatures(),
+        record.conflict_signatures(),
+        "load_applying rebuilt other conflict signatures"
+    );
+    assert_eq!(
+        rebuilt_record.conflict_signatures_at(&rebuilt.before),
+        before.conflict_signatures(),
+        "the rebuilt record read at the heads before has other conflict signatures than the record before"
+    );
+    assert_eq!(
+        rebuilt_record.is_live_at(&rebuilt.before),
+        before.is_live(),
+        "the rebuilt record read at the heads before has another liveness than the record before"
+    );
+    let patch = Operation::MergePatch(object(serde_json::json!({"fuzz": 1})));
+    let written = rebuilt_record.write(&fuzz_key(), &replica_origin(5), tick(100), &patch).ok().flatten();
+    let expected = record.write(&fuzz_key(), &replica_origin(5), tick(100), &patch).ok().flatten();
+    assert_eq!(written, expected, "a write to the rebuilt record made another change");
 }
 
 fn apply_to_base(base: &Record, saved: &[u8], bytes: &[u8]) {

@@ -16,7 +16,7 @@
 
 use automerge::Automerge;
 
-use super::{Budget, ChangeHash, Record, decode, joined, strict_load};
+use super::{Budget, ChangeHash, Record, decode, joined, parse_change, strict_load};
 
 /// A record rebuilt from its stored parts and a change, in one load.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ impl Headers {
         while !bytes.is_empty() {
             let length = chunk_length(bytes)?;
             let (chunk, rest) = bytes.split_at_checked(length)?;
-            let change = automerge::Change::try_from(chunk).ok()?;
+            let change = parse_change(chunk)?;
             self.hashes.push(change.hash());
             self.dependencies.extend_from_slice(change.deps());
             bytes = rest;

@@ -17,7 +17,7 @@ use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
 use automerge::{ActorId, ChangeHash, ObjType, ScalarValue};
 use serde_json::{Map, Value};
 
-use super::{Budget, CAUSAL_LENGTH, FirstChange, Record, RecordView, life_prefix, version_of};
+use super::{Budget, CAUSAL_LENGTH, FirstChange, Record, RecordView, life_prefix, parse_change, version_of};
 use crate::json::{self, DEPTH_MAX};
 
 impl Record {
@@ -28,12 +28,17 @@ impl Record {
     ///
     /// `None` unless the bytes are exactly one well-formed change with no dependencies, sequence
     /// 1, no actor but its author, no operation that supersedes another (no predecessors: nothing in it can conflict),
-    /// and at most one write of the causal length, a plain non-negative integer. Anything else
-    /// (a held-back change, several changes, an increment's genesis) goes the building way.
-    /// The fuzz target `record_changes` checks that whatever this accepts loads as a record with
-    /// that head and liveness.
+    /// and at most one write of the causal length, a plain non-negative integer; and operations
+    /// this reader covers exactly, the ones [`Record::first_change_view`] reads (each inside the
+    /// root or an object the change made before it). Anything else (a held-back change, several
+    /// changes, an increment's genesis, an operation inside an object the change never made,
+    /// which automerge 0.12 panics on applying: the fuzz regression
+    /// `record_changes/first-change-op-in-an-object-it-never-made`) goes the building way, where
+    /// automerge's refusal is an error. The fuzz target `record_changes` checks that whatever
+    /// this accepts loads as a record with that head and liveness.
     pub fn first_change(bytes: &[u8]) -> Option<FirstChange> {
         let parsed = Parsed::read(bytes)?;
+        Objects::gather(&parsed)?;
         Some(FirstChange { head: parsed.head, live: parsed.is_live() })
     }
 
@@ -101,7 +106,7 @@ impl Parsed {
         }
         // Parsing walks every operation the bytes declare, and `decode` allocates them all.
         Budget::after(0).charge(bytes).ok()?;
-        let change = automerge::Change::try_from(bytes).ok()?;
+        let change = parse_change(bytes)?;
         // A change with no dependencies can name no other actor: automerge 0.12 registers the
         // actors of first changes only, and panics on applying one that names another.
         if !change.deps().is_empty() || change.seq() != 1 || !change.other_actor_ids().is_empty() {
