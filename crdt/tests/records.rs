@@ -661,6 +661,18 @@ proptest! {
     }
 }
 
+/// The changes of a history with concurrency: one writer's operations, a second writer (forked
+/// from the first) making its own, then the first writer's operations again.
+fn history_of_two_writers(first_operations: &[Operation], second_operations: &[Operation]) -> Vec<Vec<u8>> {
+    let mut first = Replica::new(1);
+    let mut changes: Vec<Vec<u8>> =
+        first_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
+    let mut second = first.fork(2);
+    changes.extend(second_operations.iter().filter_map(|operation| second.write_lenient(operation)));
+    changes.extend(first_operations.iter().filter_map(|operation| first.write_lenient(operation)));
+    changes
+}
+
 proptest! {
     #![proptest_config(config(500))]
 
@@ -676,12 +688,7 @@ proptest! {
         seed in any::<u64>(),
         left_out in prop::option::of(0usize..10),
     ) {
-        let mut first = Replica::new(1);
-        let mut changes: Vec<Vec<u8>> =
-            first_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
-        let mut second = first.fork(2);
-        changes.extend(second_operations.iter().filter_map(|operation| second.write_lenient(operation)));
-        changes.extend(first_operations.iter().filter_map(|operation| first.write_lenient(operation)));
+        let changes = history_of_two_writers(&first_operations, &second_operations);
         prop_assume!(!changes.is_empty());
         // A saved document of the first few changes (or none), then the rest in any order.
         let saved_count = saved_at.min(changes.len());
@@ -723,12 +730,7 @@ proptest! {
         applied in 0usize..12,
         left_out in prop::option::of(0usize..12),
     ) {
-        let mut first = Replica::new(1);
-        let mut changes: Vec<Vec<u8>> =
-            first_operations.iter().filter_map(|operation| first.write_lenient(operation)).collect();
-        let mut second = first.fork(2);
-        changes.extend(second_operations.iter().filter_map(|operation| second.write_lenient(operation)));
-        changes.extend(first_operations.iter().filter_map(|operation| first.write_lenient(operation)));
+        let changes = history_of_two_writers(&first_operations, &second_operations);
         prop_assume!(changes.len() >= 2);
         // Stored as the engine stores a record: its first change, then increments in any order.
         let saved = changes[0].clone();
