@@ -529,3 +529,30 @@ pub(crate) fn digest_of_state(state: &[u8]) -> Option<[u8; 32]> {
     writer.raw(&runs.finish());
     Some(writer.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Writer;
+
+    /// A writer hashes what it was given as one stream, however much it gathered before passing
+    /// it on to its hasher: the same hash as blake3 of the whole input, below and past the buffer.
+    #[test]
+    fn a_writer_hashes_its_input_as_one_stream_past_its_buffer() {
+        for total in [10, Writer::BUFFER_MAX - 1, Writer::BUFFER_MAX + 1, 3 * Writer::BUFFER_MAX + 17] {
+            let input: Vec<u8> = (0..total).map(|index| (index * 7 % 251) as u8).collect();
+            let mut writer = Writer::new("test");
+            let mut expected = Writer::new("test").buffer;
+            // Pieces of every size, and one larger than the buffer.
+            let mut rest = input.as_slice();
+            let mut size = 1;
+            while !rest.is_empty() {
+                let (piece, after) = rest.split_at(size.min(rest.len()));
+                writer.raw(piece);
+                expected.extend_from_slice(piece);
+                rest = after;
+                size = if size > Writer::BUFFER_MAX { 1 } else { size * 3 + 1 };
+            }
+            assert_eq!(writer.finish(), *blake3::hash(&expected).as_bytes(), "{total} bytes");
+        }
+    }
+}
