@@ -4,15 +4,16 @@
 //! A node that takes in a change to a record it stores only as bytes (not built in its cache)
 //! used to build the record, copy it, apply the change to the copy and drop the original
 //! ([`Record::apply_changes_intact`] says why the copy). For a small record changed on both
-//! sides of a partition that was about 65 µs, against about 34 µs for reading the parts'
-//! headers and one load of the parts with the change joined to them (BENCHMARKS.md, session 19). What the apply gave besides
-//! the record after the change (its heads before, whether the change was new) is read from the
-//! parts: each is one change, whose header names its hash and its dependencies. The record
-//! before the change is the record after it read at those heads (automerge's `*_at` reads), so
-//! conflict signatures and liveness before need no second document. Anything else (a part that
-//! is a saved document or several changes, a change whose dependencies are missing, damage, a
-//! result whose heads are not what the headers say) is `None`, and the caller goes the building
-//! way, which gives the answer (or the error) it always gave.
+//! sides of a partition that was about 65 µs, against about 34 µs for reading the parts' headers
+//! and one load of the parts with the change joined to them (BENCHMARKS.md, session 19).
+//!
+//! What the apply gave besides the record after the change (its heads before, whether the change
+//! was new) is read from the parts: each holds change chunks, whose headers name their hashes
+//! and dependencies. The record before the change is the record after it read at those heads
+//! (automerge's `*_at` reads), so conflict signatures and liveness before need no second
+//! document. Anything else (a part that is a saved document, a change whose dependencies are
+//! missing, damage, a result whose heads are not what the headers say) is `None`, and the caller
+//! goes the building way, which gives the answer (or the error) it always gave.
 
 use automerge::Automerge;
 
