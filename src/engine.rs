@@ -1092,11 +1092,11 @@ impl Engine {
     /// in it ([`Record::load_applying`]), instead of building it, copying it and applying the
     /// change to the copy: about half the CPU for a small record measured alone, and 10% faster
     /// catching up on records changed on both sides of a partition (BENCHMARKS.md, session 19).
-    /// The loaded record is compact, as the copy was. The record before the
-    /// change is read at its old heads, for the digest, the count and the conflict signatures.
-    /// Returns whether the record changed, or `None` when this way does not apply (a schema to
-    /// check against the record before, parts that are not one whole history of changes): the
-    /// caller builds the record and applies the change.
+    /// The loaded record is compact, as the copy was. The record before the change is read at
+    /// its old heads, for the digest, the count and the conflict signatures. Returns whether the
+    /// record changed, or `None` when this way does not apply (a schema to check against the
+    /// record before, parts that are not one whole history of changes): the caller builds the
+    /// record and applies the change.
     fn apply_rebuilding(
         &mut self,
         envelope: &Envelope,

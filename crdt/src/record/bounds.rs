@@ -54,6 +54,43 @@ const BOOLEAN: u64 = 4;
 const STRING: u64 = 5;
 const RAW_VALUE: u64 = 7;
 
+/// Chunk types: a saved document, a change, a deflated change.
+pub(super) const DOCUMENT_CHUNK: u8 = 0;
+pub(super) const CHANGE_CHUNK: u8 = 1;
+pub(super) const COMPRESSED_CHANGE_CHUNK: u8 = 2;
+
+/// One automerge chunk, read from its header: the magic bytes, a checksum, the chunk type and
+/// the body's length as LEB128, then the body.
+#[derive(Debug)]
+pub(super) struct Chunk<'bytes> {
+    pub(super) kind: u8,
+    /// The whole chunk, header included.
+    pub(super) whole: &'bytes [u8],
+    pub(super) body: &'bytes [u8],
+}
+
+impl<'bytes> Chunk<'bytes> {
+    /// The chunk at the start of `bytes`, and the bytes after it.
+    pub(super) fn split(bytes: &'bytes [u8]) -> Result<(Chunk<'bytes>, &'bytes [u8]), BoundError> {
+        let mut input = Cursor(bytes);
+        if input.take(MAGIC.len() as u64)? != MAGIC {
+            return Err(BoundError::Malformed("a chunk does not start with automerge's magic bytes"));
+        }
+        input.take(CHECKSUM_BYTES as u64)?;
+        let kind = input.take(1)?[0];
+        let length = input.unsigned()?;
+        let body = input.take(length)?;
+        let whole = &bytes[..bytes.len() - input.0.len()];
+        Ok((Chunk { kind, whole, body }, input.0))
+    }
+
+    /// How many changes an uncompressed change chunk depends on (the first number of its body);
+    /// `None` for any other chunk.
+    pub(super) fn dependency_count(&self) -> Option<u64> {
+        (self.kind == CHANGE_CHUNK).then(|| Cursor(self.body).unsigned().ok()).flatten()
+    }
+}
+
 /// What is left to spend on one load or apply: items and inflated bytes.
 #[derive(Debug)]
 pub(crate) struct Budget {
@@ -69,26 +106,20 @@ impl Budget {
     }
 
     /// Spends what `bytes` (any number of automerge chunks) declare, or refuses them.
-    pub(crate) fn charge(&mut self, bytes: &[u8]) -> Result<(), BoundError> {
-        let mut input = Cursor(bytes);
-        while !input.is_empty() {
-            if input.take(MAGIC.len() as u64)? != MAGIC {
-                return Err(BoundError::Malformed("a chunk does not start with automerge's magic bytes"));
-            }
-            input.take(CHECKSUM_BYTES as u64)?;
-            let kind = input.take(1)?[0];
-            let length = input.unsigned()?;
-            let body = input.take(length)?;
-            match kind {
-                0 => self.document(body)?,
-                1 => self.change(body)?,
-                2 => {
-                    let inflated = self.inflate(body)?;
+    pub(crate) fn charge(&mut self, mut bytes: &[u8]) -> Result<(), BoundError> {
+        while !bytes.is_empty() {
+            let (chunk, rest) = Chunk::split(bytes)?;
+            match chunk.kind {
+                DOCUMENT_CHUNK => self.document(chunk.body)?,
+                CHANGE_CHUNK => self.change(chunk.body)?,
+                COMPRESSED_CHANGE_CHUNK => {
+                    let inflated = self.inflate(chunk.body)?;
                     self.change(&inflated)?;
                 }
                 3 => return Err(BoundError::Malformed("bundle chunks are not accepted")),
                 _ => return Err(BoundError::Malformed("unknown chunk type")),
             }
+            bytes = rest;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@
 
 use automerge::Automerge;
 
+use super::bounds::{CHANGE_CHUNK, COMPRESSED_CHANGE_CHUNK, Chunk};
 use super::{Budget, ChangeHash, Record, decode, joined, parse_change, strict_load};
 
 /// A record rebuilt from its stored parts and a change, in one load.
@@ -43,9 +44,11 @@ impl Headers {
     /// genesis and the increment), so one part can hold several.
     fn read(&mut self, mut bytes: &[u8]) -> Option<()> {
         while !bytes.is_empty() {
-            let length = chunk_length(bytes)?;
-            let (chunk, rest) = bytes.split_at_checked(length)?;
-            let change = parse_change(chunk)?;
+            let (chunk, rest) = Chunk::split(bytes).ok()?;
+            if chunk.kind != CHANGE_CHUNK && chunk.kind != COMPRESSED_CHANGE_CHUNK {
+                return None;
+            }
+            let change = parse_change(chunk.whole)?;
             self.hashes.push(change.hash());
             self.dependencies.extend_from_slice(change.deps());
             bytes = rest;
@@ -66,21 +69,6 @@ impl Headers {
         heads.dedup();
         heads
     }
-}
-
-/// The length of the change chunk at the start of `bytes`, header included: the magic bytes, a
-/// checksum, the chunk type (1 a change, 2 a compressed one; a document is 0) and the length of
-/// what follows, as ULEB128. `None` for anything else.
-fn chunk_length(bytes: &[u8]) -> Option<usize> {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-    let rest = bytes.strip_prefix(&MAGIC)?.get(4..)?;
-    let (&chunk_type, rest) = rest.split_first()?;
-    if chunk_type != 1 && chunk_type != 2 {
-        return None;
-    }
-    let (length, after) = super::unbuilt::unsigned_leb128(rest)?;
-    let header = bytes.len() - after.len();
-    header.checked_add(usize::try_from(length).ok()?)
 }
 
 impl Record {

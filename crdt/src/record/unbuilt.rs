@@ -17,6 +17,7 @@ use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
 use automerge::{ActorId, ChangeHash, ObjType, ScalarValue};
 use serde_json::{Map, Value};
 
+use super::bounds::Chunk;
 use super::{Budget, CAUSAL_LENGTH, FirstChange, Record, RecordView, life_prefix, parse_change, version_of};
 use crate::json::{self, DEPTH_MAX};
 
@@ -66,28 +67,10 @@ impl Record {
 }
 
 /// Whether `bytes` start as an uncompressed automerge change chunk that names at least one
-/// dependency: its header is the magic bytes, a checksum, the chunk type, the chunk's length and
-/// then the number of dependencies. Anything else (a compressed chunk, bytes that are no change)
-/// is `false`, and the full parse decides.
+/// dependency (read from its header and the first number of its body). Anything else (a
+/// compressed chunk, bytes that are no change) is `false`, and the full parse decides.
 fn names_dependencies(bytes: &[u8]) -> bool {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-    const CHANGE_CHUNK: u8 = 1;
-    let Some(rest) = bytes.strip_prefix(&MAGIC).and_then(|rest| rest.get(4..)) else { return false };
-    let Some((&CHANGE_CHUNK, rest)) = rest.split_first() else { return false };
-    let Some((_, rest)) = unsigned_leb128(rest) else { return false };
-    unsigned_leb128(rest).is_some_and(|(dependencies, _)| dependencies > 0)
-}
-
-/// A ULEB128 number of at most 64 bits at the start of `bytes`, and the bytes after it.
-pub(super) fn unsigned_leb128(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut value: u64 = 0;
-    for (index, &byte) in bytes.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f).checked_shl(7 * index as u32)?;
-        if byte & 0x80 == 0 {
-            return Some((value, &bytes[index + 1..]));
-        }
-    }
-    None
+    Chunk::split(bytes).ok().and_then(|(chunk, _)| chunk.dependency_count()).is_some_and(|count| count > 0)
 }
 
 /// A first change, checked and decoded.
@@ -309,7 +292,5 @@ mod tests {
             assert!(!names_dependencies(&changes[1][..cut]), "cut at {cut}");
         }
         assert!(!names_dependencies(b"not a change at all"));
-        assert_eq!(unsigned_leb128(&[0xff; 11]), None, "longer than 64 bits");
-        assert_eq!(unsigned_leb128(&[0x89, 0x02, 7]), Some((265, &[7][..])));
     }
 }
